@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv with everything the server,
+# the load test and the test suite need. Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+fi
+stamp="$VENV/.installed-$(cat pyproject.toml scripts/bootstrap.sh | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    # torch first, pinned: 2.13.0 is a local CPU wheel on these machines; an unpinned torch
+    # (asked for by transformers/diffusers) would download a multi-GB CUDA build.
+    # On a GPU host set TORCH_SPEC (for example "torch==2.13.0 --index-url .../cu128").
+    "$VENV/bin/pip" install --quiet ${TORCH_SPEC:-torch==2.13.0}
+    "$VENV/bin/pip" install --quiet -e ".[server,loadtest,dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+fi
