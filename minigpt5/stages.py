@@ -1,0 +1,112 @@
+"""The three served stages, each loadable on its own from a weights directory.
+
+A Triton model loads one stage; the in-process pipeline loads all three. Both call the same
+methods, which is what makes the served result equal the in-process one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import NUM_QUERY_TOKENS, NUM_VOKENS
+from .engine import DecodeEngine, DecodeRequest
+from .image_decoder import ImageDecoder, ImageJob
+from .prompt import prompt_token_ids, render_pieces
+from .request import GenerationRequest, InvalidRequest
+from .sampling import SamplingParams
+from .weights.layout import WeightsDir
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 for the LLM side on GPU unless told otherwise."""
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+
+
+class PromptBuilder:
+    """Prompt template + tokenizer: GenerationRequest → prompt ids with one placeholder per image."""
+
+    def __init__(self, weights: WeightsDir, tokenizer=None):
+        self.tokenizer = tokenizer or weights.tokenizer()
+        self.system = weights.manifest["prompt"]["system"]
+        self.bos_id = weights.tokens["bos_id"]
+        self.placeholder_id = weights.tokens["image_placeholder"]
+        self.max_positions = weights.arch["llm"]["max_position_embeddings"]
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        ids = prompt_token_ids(self.tokenizer, render_pieces(self.system, request.turns),
+                               self.bos_id, self.placeholder_id)
+        positions = len(ids) + len(request.images) * (NUM_QUERY_TOKENS - 1)
+        needed = positions + request.sampling.max_tokens + NUM_VOKENS - 1
+        if needed > self.max_positions:
+            raise InvalidRequest(
+                f"text_input: the prompt takes {positions} positions (history and images included); with "
+                f"max_tokens={request.sampling.max_tokens} it needs {needed}, the context is {self.max_positions}")
+        return ids
+
+
+class VisionStage:
+    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.tower = weights.load("vision", device, dtype)
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N, 224, 224, 3] → float32 [N, 32, H] on CPU."""
+        return self.tower(torch.from_numpy(np.ascontiguousarray(images))).float().cpu()
+
+
+class DecoderStage:
+    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 **engine_options):
+        self.tokenizer = weights.tokenizer()
+        self.llm = weights.load("llm", device, dtype)
+        tokens = weights.tokens
+        self.placeholder_id = tokens["image_placeholder"]
+        banned = [tokens["image_placeholder"], tokens["bos_id"], self.tokenizer.unk_token_id]
+        self.engine = DecodeEngine(self.llm, self.tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
+                                   banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
+                                   **engine_options)
+
+    @torch.inference_mode()
+    def make_request(self, request_id: str, prompt_ids: list[int], image_embeds: torch.Tensor | None,
+                     sampling: SamplingParams) -> DecodeRequest:
+        """Embed the prompt ids and splice 32 image embeddings in place of each placeholder."""
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        slots = (ids == self.placeholder_id).nonzero().flatten().tolist()
+        count = 0 if image_embeds is None else len(image_embeds)
+        if len(slots) != count:
+            raise InvalidRequest(f"images: the prompt has {len(slots)} image placeholders but {count} images")
+        text_embeds = self.llm.get_input_embeddings()(ids.to(self.llm.device)).float().cpu()
+        pieces, start = [], 0
+        for slot, image in zip(slots, image_embeds if count else []):
+            pieces += [text_embeds[start:slot], image.float()]
+            start = slot + 1
+        pieces.append(text_embeds[start:])
+        embeds = torch.cat(pieces)
+        return DecodeRequest(request_id, embeds, sampling, prompt_tokens=len(prompt_ids) - count,
+                             image_tokens=embeds.shape[0] - len(prompt_ids) + count)
+
+
+class ImageStage:
+    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.decoder = ImageDecoder(weights.load("mapper", device, dtype), weights.load("unet", device, dtype),
+                                    weights.load("vae", device, dtype), weights.manifest["scheduler"])
+
+    def decode(self, jobs: list[ImageJob], progress=None) -> np.ndarray:
+        """Images for any jobs: grouped by (scheduler, steps), each group decoded as one batch."""
+        images: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.batch_key, []).append(i)
+        for indices in groups.values():
+            for i, image in zip(indices, self.decoder.decode([jobs[i] for i in indices], progress)):
+                images[i] = image
+        return np.stack(images)
+

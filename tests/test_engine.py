@@ -1,0 +1,126 @@
+"""Continuous batching: per-request results independent of batch company, aborts, admission."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt5.engine import AdmissionError, DecodeEngine, Finished, VokenStates
+from minigpt5.sampling import SamplingParams
+
+STATE_TOLERANCE = 1e-4  # batched (padded) vs alone: float rounding in the batched matmuls only
+
+
+def _engine(pipe, **options):
+    d = pipe.decoder
+    return DecodeEngine(d.llm, d.tokenizer, voken_ids=d.engine.voken_ids, eos_id=d.engine.eos_id,
+                        banned_ids=d.engine.banned_ids, **options)
+
+
+def _requests(pipe, count, **overrides):
+    out = []
+    for i in range(count):
+        params = dict(max_tokens=10 + 7 * (i % 4), random_seed=100 + i, force_image=(i % 2 == 0))
+        params.update(overrides)
+        req = pipe.request(f"story number {i} " + "about a cat " * (i % 3), **params)
+        out.append(pipe.decoder.make_request(f"r{i}", pipe.prompts.prompt_ids(req), None, req.sampling))
+    return out
+
+
+def _run(engine, requests, arrivals=None):
+    """Submit requests at given step numbers; returns per-request (token_ids, voken states)."""
+    arrivals = arrivals or [0] * len(requests)
+    results = {r.request_id: {"tokens": None, "states": []} for r in requests}
+    step = 0
+    pending = sorted(zip(arrivals, range(len(requests))))
+    while pending or engine.has_work:
+        while pending and pending[0][0] <= step:
+            engine.submit(requests[pending.pop(0)[1]])
+        for event in engine.step():
+            if isinstance(event, VokenStates):
+                results[event.request_id]["states"].append(event.states)
+            elif isinstance(event, Finished):
+                results[event.request_id]["tokens"] = event.token_ids
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_batched_equals_alone_whatever_the_arrival_order(reference_pipeline, temperature):
+    pipe = reference_pipeline
+    requests = _requests(pipe, 6, temperature=temperature)
+    alone = {}
+    for r in requests:
+        alone.update(_run(_engine(pipe), [r]))
+    for arrivals in ([0] * 6, [0, 3, 1, 7, 2, 5], [9, 0, 4, 0, 1, 12]):
+        together = _run(_engine(pipe), requests, arrivals)
+        for rid, expected in alone.items():
+            assert together[rid]["tokens"] == expected["tokens"], rid
+            assert len(together[rid]["states"]) == len(expected["states"])
+            for a, b in zip(together[rid]["states"], expected["states"]):
+                np.testing.assert_allclose(a, b, atol=STATE_TOLERANCE, rtol=0)
+
+
+def test_abort_frees_the_row_and_others_continue(reference_pipeline):
+    pipe = reference_pipeline
+    engine = _engine(pipe)
+    requests = _requests(pipe, 3, max_tokens=60, force_image=False, temperature=0.0)
+    for r in requests:
+        engine.submit(r)
+    engine.step()
+    assert len(engine.rows) == 3
+    used_before = engine.kv_positions_in_use
+    engine.abort("r1")
+    events = engine.step()
+    assert any(isinstance(e, Finished) and e.request_id == "r1" and e.reason == "aborted" for e in events)
+    assert [row.request_id for row in engine.rows] == ["r0", "r2"]
+    assert engine.kv_positions_in_use < used_before
+    reasons = {}
+    while engine.has_work:
+        reasons.update({e.request_id: e.reason for e in engine.step() if isinstance(e, Finished)})
+    assert set(reasons) == {"r0", "r2"}
+    assert engine.kv_positions_in_use == 0
+
+
+def test_abort_of_a_waiting_request(reference_pipeline):
+    engine = _engine(reference_pipeline, max_rows=1)
+    a, b = _requests(reference_pipeline, 2, max_tokens=20)
+    engine.submit(a)
+    engine.submit(b)
+    engine.abort("r1")
+    events = engine.step()
+    assert any(isinstance(e, Finished) and e.request_id == "r1" and e.reason == "aborted" for e in events)
+
+
+def test_oversize_request_refused_others_wait_their_turn(reference_pipeline):
+    pipe = reference_pipeline
+    small = _requests(pipe, 3, max_tokens=30, force_image=False)
+    budget = small[0].reserved_tokens + small[1].reserved_tokens + 5  # room for two, not three
+    engine = _engine(pipe, kv_budget_tokens=budget)
+    huge = pipe.decoder.make_request("huge", list(range(3, 200)), None, SamplingParams(max_tokens=budget))
+    with pytest.raises(AdmissionError, match="KV-cache budget"):
+        engine.submit(huge)
+    for r in small:
+        engine.submit(r)
+    engine.step()
+    assert len(engine.rows) == 2 and engine.num_waiting == 1  # the third waits, it is not dropped
+    finished = set()
+    while engine.has_work:
+        finished |= {e.request_id for e in engine.step() if isinstance(e, Finished)}
+    assert finished == {"r0", "r1", "r2"}
+
+
+def test_context_limit_is_an_admission_error(reference_pipeline):
+    engine = _engine(reference_pipeline)
+    request = reference_pipeline.decoder.make_request(
+        "long", [1] * 1000, None, SamplingParams(max_tokens=100))
+    with pytest.raises(AdmissionError, match="context of 1024"):
+        engine.submit(request)
+
+
+def test_sampling_filters():
+    from minigpt5.sampling import filter_top_k_top_p
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)[:2]).all()
+    kept = filter_top_k_top_p(logits, 0, 0.5)
+    assert not torch.isinf(kept[3]) and torch.isinf(kept[0])
