@@ -337,6 +337,12 @@ class DecodeEngine:
                                     for layer in self._cache.layers])
         self.rows = [self.rows[i] for i in keep]
 
+    def drop_running(self) -> list[str]:
+        """Forget every running row (after a failed step); returns their request ids."""
+        dropped = [row.request_id for row in self.rows]
+        self.rows, self._cache, self._mask = [], None, None
+        return dropped
+
     @property
     def kv_positions_in_use(self) -> int:
         """Allocated KV positions (rows × padded length): what the budget really costs now."""

@@ -14,3 +14,41 @@ def tiny_weights(tmp_path_factory):
 def reference_pipeline(tiny_weights):
     from minigpt5.pipeline import MiniGPT5Pipeline
     return MiniGPT5Pipeline(tiny_weights, device="cpu")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, process, weights_dir, log_path):
+        self.process = process
+        self.weights_dir = weights_dir
+        self.log_path = log_path
+        self.http_url = f"127.0.0.1:{process.http_port}"
+        self.grpc_url = f"127.0.0.1:{process.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_weights, tmp_path_factory):
+    """The real tritonserver on the real model repository with tiny weights, on free ports."""
+    from minigpt5.serving.server import TritonProcess
+    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    process = TritonProcess(tiny_weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                            host="127.0.0.1", device="cpu", log_file=log_path)
+    process.start()
+    server = RunningServer(process, tiny_weights, log_path)
+    try:
+        process.wait_ready(timeout=300)
+    except Exception:
+        process.stop()
+        pytest.fail(f"tritonserver did not start:\n{server.log_tail()}")
+    yield server
+    process.stop()

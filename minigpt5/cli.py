@@ -1,0 +1,116 @@
+"""`minigpt5` command line. Subcommands import their heavy modules lazily, so the client commands
+(`generate`, `chat`) work in an install with only the base (client) dependencies."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="minigpt5",
+        description="Serve MiniGPT-5 (interleaved text and image generation) on NVIDIA Triton Inference Server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_run(commands)
+    _add_weights(commands)
+    _add_bench(commands)
+    from minigpt5_client.cli import add_client_commands
+    add_client_commands(commands)
+    args = parser.parse_args(argv)
+    return args.handler(args) or 0
+
+
+def _weights_help() -> str:
+    return "weights directory (manifest.json + safetensors); default: the built-in tiny weights, built on first use"
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="run Triton Inference Server with the MiniGPT-5 model repository",
+                            description="Start the real tritonserver on the model repository, wait until it is "
+                                        "ready, print the endpoints; Ctrl-C or SIGTERM stops it cleanly. "
+                                        "Arguments after `--` go to tritonserver unchanged.")
+    p.add_argument("--weights", type=Path, help=_weights_help())
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--workdir", type=Path, help="where to write the prepared repository (default: a temp dir)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
+
+    def handler(args):
+        from .serving.server import serve_forever
+        return serve_forever(args)
+    p.set_defaults(handler=handler)
+
+
+def _add_run(commands) -> None:
+    p = commands.add_parser("run", help="generate in-process (no server): text streams, images are written",
+                            description="Run the whole model in this process and write the interleaved result "
+                                        "as Markdown + PNGs and JSON into --out.")
+    p.add_argument("--weights", type=Path, help=_weights_help())
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="input image path or URL (repeatable, in order)")
+    p.add_argument("--crop", action="store_true", help="centre-crop input images instead of padding them to a square")
+    p.add_argument("--force-image", action="store_true", help="make sure the answer contains an image")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--steps", type=int, dest="num_inference_steps")
+    p.add_argument("--scheduler", choices=["pndm", "dpm"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (LLM side)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
+
+    def handler(args):
+        from .run_command import run
+        return run(args)
+    p.set_defaults(handler=handler)
+
+
+def _add_weights(commands) -> None:
+    p = commands.add_parser("weights", help="build tiny weights or convert upstream checkpoints")
+    sub = p.add_subparsers(dest="weights_command", required=True, metavar="WHAT")
+    tiny = sub.add_parser("tiny", help="build tiny random weights in the real layout (offline, seconds)")
+    tiny.add_argument("--out", type=Path, required=True)
+    tiny.add_argument("--seed", type=int, default=0, help="same seed => identical tensors")
+
+    def build_tiny(args):
+        from .weights.tiny import build_tiny_weights
+        print(build_tiny_weights(args.out, args.seed))
+    tiny.set_defaults(handler=build_tiny)
+
+    convert = sub.add_parser("convert", help="convert upstream MiniGPT-5 / Vicuna / BLIP-2 / SD files to the layout")
+    from .weights.convert_args import add_convert_arguments
+    add_convert_arguments(convert)
+
+
+def _add_bench(commands) -> None:
+    p = commands.add_parser("bench", help="benchmarks that print JSON")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHICH")
+    from .bench.args import add_bench_commands
+    add_bench_commands(sub)
+
+
+def resolve_weights(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from .weights.tiny import default_tiny_weights
+    return default_tiny_weights()
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

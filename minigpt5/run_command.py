@@ -1,0 +1,44 @@
+"""`minigpt5 run`: the whole model in this process; text streams to the terminal, the interleaved
+result is written as Markdown + PNGs and as JSON (the same Document format `minigpt5 generate` writes)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def run(args) -> int:
+    from minigpt5_client.document import Document
+    from minigpt5_client.errors import ImageError
+    from minigpt5_client.preprocess import encode_png, preprocess_images
+
+    from .cli import resolve_weights
+    from .pipeline import MiniGPT5Pipeline
+    from .request import InvalidRequest
+
+    try:
+        images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
+        pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype)
+        params = {name: getattr(args, name) for name in (
+            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "guidance_scale",
+            "num_inference_steps", "scheduler")}
+        result = pipeline.run(args.prompt, images, random_seed=args.seed, force_image=args.force_image or None,
+                              on_text=_print_now, **params)
+    except (InvalidRequest, ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    segments = [encode_png(s) if isinstance(s, np.ndarray) else s for s in result.segments]
+    document = Document(segments, result.usage.as_dict(), result.finish_reason)
+    for fmt in ("md", "json"):
+        path = document.save(args.out, fmt)
+        print(f"wrote {path}", file=sys.stderr)
+    usage = result.usage
+    print(f"{usage.completion_tokens} tokens ({usage.vokens} vokens), {usage.images} image(s), "
+          f"finish: {result.finish_reason}, seed {usage.seed}", file=sys.stderr)
+    return 0
+
+
+def _print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,311 @@
+"""`minigpt5`: the public model, a decoupled BLS orchestrator.
+
+Per request (in a worker thread, so `execute` returns at once and requests run concurrently):
+validate → prompt ids → `vision_encoder` (if images) → stream `vicuna_decoder`; text deltas go out
+as they come; each voken block queues an `image_decoder` job while text keeps streaming; when the
+decoder ends, the remaining images are awaited and the final event (usage) sent.
+Calls to the batched stages and all responses go through single threads (dispatch.py): that
+batches the stages across requests and keeps the stub's IPC orderly.
+
+When the client cancels or disconnects, the decoder child is stopped through its abort-by-id input
+(Triton 2.51's BLS cannot cancel a child stream) and the request ends without further responses.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import concurrent.futures
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..image_decoder import SCHEDULERS, image_seed
+from ..prompt import parse_history
+from ..request import LIMITS, InvalidRequest, build_request
+from ..stages import PromptBuilder
+from . import runtime, triton_io
+from .answer_stream import AnswerStream
+from .dispatch import BatchDispatcher, ResponseWriter
+
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
+VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
+IMAGE_MAX_BATCH = 8  # = image_decoder's max_batch_size
+CANCEL_CHECK_S = 0.5  # client-gone checks per request at most this often: each is an IPC round trip
+
+
+@dataclass
+class ImageRequest:
+    voken_states: np.ndarray  # [8, H]
+    seed: int
+    guidance_scale: float
+    steps: int
+    scheduler_id: int
+
+
+class MiniGPT5Model:
+    def __init__(self, args: dict, metrics=None):
+        params = triton_io.model_parameters(args)
+        weights = runtime.open_weights(params)
+        self.prompts = PromptBuilder(weights)
+        self.defaults = weights.defaults
+        self.metrics = metrics
+        self.max_inflight = int(params.get("max_inflight_requests", 64))
+        self.request_timeout_s = float(params.get("request_timeout_s", 600))
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
+        self._encoders = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minigpt5-png")
+        self._writer = ResponseWriter(triton_io.send, lambda exc: triton_io.log_warn(
+            f"minigpt5: could not send a response: {exc!r}"))
+        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
+        self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
+                                       max_rows=IMAGE_MAX_BATCH)
+        triton_io.log_info(f"minigpt5: ready (max {self.max_inflight} requests in flight)")
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            with self._inflight_lock:
+                admitted = self._inflight < self.max_inflight
+                if admitted:
+                    self._inflight += 1
+            if not admitted:
+                self._count("overloaded")
+                self._writer.put(sender, triton_io.error_response(triton_io.Overloaded(
+                    f"server busy: {self.max_inflight} requests in flight (max_inflight_requests); retry later")),
+                    True)
+                continue
+            self._set_inflight_gauge()
+            self._workers.submit(self._serve_and_release, request, sender)
+        return None
+
+    def finalize(self) -> None:
+        # Triton waits for in-flight requests (--exit-timeout-secs) before unloading; whatever is
+        # still blocked in a child call by now must not hold the stub process forever.
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._vision_calls.close()
+        self._image_calls.close()
+        self._encoders.shutdown(wait=False, cancel_futures=True)
+        self._writer.close()
+
+    # ---- one request ----------------------------------------------------------------------------
+    def _serve_and_release(self, request, sender) -> None:
+        try:
+            self._serve(request, sender)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+            self._set_inflight_gauge()
+
+    def _serve(self, request, sender) -> None:
+        arrived = time.monotonic()
+        answer = AnswerStream(lambda reply, final: self._writer.put(sender, reply, final), stream=False)
+        try:
+            generation = self._parse(request)
+            answer.streaming = generation.stream
+            prompt_ids = self.prompts.prompt_ids(generation)
+            image_embeds = self._encode_images(generation.images)
+            outcome = self._generate(generation, prompt_ids, image_embeds, answer, sender, arrived)
+            self._count(outcome)
+        except InvalidRequest as exc:
+            self._count("invalid")
+            answer.fail(exc)
+        except triton_io.Overloaded as exc:
+            self._count("overloaded")
+            answer.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure still ends the stream
+            triton_io.log_error(f"minigpt5: request failed: {exc!r}")
+            self._count("error")
+            answer.fail(exc)
+
+    def _parse(self, request):
+        text = triton_io.input_scalar(request, "text_input")
+        images = self._images(request)
+        history = parse_history(triton_io.input_scalar(request, "history"))
+        params = {name: triton_io.input_scalar(request, name) for name in (
+            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "random_seed",
+            "force_image", "guidance_scale", "num_inference_steps", "scheduler", "stream")}
+        if text is None:
+            raise InvalidRequest("text_input: required")
+        return build_request(text, images, history, defaults=self.defaults, **params)
+
+    def _images(self, request) -> np.ndarray | None:
+        """`images` (pre-processed uint8) first, then decoded `image_bytes`, in order."""
+        from minigpt5_client.errors import ImageError
+        from minigpt5_client.preprocess import preprocess_image
+
+        arrays = []
+        raw = triton_io.input_array(request, "images")
+        if raw is not None and raw.size:
+            if raw.dtype != np.uint8 or raw.ndim != 4 or raw.shape[1:] != (224, 224, 3):
+                raise InvalidRequest(f"images: must be UINT8 [N, 224, 224, 3], got {raw.dtype} {list(raw.shape)}")
+            arrays += list(raw)
+        encoded = triton_io.input_strings(request, "image_bytes")
+        if len(arrays) + len(encoded) > LIMITS.max_images:
+            raise InvalidRequest(f"images: {len(arrays) + len(encoded)} images, the limit is {LIMITS.max_images}")
+        mode = triton_io.input_scalar(request, "image_preprocess") or "pad"
+        if mode not in ("pad", "crop"):
+            raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
+        for index, data in enumerate(encoded):
+            try:
+                arrays.append(preprocess_image(_image_bytes(data, index), mode,
+                                               max_file_bytes=LIMITS.max_image_bytes,
+                                               max_pixels=LIMITS.max_image_pixels))
+            except ImageError as exc:
+                raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
+        return np.stack(arrays) if arrays else None
+
+    def _encode_images(self, images: np.ndarray):
+        return self._vision_calls.submit(images).result() if len(images) else None
+
+    @staticmethod
+    def _call_vision(batches: list[np.ndarray]) -> list[np.ndarray]:
+        """One `vision_encoder` request for the images of several requests, split back per request."""
+        child = pb_utils.InferenceRequest(model_name="vision_encoder", requested_output_names=["image_embeds"],
+                                          inputs=[triton_io.tensor("images", np.concatenate(batches))])
+        reply = child.exec()
+        triton_io.raise_if_error(reply)
+        embeds = triton_io.output_array(reply, "image_embeds")
+        bounds = np.cumsum([len(b) for b in batches])[:-1]
+        return np.split(embeds, bounds)
+
+    def _generate(self, generation, prompt_ids, image_embeds, answer: AnswerStream, sender, arrived) -> str:
+        decode_id = f"minigpt5-{uuid.uuid4().hex}"
+        child = pb_utils.InferenceRequest(
+            model_name="vicuna_decoder", request_id=decode_id, inputs=self._decoder_inputs(
+                generation, prompt_ids, image_embeds),
+            requested_output_names=["text_output", "voken_states", "voken_offset", "finish_reason",
+                                    "completion_tokens"])
+        images: list[concurrent.futures.Future] = []  # PNG-encoded and sent when done
+        cancelled = False
+        first_text = True
+        finish_reason, completion_tokens = "stop", 0
+        deadline = arrived + self.request_timeout_s
+        next_check = arrived + CANCEL_CHECK_S
+        for reply in child.exec(decoupled=True):
+            now = time.monotonic()
+            if not cancelled and now >= next_check:
+                next_check = now + CANCEL_CHECK_S
+                if sender.is_cancelled() or now > deadline:
+                    cancelled = True
+                    self._abort_decoder(decode_id)
+            triton_io.raise_if_error(reply)
+            if cancelled:
+                continue  # drain: the decoder ends the stream within a step of the abort
+            text = triton_io.output_array(reply, "text_output")
+            if text is not None and text.size and text.reshape(-1)[0]:
+                if first_text and self.metrics:
+                    self.metrics.time_to_first_token.observe(now - arrived)
+                first_text = False
+                answer.text_delta(text.reshape(-1)[0].decode("utf-8"))
+            states = triton_io.output_array(reply, "voken_states")
+            if states is not None and states.size:
+                offset = int(triton_io.output_array(reply, "voken_offset").reshape(-1)[0])
+                answer.image_start(offset)
+                job = ImageRequest(states[0], image_seed(generation.seed, len(images)), generation.guidance_scale,
+                                   generation.num_inference_steps, SCHEDULERS.index(generation.scheduler))
+                images.append(self._image_sent(job, answer, offset, arrived, first=not images))
+            reason = triton_io.output_array(reply, "finish_reason")
+            if reason is not None and reason.size:
+                finish_reason = reason.reshape(-1)[0].decode()
+                completion_tokens = int(triton_io.output_array(reply, "completion_tokens").reshape(-1)[0])
+        if cancelled:
+            for future in images:
+                future.cancel()
+            if time.monotonic() > deadline and not sender.is_cancelled():
+                raise triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
+            return "cancelled"
+        for future in images:
+            future.result()  # image errors surface here and fail the request
+        usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
+                 "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
+                 "completion_tokens": completion_tokens, "vokens": 8 * len(images), "images": len(images),
+                 "seed": generation.seed}
+        if self.metrics:
+            self.metrics.count_tokens(completion_tokens - usage["vokens"], usage["vokens"], len(images))
+        answer.finish(finish_reason, usage)
+        return "ok"
+
+    @staticmethod
+    def _decoder_inputs(generation, prompt_ids, image_embeds) -> list:
+        s = generation.sampling
+        inputs = [
+            triton_io.tensor("input_ids", np.array(prompt_ids, dtype=np.int32)),
+            triton_io.tensor("max_tokens", np.array([s.max_tokens], dtype=np.int32)),
+            triton_io.tensor("temperature", np.array([s.temperature], dtype=np.float32)),
+            triton_io.tensor("top_p", np.array([s.top_p], dtype=np.float32)),
+            triton_io.tensor("top_k", np.array([s.top_k], dtype=np.int32)),
+            triton_io.tensor("repetition_penalty", np.array([s.repetition_penalty], dtype=np.float32)),
+            triton_io.tensor("random_seed", np.array([s.seed], dtype=np.uint64)),
+            triton_io.tensor("force_image", np.array([s.force_image], dtype=bool)),
+            triton_io.tensor("max_images", np.array([s.max_images], dtype=np.int32)),
+        ]
+        if image_embeds is not None:
+            inputs.append(triton_io.tensor("image_embeds", image_embeds.astype(np.float32)))
+        return inputs
+
+    def _image_sent(self, job: "ImageRequest", answer: AnswerStream, offset: int, arrived: float,
+                    first: bool) -> concurrent.futures.Future:
+        """Queue the image; once decoded, PNG-encode and send it. The future ends when it was sent."""
+        sent: concurrent.futures.Future = concurrent.futures.Future()
+
+        def deliver(image):
+            if first and self.metrics:
+                self.metrics.time_to_first_image.observe(time.monotonic() - arrived)
+            answer.image(image, offset)
+
+        def on_decoded(decoded: concurrent.futures.Future):
+            if decoded.cancelled() or decoded.exception() is not None:
+                sent.set_exception(decoded.exception() or concurrent.futures.CancelledError())
+                return
+            encoding = self._encoders.submit(deliver, decoded.result())
+            encoding.add_done_callback(lambda done: sent.set_exception(done.exception())
+                                       if done.exception() else sent.set_result(None))
+
+        self._image_calls.submit(job).add_done_callback(on_decoded)
+        return sent
+
+    @staticmethod
+    def _call_image_decoder(jobs: list["ImageRequest"]) -> list[np.ndarray]:
+        """One batched `image_decoder` request for the images of several requests."""
+        child = pb_utils.InferenceRequest(model_name="image_decoder", requested_output_names=["image"], inputs=[
+            triton_io.tensor("voken_states", np.stack([j.voken_states for j in jobs]).astype(np.float32)),
+            triton_io.tensor("seed", np.array([[j.seed] for j in jobs], dtype=np.uint64)),
+            triton_io.tensor("guidance_scale", np.array([[j.guidance_scale] for j in jobs], dtype=np.float32)),
+            triton_io.tensor("num_inference_steps", np.array([[j.steps] for j in jobs], dtype=np.int32)),
+            triton_io.tensor("scheduler_id", np.array([[j.scheduler_id] for j in jobs], dtype=np.int32)),
+        ])
+        reply = child.exec()
+        triton_io.raise_if_error(reply)
+        return list(triton_io.output_array(reply, "image"))
+
+    def _abort_decoder(self, decode_id: str) -> None:
+        child = pb_utils.InferenceRequest(model_name="vicuna_decoder", requested_output_names=["finish_reason"],
+                                          inputs=[triton_io.string_tensor("abort_request_id", decode_id)])
+        for reply in child.exec(decoupled=True):
+            triton_io.raise_if_error(reply)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.count_request(outcome)
+
+    def _set_inflight_gauge(self) -> None:
+        if self.metrics:
+            self.metrics.inflight.set(self._inflight)
+
+
+def _image_bytes(data: bytes, index: int) -> bytes:
+    """Raw encoded bytes, or base64 text of them (optionally as a data: URI), as JSON clients send."""
+    if data.startswith(IMAGE_MAGIC):
+        return data
+    if data[:5].lower() == b"data:" and b"," in data:
+        data = data.split(b",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) "
+                             f"nor base64 of one") from None

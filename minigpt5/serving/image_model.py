@@ -1,0 +1,53 @@
+"""`image_decoder`: voken states → mapper → UNet/VAE with CFG → uint8 image, batched across requests.
+
+Each request row carries its own seed and guidance scale, so its image does not depend on its batch
+company; rows with the same scheduler and step count are decoded together (ImageStage.decode).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..image_decoder import SCHEDULERS, ImageJob
+from ..stages import ImageStage
+from . import runtime, triton_io
+
+
+class ImageDecoderModel:
+    def __init__(self, args: dict, metrics=None):
+        params = triton_io.model_parameters(args)
+        weights = runtime.open_weights(params)
+        device = runtime.device_for(args, params)
+        dtype = runtime.dtype_for(params, "dtype", device, "fp16")
+        self.stage = ImageStage(weights, device, dtype)
+        self.metrics = metrics
+        triton_io.log_info(f"image_decoder: weights {weights.path} on {device} ({dtype})")
+
+    def execute(self, requests: list) -> list:
+        jobs, counts = [], []
+        for request in requests:
+            rows = self._jobs(request)
+            jobs += rows
+            counts.append(len(rows))
+        started = time.monotonic()
+        images = self.stage.decode(jobs)
+        triton_io.log_info(f"image_decoder: {len(jobs)} image(s) from {len(requests)} request(s) in "
+                           f"{time.monotonic() - started:.2f}s")
+        if self.metrics:
+            self.metrics.observe_image_batch(len(jobs))
+        replies, start = [], 0
+        for count in counts:
+            replies.append(triton_io.response([triton_io.tensor("image", images[start:start + count].copy())]))
+            start += count
+        return replies
+
+    @staticmethod
+    def _jobs(request) -> list[ImageJob]:
+        states = triton_io.input_array(request, "voken_states")
+        seeds = triton_io.input_array(request, "seed").reshape(-1)
+        scales = triton_io.input_array(request, "guidance_scale").reshape(-1)
+        steps = triton_io.input_array(request, "num_inference_steps").reshape(-1)
+        schedulers = triton_io.input_array(request, "scheduler_id").reshape(-1)
+        return [ImageJob(torch.from_numpy(states[i].copy()), int(seeds[i]), float(scales[i]), int(steps[i]),
+                         SCHEDULERS[int(schedulers[i])]) for i in range(len(states))]

@@ -1,0 +1,95 @@
+"""Custom Prometheus metrics (docs/API.md "Metrics"), exported by Triton next to its `nv_*` metrics.
+
+Each family is created by the one model that owns it; they all carry a `model` label.
+"""
+from __future__ import annotations
+
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "error")
+
+
+class LockedMetric:
+    """One pb_utils Metric used from several threads. Triton 2.51's stub rewrites a metric's shared
+    memory on every operation without a lock, so two threads updating the same metric at once
+    corrupt what the server is reading (seen as a tritonserver SIGSEGV in Metric::LoadFromSharedMemory)."""
+
+    def __init__(self, metric):
+        self._metric = metric
+        self._lock = threading.Lock()
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._metric.observe(value)
+
+
+def _family(name: str, description: str, kind):
+    return pb_utils.MetricFamily(name=name, description=description, kind=kind)
+
+
+def _histogram(name: str, description: str, model: str, buckets: list):
+    family = _family(name, description, pb_utils.MetricFamily.HISTOGRAM)
+    return family, LockedMetric(family.Metric(labels={"model": model}, buckets=buckets))
+
+
+class PublicModelMetrics:
+    """Owned by `minigpt5`: tokens, images, outcomes, in-flight, time to first token / image."""
+
+    def __init__(self, model: str = "minigpt5"):
+        labels = {"model": model}
+        self._families = [
+            _family("minigpt5_generated_tokens_total", "Generated text tokens", pb_utils.MetricFamily.COUNTER),
+            _family("minigpt5_vokens_total", "Generated voken positions (8 per image)", pb_utils.MetricFamily.COUNTER),
+            _family("minigpt5_images_total", "Images produced", pb_utils.MetricFamily.COUNTER),
+            _family("minigpt5_requests_total", "Finished requests by outcome", pb_utils.MetricFamily.COUNTER),
+            _family("minigpt5_inflight_requests", "Requests being served now", pb_utils.MetricFamily.GAUGE),
+        ]
+        tokens, vokens, images, requests, inflight = self._families
+        self.tokens = LockedMetric(tokens.Metric(labels=labels))
+        self.vokens = LockedMetric(vokens.Metric(labels=labels))
+        self.images = LockedMetric(images.Metric(labels=labels))
+        self.requests = {o: LockedMetric(requests.Metric(labels={**labels, "outcome": o})) for o in OUTCOMES}
+        self.inflight = LockedMetric(inflight.Metric(labels=labels))
+        ttft_family, self.time_to_first_token = _histogram(
+            "minigpt5_time_to_first_token_seconds", "Request arrival to first text delta", model, LATENCY_BUCKETS)
+        ttfi_family, self.time_to_first_image = _histogram(
+            "minigpt5_time_to_first_image_seconds", "Request arrival to first image", model, LATENCY_BUCKETS)
+        self._families += [ttft_family, ttfi_family]
+
+    def count_tokens(self, text_tokens: int, vokens: int, images: int) -> None:
+        self.tokens.increment(max(text_tokens, 0))
+        self.vokens.increment(vokens)
+        self.images.increment(images)
+
+    def count_request(self, outcome: str) -> None:
+        self.requests[outcome].increment(1)
+
+
+class DecoderMetrics:
+    def __init__(self, model: str = "vicuna_decoder"):
+        self._family, self.batch_size = _histogram(
+            "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
+
+    def observe_decoder_batch(self, rows: int) -> None:
+        self.batch_size.observe(rows)
+
+
+class ImageMetrics:
+    def __init__(self, model: str = "image_decoder"):
+        self._family, self.batch_size = _histogram(
+            "minigpt5_image_batch_size", "Images per image-decoder execution", model, BATCH_BUCKETS)
+
+    def observe_image_batch(self, images: int) -> None:
+        self.batch_size.observe(images)

@@ -1,0 +1,27 @@
+"""`vision_encoder`: uint8 224² images → 32×H embeddings, batched across requests by Triton."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..stages import VisionStage
+from . import runtime, triton_io
+
+
+class VisionEncoder:
+    def __init__(self, args: dict):
+        params = triton_io.model_parameters(args)
+        weights = runtime.open_weights(params)
+        device = runtime.device_for(args, params)
+        dtype = runtime.dtype_for(params, "dtype", device, "fp16")
+        self.stage = VisionStage(weights, device, dtype)
+        triton_io.log_info(f"vision_encoder: weights {weights.path} on {device} ({dtype})")
+
+    def execute(self, requests: list) -> list:
+        """One forward for all images of all requests in Triton's batch, split back per request."""
+        batches = [triton_io.input_array(r, "images") for r in requests]
+        embeds = self.stage.encode(np.concatenate(batches)).numpy()
+        replies, start = [], 0
+        for batch in batches:
+            replies.append(triton_io.response([triton_io.tensor("image_embeds", embeds[start:start + len(batch)])]))
+            start += len(batch)
+        return replies
