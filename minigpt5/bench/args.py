@@ -1,0 +1,96 @@
+"""`minigpt5 bench ...` registration. No torch at import time: each handler imports its bench lazily.
+
+To add a bench: write `_add_<name>(sub)` that creates its parser, declares its flags and sets a
+handler that imports the bench module lazily, then list it in `BENCHES`. A handler returns an exit
+code and prints exactly one JSON object to stdout (progress and logs go to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_bench_commands(subparsers) -> None:
+    """Register every bench on the `bench` sub-command's subparsers (called by minigpt5/cli.py)."""
+    for add in BENCHES:
+        add(subparsers)
+
+
+# ---- flags shared by the model benches --------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None:
+    p.add_argument("--preset", choices=["tiny", "full"], default=default_preset,
+                   help="architecture: full = real MiniGPT-5 dims (~9.5 B params), tiny = seconds on a CPU")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="vision tower + LLM dtype (auto: fp32 on CPU, bf16 on GPU, as the pipeline)")
+    p.add_argument("--image-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="mapper + UNet + VAE dtype (auto: fp32 on CPU, fp16 on GPU, as the pipeline)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
+    p.add_argument("--prefill-tokens", type=int, default=300, help="prompt positions for prefill (~300)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section, so a "
+                                            "killed run still leaves what it measured)")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON result to stdout (always on; accepted for the documented form)")
+
+
+def _add_stages(sub) -> None:
+    p = sub.add_parser("stages", help="per-stage latency of the real architecture with random weights",
+                       description="Build the five modules with random weights directly on --device and "
+                                   "time each stage once per call: vision (batch 1), prefill, decode per "
+                                   "token (batch 1, direct cached forward), mapper, one UNet step with CFG, "
+                                   "VAE decode. Prints one JSON object.")
+    _add_model_flags(p, default_preset="tiny")
+
+    def handler(args):
+        from .stages import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+def _add_e2e(sub) -> None:
+    p = sub.add_parser("e2e", help="stage latencies at several batch sizes, engine decode, end to end, naive baseline",
+                       description="Issue 9's harness: stages at batch 1/8 (vision) and 1/4 (UNet), engine "
+                                   "decode ms/token at batch 1/8/32 with its HBM floor, end to end "
+                                   "'one image + prompt in, 512 tokens + one image out' through the "
+                                   "repository's stages (PNDM 50 and DPM-Solver++ 20), and the naive "
+                                   "upstream-style path (HF generate + diffusers StableDiffusionPipeline) "
+                                   "in the same run. Prints one JSON object.")
+    _add_model_flags(p, default_preset="full")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens generated end to end (image forced)")
+    p.add_argument("--steps", type=int, default=50, help="PNDM steps end to end and in the naive baseline")
+    p.add_argument("--dpm-steps", type=int, default=20, help="DPM-Solver++ steps of the fast end-to-end option")
+    p.add_argument("--vision-batches", type=_int_list, default=[1, 8], help="vision encoder batch sizes")
+    p.add_argument("--unet-batches", type=_int_list, default=[1, 4], help="images per UNet step (CFG doubles)")
+    p.add_argument("--decode-batches", type=_int_list, default=[1, 8, 32], help="engine decode batch sizes")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed engine steps per decode batch size")
+    p.add_argument("--hbm-gbps", type=float,
+                   help="memory bandwidth for the decode floor, GB/s (default: datasheet value of the GPU "
+                        "when known, e.g. H100 SXM 3350; none on CPU)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="wall-clock budget: sections that would overrun it are skipped ('skipped': 'budget')")
+    p.add_argument("--skip", type=_name_list, default=[],
+                   help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm")
+
+    def handler(args):
+        from .e2e import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+BENCHES = [_add_stages, _add_e2e]

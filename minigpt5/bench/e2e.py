@@ -1,0 +1,175 @@
+"""`minigpt5 bench e2e`: issue 9's one-command harness (docs/BENCHMARKS.md).
+
+Sections, in priority order (a section the --budget-s cannot fit is skipped, not overrun):
+  stages   vision at --vision-batches, prefill, direct decode, mapper, UNet+CFG at --unet-batches, VAE
+  decode   DecodeEngine ms/token at --decode-batches, with the HBM floor of the LLM's dtype
+  e2e      one image + prompt in, --max-tokens tokens + one image out, PNDM --steps (the repository path)
+  naive    the same request through HF generate + diffusers StableDiffusionPipeline (upstream style)
+  e2e_dpm  the repository path with DPM-Solver++ --dpm-steps
+"""
+from __future__ import annotations
+
+import time
+
+from ..config import SCHEDULER
+from .decode import decode_sweep_estimate_s, engine_decode, hbm_floor
+from .endtoend import input_image, ready, run_once
+from .models import BASE_VOCAB, bench_tokenizer, llm_bytes, make_stages, prompt_ids
+from .naive import make_sd_pipeline, naive_once
+from .report import Report
+from .stages import build, time_decode_direct, time_mapper, time_prefill, time_unet_step, time_vae_decode, time_vision
+from .timing import hbm_bandwidth, log, memory
+
+TARGET_MS = 2000.0  # the product's end-to-end target
+NOTES = {
+    "weights": "random, built on the device: timings only, never quality",
+    "stages": "module forward on device-resident inputs, median of --repeats after --warmup, synchronised",
+    "decode": "DecodeEngine.step at B rows (forward + CPU sampling + detokenising); ms_per_token = median "
+              "step; floor = LLM bytes read per step (all but the input-embedding table) / bandwidth",
+    "e2e": "one run each: VisionStage.encode -> DecoderStage engine (force_image, EOS banned) -> "
+           "ImageStage.decode, host copies included",
+    "naive": "HF generate(output_hidden_states) + diffusers StableDiffusionPipeline (PNDM), same modules",
+}
+
+
+def main(args) -> int:
+    report = Report("e2e", budget_s=args.budget_s, skip=args.skip, out=args.out)
+    ctx = build(report, args)
+    if ctx is None:
+        return report.finish()
+    report.data["settings"].update({
+        "max_tokens": args.max_tokens, "steps": args.steps, "dpm_steps": args.dpm_steps,
+        "vision_batches": args.vision_batches, "unet_batches": args.unet_batches,
+        "decode_batches": args.decode_batches, "decode_steps": args.decode_steps,
+        "budget_s": args.budget_s, "skip": args.skip})
+    device, modules = ctx["device"], ctx["modules"]
+    stages = {}
+    report.section(("build", "stages"), lambda: _make_stages(stages, modules, args.preset), required=True)
+    if not stages:
+        return report.finish()
+    tokens, image_decoder, llm = stages["tokens"], stages["images"].decoder, modules["llm"]
+    bandwidth = hbm_bandwidth(device, args.hbm_gbps)
+    report.data["hbm"] = {**bandwidth, **llm_bytes(llm)}
+    report.data["notes"] = NOTES
+    timing = {"repeats": args.repeats, "warmup": args.warmup}
+    section = report.section
+
+    # ---- per-stage latencies ------------------------------------------------------------------------
+    for batch in args.vision_batches:
+        section(("stages", f"vision_b{batch}"), lambda b=batch: time_vision(modules["vision"], device, b, **timing),
+                group="stages")
+    prefill = section(("stages", "prefill"), lambda: time_prefill(llm, device, args.prefill_tokens, **timing),
+                      group="stages")
+    direct = section(("stages", "decode_token"),
+                     lambda: time_decode_direct(llm, device, args.prefill_tokens, **timing), group="stages")
+    section(("stages", "mapper"), lambda: time_mapper(modules["mapper"], device, llm.config.hidden_size, **timing),
+            group="stages")
+    unet = {}
+    for batch in args.unet_batches:
+        unet[batch] = section(("stages", f"unet_step_cfg_b{batch}"),
+                              lambda b=batch: time_unet_step(image_decoder, device, b, **timing), group="stages")
+    vae = section(("stages", "vae_decode"), lambda: time_vae_decode(image_decoder, device, 1, **timing),
+                  group="stages")
+
+    # ---- engine decode at several batch sizes -------------------------------------------------------
+    decode = {}
+    direct_ms = _ms(direct)
+    for batch in args.decode_batches:
+        estimate = decode_sweep_estimate_s(direct_ms, batch, args.decode_steps, args.warmup, _ms(prefill))
+
+        def sweep(b=batch):
+            result = engine_decode(stages["decoder"], tokens, device, batch=b, prompt_positions=args.prefill_tokens,
+                                   steps=args.decode_steps, warmup=args.warmup, base_vocab=BASE_VOCAB[args.preset])
+            return {**result, "hbm": hbm_floor(llm, result, bandwidth["gbps"])}
+        decode[batch] = section(("decode", f"b{batch}"), sweep, group="decode", estimate_s=estimate)
+
+    # ---- end to end: the repository's path, the naive path, the fast-scheduler option ---------------
+    prompt = prompt_ids(tokens, args.prefill_tokens, BASE_VOCAB[args.preset], seed=args.seed)
+    image = input_image(args.seed)
+    token_ms = (decode.get(1) or {}).get("ms_per_token") or direct_ms
+    step_ms = _ms(unet.get(1))
+
+    def estimate(steps: int, factor: float = 1.0) -> float:
+        if token_ms is None:
+            return 0.0
+        return factor * (args.max_tokens * token_ms + steps * (step_ms or 0.0) + (_ms(vae) or 0.0)) / 1e3 + 1.0
+
+    section(("e2e", "warmup"), lambda: _timed(lambda: ready(stages, prompt, image, device)), group="e2e",
+            estimate_s=estimate(2) * 0.05)
+    ours = section(("e2e", "pndm"), lambda: run_once(stages, prompt, image, device, max_tokens=args.max_tokens,
+                                                      steps=args.steps, scheduler="pndm", seed=args.seed),
+                   group="e2e", estimate_s=estimate(args.steps, 1.2))
+    holder = {}
+
+    def naive_warmup():
+        holder["pipe"] = make_sd_pipeline(modules, SCHEDULER)
+        return _timed(lambda: naive_once(modules, holder["pipe"], tokens, prompt, image, device,
+                                         max_tokens=10, steps=2, seed=1))
+    section(("naive", "warmup"), naive_warmup, group="naive", estimate_s=estimate(2) * 0.05)
+    naive = None
+    if "pipe" not in holder:
+        warmup = report.data["naive"]["warmup"]
+        report.set(("naive", "pndm"), dict(warmup) if "skipped" in warmup else {"skipped": "naive.warmup failed"})
+    else:
+        naive = section(("naive", "pndm"), lambda: naive_once(modules, holder["pipe"], tokens, prompt, image, device,
+                                                              max_tokens=args.max_tokens, steps=args.steps,
+                                                              seed=args.seed),
+                        group="naive", estimate_s=estimate(args.steps, 1.5))
+    dpm = section(("e2e", "dpm"), lambda: run_once(stages, prompt, image, device, max_tokens=args.max_tokens,
+                                                    steps=args.dpm_steps, scheduler="dpm", seed=args.seed),
+                  group="e2e_dpm", estimate_s=estimate(args.dpm_steps, 1.2))
+
+    report.data["summary"] = summary(ours, dpm, naive, decode)
+    report.data["memory"] = memory(device)
+    log(_table(report.data["summary"]))
+    return report.finish()
+
+
+def summary(ours: dict | None, dpm: dict | None, naive: dict | None, decode: dict) -> dict:
+    def ratio(a, b, digits=3):
+        return round(a / b, digits) if a is not None and b else None
+
+    ours_ms, dpm_ms, naive_ms = _ms(ours), _ms(dpm), _ms(naive)
+    return {
+        "target_ms": TARGET_MS,
+        "e2e_ms": ours_ms,
+        "ratio_to_2s_target": ratio(ours_ms, TARGET_MS),
+        "naive_ms": naive_ms,
+        "speedup_vs_naive": ratio(naive_ms, ours_ms, 2),
+        "e2e_dpm_ms": dpm_ms,
+        "dpm_ratio_to_2s_target": ratio(dpm_ms, TARGET_MS),
+        "dpm_speedup_vs_naive": ratio(naive_ms, dpm_ms, 2),
+        "decode_ms_per_token": {f"b{b}": r.get("ms_per_token") for b, r in decode.items() if r},
+        "decode_ratio_to_hbm_floor": {f"b{b}": r["hbm"].get("ratio_to_floor") for b, r in decode.items() if r},
+    }
+
+
+def _ms(result: dict | None) -> float | None:
+    if not result:
+        return None
+    return result.get("ms", result.get("ms_per_token"))
+
+
+def _make_stages(into: dict, modules: dict, preset_name: str) -> dict:
+    """VisionStage / DecoderStage / ImageStage over the built modules (bench/models.py)."""
+    tokenizer = bench_tokenizer(preset_name)
+    into.update(make_stages(modules, tokenizer))
+    return {"tokenizer": "word-level stand-in", "vocab_size": len(tokenizer),
+            "engine": "DecodeEngine defaults, EOS banned"}
+
+
+def _timed(fn) -> dict:
+    start = time.perf_counter()
+    fn()
+    return {"seconds": round(time.perf_counter() - start, 2)}
+
+
+def _table(s: dict) -> str:
+    def fmt(value):
+        return "-" if value is None else f"{value}"
+    lines = [f"end to end (PNDM): {fmt(s['e2e_ms'])} ms  = {fmt(s['ratio_to_2s_target'])} × the 2 s target",
+             f"end to end (DPM):  {fmt(s['e2e_dpm_ms'])} ms  = {fmt(s['dpm_ratio_to_2s_target'])} × the 2 s target",
+             f"naive upstream:    {fmt(s['naive_ms'])} ms  → speedup {fmt(s['speedup_vs_naive'])}×",
+             f"decode ms/token:   {s['decode_ms_per_token']}",
+             f"  × HBM floor:     {s['decode_ratio_to_hbm_floor']}"]
+    return "summary\n" + "\n".join(lines)
