@@ -102,8 +102,12 @@ class DecodeEngine:
     `step` is called by one thread (the engine loop) and returns the events of that step."""
 
     def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
-                 kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096):
+                 kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
+                 run_to_completion: bool = False):
+        """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
+        requests are admitted only when the whole running batch has finished."""
         self.llm = llm.eval()
+        self.run_to_completion = run_to_completion
         self.tokenizer = tokenizer
         self.voken_ids = list(voken_ids)
         self.eos_id = eos_id
@@ -178,6 +182,8 @@ class DecodeEngine:
 
     def _admit(self, events: list) -> None:
         prefill_tokens = 0
+        if self.run_to_completion and self.rows:
+            return
         while True:
             with self._lock:
                 if not self._waiting or len(self.rows) >= self.max_rows:

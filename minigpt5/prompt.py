@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .errors import InvalidRequest
 from .tokenizer import encode_untrusted
 
 ROLES = {"human": "Human", "assistant": "Assistant"}
@@ -22,9 +23,9 @@ class Turn:
 
     def __post_init__(self):
         if self.role not in ROLES:
-            raise ValueError(f"history: role must be one of {sorted(ROLES)}, got {self.role!r}")
+            raise InvalidRequest(f"history: role must be one of {sorted(ROLES)}, got {self.role!r}")
         if self.num_images < 0:
-            raise ValueError("history: num_images must be >= 0")
+            raise InvalidRequest("history: num_images must be >= 0")
 
 
 def parse_history(history_json: str | None) -> list[Turn]:
@@ -34,14 +35,14 @@ def parse_history(history_json: str | None) -> list[Turn]:
     try:
         items = json.loads(history_json)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"history: not valid JSON ({exc.msg} at position {exc.pos})") from None
+        raise InvalidRequest(f"history: not valid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ValueError("history: must be a JSON list of objects")
+        raise InvalidRequest("history: must be a JSON list of objects")
     turns = []
     for i, item in enumerate(items):
         text, num_images = item.get("text", ""), item.get("num_images", 0)
         if not isinstance(text, str) or not isinstance(num_images, int) or isinstance(num_images, bool):
-            raise ValueError(f"history[{i}]: text must be a string and num_images an integer")
+            raise InvalidRequest(f"history[{i}]: text must be a string and num_images an integer")
         turns.append(Turn(str(item.get("role")), text, num_images))
     return turns
 

@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import VISION_IMAGE_SIZE
+from .errors import InvalidRequest
 from .image_decoder import SCHEDULERS
 from .prompt import Turn
 from .sampling import SamplingParams
-
-
-class InvalidRequest(ValueError):
-    """Bad user input; served as INVALID_ARG (HTTP 400)."""
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,16 @@ class PromptBuilder:
 
 
 class VisionStage:
-    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        self.tower = weights.load("vision", device, dtype)
+    def __init__(self, tower):
+        self.tower = tower
+
+    @classmethod
+    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "VisionStage":
+        return cls(weights.load("vision", device, dtype))
+
+    def warmup(self) -> None:
+        """One tiny call at load, so the first user does not pay for lazy kernel setup."""
+        self.encode(np.zeros((1, 224, 224, 3), dtype=np.uint8))
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N, 224, 224, 3] → float32 [N, 32, H] on CPU."""
@@ -63,16 +71,27 @@ class VisionStage:
 
 
 class DecoderStage:
-    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 **engine_options):
-        self.tokenizer = weights.tokenizer()
-        self.llm = weights.load("llm", device, dtype)
-        tokens = weights.tokens
+    def __init__(self, llm, tokenizer, tokens: dict, **engine_options):
+        """`tokens`: the manifest's token ids (`vokens`, `image_placeholder`, `bos_id`, `eos_id`)."""
+        self.tokenizer = tokenizer
+        self.llm = llm
         self.placeholder_id = tokens["image_placeholder"]
-        banned = [tokens["image_placeholder"], tokens["bos_id"], self.tokenizer.unk_token_id]
-        self.engine = DecodeEngine(self.llm, self.tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
+        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.unk_token_id]
+        self.engine = DecodeEngine(llm, tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
                                    banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
                                    **engine_options)
+
+    @classmethod
+    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             **engine_options) -> "DecoderStage":
+        return cls(weights.load("llm", device, dtype), weights.tokenizer(), weights.tokens, **engine_options)
+
+    def warmup(self) -> None:
+        """Prefill and a few decode steps of a throwaway request (greedy, 4 tokens)."""
+        request = self.make_request("warmup", [3, 4, 5, 6], None, SamplingParams(max_tokens=4, temperature=0.0))
+        self.engine.submit(request)
+        while self.engine.has_work:
+            self.engine.step()
 
     @torch.inference_mode()
     def make_request(self, request_id: str, prompt_ids: list[int], image_embeds: torch.Tensor | None,
@@ -95,9 +114,17 @@ class DecoderStage:
 
 
 class ImageStage:
-    def __init__(self, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        self.decoder = ImageDecoder(weights.load("mapper", device, dtype), weights.load("unet", device, dtype),
-                                    weights.load("vae", device, dtype), weights.manifest["scheduler"])
+    def __init__(self, decoder: ImageDecoder):
+        self.decoder = decoder
+
+    @classmethod
+    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ImageStage":
+        return cls(ImageDecoder(weights.load("mapper", device, dtype), weights.load("unet", device, dtype),
+                                weights.load("vae", device, dtype), weights.manifest["scheduler"]))
+
+    def warmup(self) -> None:
+        hidden = self.decoder.mapper.fc[0].in_features
+        self.decode([ImageJob(torch.zeros(NUM_VOKENS, hidden), seed=0, num_inference_steps=1)])
 
     def decode(self, jobs: list[ImageJob], progress=None) -> np.ndarray:
         """Images for any jobs: grouped by (scheduler, steps), each group decoded as one batch."""

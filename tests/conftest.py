@@ -36,19 +36,25 @@ class RunningServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def triton_server(tiny_weights, tmp_path_factory):
-    """The real tritonserver on the real model repository with tiny weights, on free ports."""
+def start_server(weights, log_dir) -> RunningServer:
+    """The real tritonserver on the real model repository, on free ports; fails the test if it cannot start."""
     from minigpt5.serving.server import TritonProcess
-    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    process = TritonProcess(tiny_weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+    log_path = log_dir / "tritonserver.log"
+    process = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             host="127.0.0.1", device="cpu", log_file=log_path)
     process.start()
-    server = RunningServer(process, tiny_weights, log_path)
+    server = RunningServer(process, weights, log_path)
     try:
         process.wait_ready(timeout=300)
     except Exception:
         process.stop()
         pytest.fail(f"tritonserver did not start:\n{server.log_tail()}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_weights, tmp_path_factory):
+    """One server shared by the whole session (tests that may break a server use their own)."""
+    server = start_server(tiny_weights, tmp_path_factory.mktemp("triton"))
     yield server
-    process.stop()
+    server.process.stop()

@@ -152,3 +152,4 @@ def test_history_turns_are_used(triton_server, reference_pipeline):
                                       force_image=True, max_tokens=24, random_seed=7)
     assert served["text"] == expected.text
     assert served["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
+

@@ -30,6 +30,7 @@ class GrpcTransport:
     def stream(self, request: GenerateRequest, timeout: float) -> Iterator[Event]:
         responses: queue.SimpleQueue = queue.SimpleQueue()
         client = grpcclient.InferenceServerClient(self.url)
+        finished = False
         try:
             client.start_stream(
                 callback=lambda result, error: responses.put((result, error)),
@@ -57,11 +58,15 @@ class GrpcTransport:
                 yield from _events(result)
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    finished = True
                     return
         except InferenceServerException as error:
             raise _error(error, self.url) from None
         finally:
-            client.stop_stream(cancel_requests=True)  # a no-op once done; cancels the request if abandoned early
+            # Cancel only a request abandoned early: Triton 2.51's gRPC frontend can crash when a stream
+            # whose request already completed is cancelled ("HandleCancellation called even when the
+            # context was not cancelled", fixed upstream in 25.x).
+            client.stop_stream(cancel_requests=not finished)
             client.close()
 
 

@@ -131,39 +131,17 @@ def token_ids(tokenizer) -> dict:
 
 
 def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER) -> dict:
-    """VisionStage, DecoderStage and ImageStage over prebuilt modules, with the bench's EOS ban.
-
-    Uses the stages' `from_modules` constructors when stages.py has them. Until then the instances
-    are made without `__init__` (which reads a weights directory) and given exactly the attributes
-    `__init__` sets; either way every method the bench calls is the repository's own.
-    """
-    from ..engine import DecodeEngine
+    """VisionStage, DecoderStage and ImageStage over prebuilt modules, with the bench's EOS ban."""
     from ..image_decoder import ImageDecoder
     from ..stages import DecoderStage, ImageStage, VisionStage
 
     tokens = token_ids(tokenizer)
-    mapper, unet, vae = modules["mapper"], modules["unet"], modules["vae"]
-    if all(hasattr(cls, "from_modules") for cls in (VisionStage, DecoderStage, ImageStage)):
-        vision = VisionStage.from_modules(modules["vision"])
-        decoder = DecoderStage.from_modules(modules["llm"], tokenizer, tokens)
-        images = ImageStage.from_modules(mapper, unet, vae, scheduler_config)
-    else:
-        vision = _instance(VisionStage, tower=modules["vision"])
-        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.unk_token_id]
-        engine = DecodeEngine(modules["llm"], tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
-                              banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]])
-        decoder = _instance(DecoderStage, tokenizer=tokenizer, llm=modules["llm"],
-                            placeholder_id=tokens["image_placeholder"], engine=engine)
-        images = _instance(ImageStage, decoder=ImageDecoder(mapper, unet, vae, scheduler_config))
+    vision = VisionStage(modules["vision"])
+    decoder = DecoderStage(modules["llm"], tokenizer, tokens)
+    images = ImageStage(ImageDecoder(modules["mapper"], modules["unet"], modules["vae"], scheduler_config))
     # Fixed-length runs: EOS can never be sampled ('###' cannot be spelled by the bench vocabulary).
     decoder.engine.banned_ids = sorted(set(decoder.engine.banned_ids) | {tokens["eos_id"]})
     return {"vision": vision, "decoder": decoder, "images": images, "tokens": tokens}
-
-
-def _instance(cls, **attributes):
-    obj = cls.__new__(cls)
-    obj.__dict__.update(attributes)
-    return obj
 
 
 def prompt_ids(tokens: dict, positions: int, base_vocab: int, seed: int = 0, with_image: bool = True) -> list[int]:

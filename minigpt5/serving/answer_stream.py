@@ -64,6 +64,14 @@ class AnswerStream:
                 self._send("complete", self.text, images=self._images, offsets=self._offsets,
                            finish_reason=finish_reason, usage=usage, final=True)
 
+    def cancel(self) -> None:
+        """The client went away: end the stream with the FINAL flag alone (Triton needs it even for
+        a cancelled request) and send nothing more."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.post(None, True)
+
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             if not self._closed:

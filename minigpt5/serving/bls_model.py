@@ -218,6 +218,7 @@ class MiniGPT5Model:
                 future.cancel()
             if time.monotonic() > deadline and not sender.is_cancelled():
                 raise triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
+            answer.cancel()
             return "cancelled"
         for future in images:
             future.result()  # image errors surface here and fail the request
@@ -259,8 +260,13 @@ class MiniGPT5Model:
             answer.image(image, offset)
 
         def on_decoded(decoded: concurrent.futures.Future):
-            if decoded.cancelled() or decoded.exception() is not None:
-                sent.set_exception(decoded.exception() or concurrent.futures.CancelledError())
+            if not sent.set_running_or_notify_cancel():
+                return  # the request was cancelled meanwhile: nothing to send
+            if decoded.cancelled():
+                sent.set_exception(concurrent.futures.CancelledError())
+                return
+            if decoded.exception() is not None:
+                sent.set_exception(decoded.exception())
                 return
             encoding = self._encoders.submit(deliver, decoded.result())
             encoding.add_done_callback(lambda done: sent.set_exception(done.exception())

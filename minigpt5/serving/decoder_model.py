@@ -32,7 +32,7 @@ class VicunaDecoderModel:
         weights = runtime.open_weights(params)
         device = runtime.device_for(args, params)
         dtype = runtime.dtype_for(params, "dtype", device, "bf16")
-        self.stage = DecoderStage(
+        self.stage = DecoderStage.load(
             weights, device, dtype,
             kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
             max_rows=int(params.get("max_batch_rows", 32)),
@@ -48,6 +48,7 @@ class VicunaDecoderModel:
         self._ids = itertools.count()
         self._engine_thread = threading.Thread(target=self._engine_loop, name="minigpt5-engine", daemon=True)
         self._sender_thread = threading.Thread(target=self._send_loop, name="minigpt5-sender", daemon=True)
+        self.stage.warmup()  # before the engine thread exists: warmup drives the engine itself
         self._engine_thread.start()
         self._sender_thread.start()
         triton_io.log_info(f"vicuna_decoder: weights {weights.path} on {device} ({dtype})")

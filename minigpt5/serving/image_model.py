@@ -20,8 +20,9 @@ class ImageDecoderModel:
         weights = runtime.open_weights(params)
         device = runtime.device_for(args, params)
         dtype = runtime.dtype_for(params, "dtype", device, "fp16")
-        self.stage = ImageStage(weights, device, dtype)
+        self.stage = ImageStage.load(weights, device, dtype)
         self.metrics = metrics
+        self.stage.warmup()
         triton_io.log_info(f"image_decoder: weights {weights.path} on {device} ({dtype})")
 
     def execute(self, requests: list) -> list:

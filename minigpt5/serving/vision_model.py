@@ -13,7 +13,8 @@ class VisionEncoder:
         weights = runtime.open_weights(params)
         device = runtime.device_for(args, params)
         dtype = runtime.dtype_for(params, "dtype", device, "fp16")
-        self.stage = VisionStage(weights, device, dtype)
+        self.stage = VisionStage.load(weights, device, dtype)
+        self.stage.warmup()
         triton_io.log_info(f"vision_encoder: weights {weights.path} on {device} ({dtype})")
 
     def execute(self, requests: list) -> list:

@@ -1,0 +1,696 @@
+"""Unit tests of the Triton model logic (minigpt5/serving, model_repository/*/1/model.py) without Triton:
+`triton_python_backend_utils` is replaced by tests/fake_pb_utils.py, the real model classes run on
+the tiny weights, and the BLS model's child calls go in-process to the real child model instances
+(through the fake's `InferenceRequest.exec`, which copies tensors, checks inputs against each
+child's config.pbtxt and returns only the requested outputs, as the server does)."""
+from __future__ import annotations
+
+import base64
+import importlib
+import importlib.util
+import io
+import json
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fake_pb_utils
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = ROOT / "model_repository"
+PB_MODULE = "triton_python_backend_utils"
+# Modules that import triton_python_backend_utils (directly or through triton_io): imported here
+# after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
+PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model",
+            "decoder_model", "bls_model")
+MODEL_DIRS = ("vision_encoder", "vicuna_decoder", "image_decoder", "minigpt5")
+
+# Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
+# (UNet/VAE in a batch, then rounded to uint8) within 2 levels — the same bound test_serving.py uses.
+EMBED_TOLERANCE = 1e-5
+BATCHED_IMAGE_TOLERANCE = 2
+WAIT_S = 60.0  # upper bound for any one wait; the tiny model answers in well under a second
+
+DECODER_BUDGET = 1000  # kv_cache_budget_tokens of the decoder under test (context: 1024 positions)
+PROMPT = [1] + list(range(10, 30))  # BOS + 20 ordinary ids: the decoder takes any prompt ids
+# Greedy without repetition penalty: this tiny model then runs to max_tokens (no "###"/EOS), which
+# gives a request that is still running when the test aborts it (~1 ms per token here).
+LONG = {"max_tokens": 900, "temperature": 0.0, "repetition_penalty": 1.0}
+NUMPY = {"TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_UINT64": np.uint64, "TYPE_BOOL": bool,
+         "TYPE_UINT8": np.uint8}
+# Public requests: 1-step image decoding keeps each image well under a second on CPU.
+STORY = {"text_input": "Tell me a story about a red kite.", "force_image": True, "max_tokens": 24,
+         "random_seed": 7, "num_inference_steps": 1}
+
+
+# ---- installing the fake --------------------------------------------------------------------------
+def _drop_pb_bound_modules() -> None:
+    package = sys.modules.get("minigpt5.serving")
+    for short in PB_BOUND:
+        sys.modules.pop(f"minigpt5.serving.{short}", None)
+        if package is not None and short in vars(package):
+            delattr(package, short)  # else `from . import triton_io` would find the stale attribute
+    for name in MODEL_DIRS:
+        sys.modules.pop(f"_model_repository_{name}", None)
+
+
+@pytest.fixture(scope="module")
+def pb():
+    previous = sys.modules.get(PB_MODULE)
+    _drop_pb_bound_modules()
+    sys.modules[PB_MODULE] = fake_pb_utils
+    fake_pb_utils.clear_models()
+    fake_pb_utils.reset_metrics()
+    yield fake_pb_utils
+    fake_pb_utils.clear_models()
+    _drop_pb_bound_modules()
+    if previous is None:
+        sys.modules.pop(PB_MODULE, None)
+    else:
+        sys.modules[PB_MODULE] = previous
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine
+    (another suite running beside this one) OpenMP's spinning threads made image decoding 5-30x slower."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def serving(pb):
+    """The serving modules, imported with the fake in place."""
+    return types.SimpleNamespace(**{short: importlib.import_module(f"minigpt5.serving.{short}")
+                                    for short in PB_BOUND})
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {name: fake_pb_utils.load_config(REPOSITORY / name / "config.pbtxt") for name in MODEL_DIRS}
+
+
+@pytest.fixture(scope="module")
+def make_args(configs, tiny_weights):
+    def make(name: str, **parameters) -> dict:
+        return fake_pb_utils.triton_args(configs[name], "CPU", weights=str(tiny_weights), **parameters)
+    return make
+
+
+@pytest.fixture(scope="module")
+def hidden(tiny_weights) -> int:
+    return json.loads((Path(tiny_weights) / "manifest.json").read_text())["architecture"]["llm"]["hidden_size"]
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def outputs(response) -> dict:
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+def values(response) -> dict:
+    """Outputs as Python lists (STRING elements decoded)."""
+    return {name: [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
+            for name, array in outputs(response).items()}
+
+
+def new_threads(before: set, *names: str) -> list:
+    return [t for t in threading.enumerate() if t not in before and t.is_alive() and t.name.startswith(names)]
+
+
+def wait_until(predicate, timeout: float = WAIT_S, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def assert_one_final_error(sender, code: int, *words: str) -> str:
+    sent = sender.wait_final(WAIT_S)
+    assert len(sent) == 1, f"expected exactly one response, got {sent}"
+    response, flags = sent[0]
+    assert flags == fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert response is not None and response.has_error(), response
+    error = response.error()
+    assert error.code() == code, f"{error!r}: expected code {fake_pb_utils.TritonError._NAMES[code]}"
+    for word in words:
+        assert word in error.message(), f"{word!r} not in {error.message()!r}"
+    return error.message()
+
+
+def decoder_request(configs, request_id: str, **params):
+    inputs = {"input_ids": np.array(PROMPT, dtype=np.int32)}
+    for name, value in params.items():
+        inputs[name] = np.array([value], dtype=NUMPY[configs["vicuna_decoder"]["input"][name]["data_type"]])
+    return fake_pb_utils.make_request(inputs, request_id, configs["vicuna_decoder"])
+
+
+def public_request(configs, request_id: str = "", **params):
+    spec = configs["minigpt5"]["input"]
+    inputs = {}
+    for name, value in params.items():
+        kind = spec[name]["data_type"]
+        if kind == "TYPE_STRING":
+            inputs[name] = value if isinstance(value, list) else [value]
+        elif name == "images":
+            inputs[name] = np.asarray(value, dtype=np.uint8)
+        else:
+            inputs[name] = np.array([value], dtype=NUMPY[kind])
+    return fake_pb_utils.make_request(inputs, request_id, configs["minigpt5"])
+
+
+def png_pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def public_events(sender, config) -> list[dict]:
+    events = []
+    for response, _ in sender.sent:
+        if response is None:
+            continue
+        assert not response.has_error(), response
+        assert fake_pb_utils.check_outputs(config, response) is None, fake_pb_utils.check_outputs(config, response)
+        events.append(values(response))
+    return events
+
+
+def _metric(name: str, label: str, **labels) -> float:
+    return fake_pb_utils.metric_value(name, model=label, **labels)
+
+
+# ---- model fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vision(serving, make_args):
+    return serving.vision_model.VisionEncoder(make_args("vision_encoder"))
+
+
+@pytest.fixture(scope="module")
+def image_model(serving, make_args):
+    return serving.image_model.ImageDecoderModel(make_args("image_decoder"),
+                                                  metrics=serving.metrics.ImageMetrics("image_decoder_units"))
+
+
+@pytest.fixture(scope="module")
+def decoder(serving, make_args):
+    model = serving.decoder_model.VicunaDecoderModel(
+        make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
+        metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
+    yield model
+    model.finalize()
+
+
+@pytest.fixture(scope="module")
+def children(pb, configs, vision, decoder, image_model):
+    """The BLS model's child models, served in-process by the fake's exec."""
+    pb.register_model("vision_encoder", vision, config=configs["vision_encoder"])
+    pb.register_model("vicuna_decoder", decoder, decoupled=True, config=configs["vicuna_decoder"])
+    pb.register_model("image_decoder", image_model, config=configs["image_decoder"])
+    yield
+    pb.clear_models()
+
+
+@pytest.fixture(scope="module")
+def make_bls(serving, make_args, children):
+    """MiniGPT5Model instances, each with its own metrics label; finalized at the end."""
+    made = []
+
+    def make(label: str, **parameters):
+        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **parameters),
+                                                metrics=serving.metrics.PublicModelMetrics(label))
+        made.append(model)
+        return model
+    yield make
+    for model in made:
+        model.finalize()
+
+
+@pytest.fixture(scope="module")
+def bls(make_bls):
+    return make_bls("minigpt5_units")
+
+
+# ================================== vision_encoder ================================================
+def test_vision_encoder_splits_one_batch_back_per_request(pb, vision, configs, hidden):
+    config = configs["vision_encoder"]
+    rng = np.random.RandomState(0)
+    batches = [rng.randint(0, 256, (n, 224, 224, 3), dtype=np.uint8) for n in (1, 3, 2)]
+    replies = vision.execute([pb.make_request({"images": b}, config=config) for b in batches])
+    assert len(replies) == len(batches)
+    for batch, reply in zip(batches, replies):
+        assert not reply.has_error()
+        assert pb.check_outputs(config, reply) is None
+        embeds = outputs(reply)["image_embeds"]
+        assert embeds.shape == (len(batch), 32, hidden) and embeds.dtype == np.float32
+        alone = vision.stage.encode(batch).numpy()
+        np.testing.assert_allclose(embeds, alone, rtol=0, atol=EMBED_TOLERANCE)
+
+
+# ================================== image_decoder =================================================
+def _image_request(config, states, seeds, scales, steps, schedulers):
+    return fake_pb_utils.make_request({
+        "voken_states": np.asarray(states, dtype=np.float32),
+        "seed": np.array([[s] for s in seeds], dtype=np.uint64),
+        "guidance_scale": np.array([[g] for g in scales], dtype=np.float32),
+        "num_inference_steps": np.array([[n] for n in steps], dtype=np.int32),
+        "scheduler_id": np.array([[k] for k in schedulers], dtype=np.int32),
+    }, config=config)
+
+
+def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
+        pb, image_model, configs, hidden, monkeypatch):
+    config = configs["image_decoder"]
+    rng = np.random.RandomState(1)
+    # (seed, guidance, steps, scheduler_id) per row; requests hold 2, 1 and 2 rows.
+    rows = [[(11, 7.5, 2, 0), (12, 2.0, 2, 0)],
+            [(13, 5.0, 1, 0)],
+            [(14, 7.5, 2, 1), (11, 3.0, 2, 0)]]
+    states = [rng.randn(len(r), 8, hidden).astype(np.float32) for r in rows]
+    requests = [_image_request(config, s, *zip(*r)) for s, r in zip(states, rows)]
+
+    calls = []
+    real_decode = image_model.stage.decoder.decode
+
+    def spy(jobs, *args, **kwargs):
+        calls.append(sorted({job.batch_key for job in jobs}) + [len(jobs)])
+        return real_decode(jobs, *args, **kwargs)
+    monkeypatch.setattr(image_model.stage.decoder, "decode", spy)
+    replies = image_model.execute(requests)
+    # one UNet batch per (scheduler, steps): 3 rows of pndm/2, 1 of pndm/1, 1 of dpm/2
+    assert sorted(calls, key=str) == sorted([[("pndm", 2), 3], [("pndm", 1), 1], [("dpm", 2), 1]], key=str)
+
+    assert len(replies) == len(requests)
+    for reply, request_rows, request_states in zip(replies, rows, states):
+        assert not reply.has_error()
+        assert pb.check_outputs(config, reply) is None
+        images = outputs(reply)["image"]
+        assert images.dtype == np.uint8 and images.shape[0] == len(request_rows) and images.shape[3] == 3
+        for i, row in enumerate(request_rows):
+            alone = outputs(image_model.execute([_image_request(config, request_states[i:i + 1], *zip(row))])[0])
+            diff = np.abs(images[i].astype(int) - alone["image"][0].astype(int)).max()
+            assert diff <= BATCHED_IMAGE_TOLERANCE, f"row {row}: {diff} levels from its lone decode"
+    assert 5.0 in pb.histogram_observations("minigpt5_image_batch_size", model="image_decoder_units")
+
+
+# ================================== vicuna_decoder ================================================
+def _final_values(sender) -> dict:
+    response, flags = sender.sent[-1]
+    assert flags == fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert response is not None and not response.has_error(), response
+    return values(response)
+
+
+def test_decoder_streams_text_then_one_final_with_usage(pb, decoder, configs, hidden):
+    config = configs["vicuna_decoder"]
+    text_only = decoder_request(configs, "units-text", max_tokens=24, random_seed=3)
+    with_image = decoder_request(configs, "units-image", max_tokens=16, random_seed=4, force_image=True)
+    assert decoder.execute([text_only, with_image]) is None  # decoupled: responses go through senders
+    for request, max_tokens in ((text_only, 24), (with_image, 16)):
+        sender = request.get_response_sender()
+        sent = sender.wait_final(WAIT_S)
+        assert sender.final_count == 1 and sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        assert all(flags == 0 for _, flags in sent[:-1])
+        for response, _ in sent:
+            assert pb.check_outputs(config, response) is None
+        body = [outputs(r) for r, _ in sent[:-1]]
+        for out in body:  # every streamed response is a text delta or one image's voken states
+            assert ("text_output" in out and out["text_output"][0]) or "voken_states" in out, out
+            assert "finish_reason" not in out
+        final = _final_values(sender)
+        assert final["finish_reason"][0] in ("stop", "length")
+        completion = final["completion_tokens"][0]
+        assert 0 < completion <= max_tokens + 7  # a voken block may overshoot by 7 positions
+        assert len(final["token_ids"]) == completion
+        vokens = [out for out in body if "voken_states" in out]
+        if request is with_image:
+            assert len(vokens) == 1
+            assert vokens[0]["voken_states"].shape == (1, 8, hidden)
+            assert vokens[0]["voken_states"].dtype == np.float32
+            at = next(i for i, out in enumerate(body) if out is vokens[0])
+            text_before = "".join(out["text_output"][0].decode() for out in body[:at] if "text_output" in out)
+            assert int(vokens[0]["voken_offset"][0]) == len(text_before)
+        else:
+            assert "".join(out["text_output"][0].decode() for out in body if "text_output" in out)
+
+
+def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(pb, decoder, configs):
+    first = decoder_request(configs, "units-ok-1", max_tokens=12, random_seed=5)
+    oversize = decoder_request(configs, "units-oversize", max_tokens=990, random_seed=6)  # 21+990+7 > 1000
+    last = decoder_request(configs, "units-ok-2", max_tokens=12, random_seed=7)
+    decoder.execute([first, oversize, last])
+    assert_one_final_error(oversize.get_response_sender(), pb.TritonError.INVALID_ARG,
+                           "kv_cache_budget_tokens", str(DECODER_BUDGET))
+    for request in (first, last):
+        request.get_response_sender().wait_final(WAIT_S)
+        assert _final_values(request.get_response_sender())["finish_reason"][0] in ("stop", "length")
+
+
+def _start_long(decoder, configs, request_id: str):
+    request = decoder_request(configs, request_id, random_seed=1, **LONG)
+    decoder.execute([request])
+    sender = request.get_response_sender()
+    assert sender.wait_for(lambda s: len(s.sent) >= 1, WAIT_S), "no first token"
+    return request, sender
+
+
+def _abort(decoder, configs, request_id: str):
+    abort = fake_pb_utils.make_request({"abort_request_id": [request_id]}, config=configs["vicuna_decoder"])
+    decoder.execute([abort])
+    sent = abort.get_response_sender().wait_final(WAIT_S)
+    assert len(sent) == 1 and sent[0][0] is not None and not sent[0][0].has_error()
+
+
+def test_decoder_abort_stops_a_running_request(pb, decoder, configs):
+    request, sender = _start_long(decoder, configs, "units-long")
+    _abort(decoder, configs, "units-long")
+    sender.wait_final(WAIT_S)
+    final = _final_values(sender)
+    assert final["finish_reason"] == ["aborted"]
+    assert final["completion_tokens"][0] < LONG["max_tokens"]
+    assert sender.final_count == 1
+
+
+def test_decoder_refuses_a_duplicate_request_id_while_it_runs(pb, decoder, configs):
+    request, sender = _start_long(decoder, configs, "units-dup")
+    duplicate = decoder_request(configs, "units-dup", max_tokens=4, random_seed=2)
+    decoder.execute([duplicate])
+    assert_one_final_error(duplicate.get_response_sender(), pb.TritonError.INVALID_ARG, "units-dup", "in use")
+    assert not sender.closed  # the running request is not disturbed ...
+    _abort(decoder, configs, "units-dup")
+    sender.wait_final(WAIT_S)
+    assert _final_values(sender)["finish_reason"] == ["aborted"]  # ... and ends once, by its abort
+    again = decoder_request(configs, "units-dup", max_tokens=4, random_seed=2)  # the id is free again
+    decoder.execute([again])
+    again.get_response_sender().wait_final(WAIT_S)
+    assert _final_values(again.get_response_sender())["finish_reason"][0] in ("stop", "length")
+
+
+def test_decoder_finalize_ends_running_requests_and_joins_its_threads(pb, serving, make_args, configs):
+    before = set(threading.enumerate())
+    model = serving.decoder_model.VicunaDecoderModel(make_args("vicuna_decoder",
+                                                               kv_cache_budget_tokens=DECODER_BUDGET))
+    assert len(new_threads(before, "minigpt5-engine", "minigpt5-sender")) == 2
+    request, sender = _start_long(model, configs, "units-unload")
+    started = time.monotonic()
+    model.finalize()
+    assert time.monotonic() - started < 30
+    assert new_threads(before, "minigpt5-engine", "minigpt5-sender") == []  # clean unload
+    sent = sender.wait_final(1)
+    assert sender.final_count == 1
+    last = sent[-1][0]  # either it finished in the last step, or it is told the model is unloading
+    assert (last.has_error() and last.error().code() == pb.TritonError.UNAVAILABLE) or \
+        values(last)["finish_reason"][0] in ("stop", "length")
+
+
+# ================================== minigpt5 (BLS) ================================================
+@pytest.fixture(scope="module")
+def streamed(pb, bls, configs):
+    """One streaming request on `bls` (seeded): its events, its sender, the decoder child call."""
+    calls_before = len(pb.calls_to("vicuna_decoder"))
+    request = public_request(configs, "units-stream", stream=True, **STORY)
+    bls.execute([request])
+    sender = request.get_response_sender()
+    sender.wait_final(WAIT_S)
+    decoder_calls = pb.calls_to("vicuna_decoder")[calls_before:]
+    return types.SimpleNamespace(events=public_events(sender, configs["minigpt5"]), sender=sender,
+                                 decoder_calls=decoder_calls)
+
+
+def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
+    events = streamed.events
+    kinds = [e["event_type"][0] for e in events]
+    assert [e["sequence_index"][0] for e in events] == list(range(len(events)))
+    assert kinds[0] == "text" and kinds[-1] == "final"
+    assert kinds.count("image_start") == 1 and kinds.count("image") == 1 and kinds.count("final") == 1
+    assert kinds.index("image_start") < kinds.index("image")
+    assert set(kinds) == {"text", "image_start", "image", "final"}
+    flags = [f for _, f in streamed.sender.sent]
+    assert flags == [0] * (len(flags) - 1) + [pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL]
+
+    start, image, final = (events[kinds.index(k)] for k in ("image_start", "image", "final"))
+    assert start["image_offset"] == image["image_offset"]
+    text = "".join(e["text_output"][0] for e in events)
+    assert 0 <= image["image_offset"][0] <= len(text)
+    pixels = png_pixels(image["image_output"][0])
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.shape[0] == pixels.shape[1]
+
+    assert final["finish_reason"][0] in ("stop", "length")
+    usage = json.loads(final["usage"][0])
+    assert usage["images"] == 1 and usage["vokens"] == 8 and usage["image_tokens"] == 0
+    assert usage["seed"] == STORY["random_seed"] and usage["prompt_tokens"] > 0
+    assert 8 <= usage["completion_tokens"] <= STORY["max_tokens"] + 7
+
+
+def test_bls_calls_the_decoder_with_valid_inputs_and_its_own_request_id(pb, streamed):
+    (call,) = streamed.decoder_calls
+    assert call.decoupled and call.request_id.startswith("minigpt5-")
+    assert "abort_request_id" not in call.inputs
+    assert call.responses and not any(r.has_error() for r in call.responses)
+
+
+def test_bls_metrics_after_a_request(pb, bls, streamed):
+    label = "minigpt5_units"
+    usage = json.loads(streamed.events[-1]["usage"][0])
+    assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "inflight not back to 0"
+    assert _metric("minigpt5_requests_total", label, outcome="ok") == 1
+    for outcome in ("invalid", "overloaded", "cancelled", "error"):
+        assert _metric("minigpt5_requests_total", label, outcome=outcome) == 0, outcome
+    assert _metric("minigpt5_generated_tokens_total", label) == usage["completion_tokens"] - usage["vokens"]
+    assert _metric("minigpt5_vokens_total", label) == 8
+    assert _metric("minigpt5_images_total", label) == 1
+    assert len(pb.histogram_observations("minigpt5_time_to_first_token_seconds", model=label)) == 1
+    assert len(pb.histogram_observations("minigpt5_time_to_first_image_seconds", model=label)) == 1
+    kinds = pb.metric_families()
+    assert kinds["minigpt5_inflight_requests"] == pb.MetricFamily.GAUGE
+    assert kinds["minigpt5_requests_total"] == pb.MetricFamily.COUNTER
+
+
+def test_bls_non_streaming_gives_one_complete_response_equal_to_the_stream(pb, make_bls, configs, streamed):
+    bls = make_bls("minigpt5_units_complete")
+    request = public_request(configs, "units-complete", stream=False, **STORY)
+    bls.execute([request])
+    sender = request.get_response_sender()
+    sent = sender.wait_final(WAIT_S)
+    assert len(sent) == 1 and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    (complete,) = public_events(sender, configs["minigpt5"])
+    assert complete["event_type"] == ["complete"] and complete["sequence_index"] == [0]
+
+    events = streamed.events  # same seed: same text, same image
+    kinds = [e["event_type"][0] for e in events]
+    assert complete["text_output"][0] == "".join(e["text_output"][0] for e in events)
+    image = events[kinds.index("image")]
+    assert complete["image_offset"] == image["image_offset"]
+    assert len(complete["image_output"]) == 1
+    diff = np.abs(png_pixels(complete["image_output"][0]).astype(int) - png_pixels(image["image_output"][0])).max()
+    assert diff <= BATCHED_IMAGE_TOLERANCE
+    assert complete["finish_reason"] == events[-1]["finish_reason"]
+    assert json.loads(complete["usage"][0]) == json.loads(events[-1]["usage"][0])
+
+
+INVALID = {
+    "temperature": {"temperature": -1.0},
+    "text_input": {"text_input": ""},
+    "image_bytes": {"image_bytes": [b"this is not base64 of an image!"]},
+    "images": {"images": np.zeros((9, 224, 224, 3), dtype=np.uint8)},
+    "history": {"history": '[{"role": "human", "text": "hi"'},  # malformed JSON
+    "history-role": {"history": '[{"role": "robot", "text": "hi"}]'},  # valid JSON, bad turn
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, configs, case):
+    label = "minigpt5_units"
+    invalid_before = _metric("minigpt5_requests_total", label, outcome="invalid")
+    params = {"text_input": "Hello there.", "max_tokens": 8, "random_seed": 1, **INVALID[case]}
+    request = public_request(configs, f"units-invalid-{case}", **params)
+    bls.execute([request])
+    field = case.split("-")[0]
+    assert_one_final_error(request.get_response_sender(), pb.TritonError.INVALID_ARG, field)
+    # counted before the error is handed to the writer, so already done once the FINAL arrived
+    assert _metric("minigpt5_requests_total", label, outcome="invalid") == invalid_before + 1
+
+
+def test_bls_refuses_beyond_max_inflight_with_unavailable(pb, make_bls, configs):
+    label = "minigpt5_units_overload"
+    bls = make_bls(label, max_inflight_requests=1)
+    params = {"text_input": "Hello there.", "max_tokens": 6, "random_seed": 2, "num_inference_steps": 1}
+    first, second = (public_request(configs, f"units-busy-{i}", **params) for i in (1, 2))
+    bls.execute([first, second])
+    assert_one_final_error(second.get_response_sender(), pb.TritonError.UNAVAILABLE, "max_inflight_requests")
+    first.get_response_sender().wait_final(WAIT_S)
+    (complete,) = public_events(first.get_response_sender(), configs["minigpt5"])
+    assert complete["event_type"] == ["complete"]
+    assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0)
+    assert _metric("minigpt5_requests_total", label, outcome="overloaded") == 1
+    assert _metric("minigpt5_requests_total", label, outcome="ok") == 1
+    third = public_request(configs, "units-busy-3", **params)  # the slot is free again
+    bls.execute([third])
+    third.get_response_sender().wait_final(WAIT_S)
+    assert public_events(third.get_response_sender(), configs["minigpt5"])[0]["event_type"] == ["complete"]
+
+
+# ---- client cancellation --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cancelled_run(pb, serving, make_bls, configs):
+    """A long streaming request whose client goes away after its first text event."""
+    label = "minigpt5_units_cancel"
+    bls = make_bls(label)
+    calls_before = len(pb.calls_to("vicuna_decoder"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder reply
+        request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
+                                 random_seed=3, num_inference_steps=1, **LONG)
+        sender = request.get_response_sender()
+        sender.cancel_when(lambda s: len(s.sent) >= 1)  # the client is gone once it got something
+        bls.execute([request])
+        assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "request never ended"
+    calls = pb.calls_to("vicuna_decoder")[calls_before:]
+    return types.SimpleNamespace(sender=sender, calls=calls, label=label)
+
+
+def test_client_cancel_aborts_the_decoder_and_sends_no_image(pb, configs, cancelled_run):
+    stream = next(c for c in cancelled_run.calls if "input_ids" in c.inputs)
+    aborts = [c for c in cancelled_run.calls if "abort_request_id" in c.inputs]
+    assert len(aborts) == 1
+    assert aborts[0].inputs["abort_request_id"].reshape(-1)[0].decode() == stream.request_id
+    assert aborts[0].responses and not aborts[0].responses[-1].has_error()
+    stream.done.wait(WAIT_S)
+    reasons = [values(r)["finish_reason"][0] for r in stream.responses if "finish_reason" in outputs(r)]
+    assert reasons == ["aborted"]  # the decoder stopped the request on the abort
+    completion = [values(r)["completion_tokens"][0] for r in stream.responses if "completion_tokens" in outputs(r)]
+    assert completion[0] < LONG["max_tokens"]
+    kinds = [values(r)["event_type"][0] for r in cancelled_run.sender.responses]
+    assert "text" in kinds and "image_start" not in kinds and "image" not in kinds and "final" not in kinds
+    assert _metric("minigpt5_requests_total", cancelled_run.label, outcome="cancelled") == 1
+    assert _metric("minigpt5_requests_total", cancelled_run.label, outcome="ok") == 0
+
+
+def test_cancelled_request_still_ends_its_stream_with_the_final_flag(pb, cancelled_run):
+    """python_backend README (decoupled mode): "Sending the TRITONSERVER_RESPONSE_COMPLETE_FINAL flag
+    at the end of response is still needed even the request is cancelled." Without it Triton never
+    releases the request."""
+    sender = cancelled_run.sender
+    assert sender.wait_for(lambda s: s.final_count == 1, timeout=2.0), \
+        f"the cancelled request never got the FINAL flag; sent {len(sender.sent)} responses, all non-final"
+
+
+def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs):
+    """The client goes away between `image_start` and the image: the image must not be sent."""
+    label = "minigpt5_units_cancel_image"
+    bls = make_bls(label)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)
+        # max_tokens=8 with force_image: the first token is [IMG0], so the decoder replies
+        # voken_states, then its final; the client is gone at the second check (the final).
+        request = public_request(configs, "units-cancel-image", text_input="Draw a kite.", stream=True,
+                                 force_image=True, max_tokens=8, random_seed=4, num_inference_steps=3)
+        sender = request.get_response_sender()
+        sender.cancel_when(lambda s: s.is_cancelled_calls >= 2)
+        calls_before = len(pb.calls_to("image_decoder"))
+        bls.execute([request])
+        assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "request never ended"
+    assert _metric("minigpt5_requests_total", label, outcome="cancelled") == 1
+    # let the image decoding queued before the cancel finish, plus time to PNG-encode and send it
+    wait_until(lambda: all(c.done.is_set() for c in pb.calls_to("image_decoder")[calls_before:]), timeout=WAIT_S)
+    time.sleep(0.5)
+    kinds = [values(r)["event_type"][0] for r in sender.responses]
+    assert "image" not in kinds, f"an image was sent after the client went away: {kinds}"
+
+
+def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
+    names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png")
+    before = set(threading.enumerate())
+    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
+                                            metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
+    request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
+                             num_inference_steps=1)
+    model.execute([request])
+    request.get_response_sender().wait_final(WAIT_S)
+    assert wait_until(lambda: _metric("minigpt5_inflight_requests", "minigpt5_units_unload") == 0)
+    started = time.monotonic()
+    model.finalize()
+    assert time.monotonic() - started < 5.0
+    assert wait_until(lambda: not new_threads(before, *names), timeout=5.0), new_threads(before, *names)
+
+
+# ================================== model_repository/*/1/model.py =================================
+def _load_model_py(name: str):
+    path = REPOSITORY / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"_model_repository_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Spy:
+    """Wraps a bound method: records calls, forwards them, remembers what came back."""
+
+    def __init__(self, method):
+        self.method = method
+        self.calls = []
+        self.returned = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        result = self.method(*args)
+        self.returned.append(result)
+        return result
+
+
+def _model_py_requests(name: str, configs, hidden):
+    config = configs[name]
+    if name == "vision_encoder":
+        return [fake_pb_utils.make_request({"images": np.zeros((2, 224, 224, 3), np.uint8)}, config=config)]
+    if name == "image_decoder":
+        return [_image_request(config, np.zeros((1, 8, hidden), np.float32), [1], [7.5], [1], [0])]
+    if name == "vicuna_decoder":
+        return [decoder_request(configs, "units-model-py", max_tokens=3, random_seed=1)]
+    return [public_request(configs, "units-model-py", text_input=" ")]  # refused at once: INVALID_ARG
+
+
+@pytest.mark.parametrize("name", MODEL_DIRS)
+def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
+    expected = {"vision_encoder": serving.vision_model.VisionEncoder,
+                "image_decoder": serving.image_model.ImageDecoderModel,
+                "vicuna_decoder": serving.decoder_model.VicunaDecoderModel,
+                "minigpt5": serving.bls_model.MiniGPT5Model}[name]
+    module = _load_model_py(name)
+    before = set(threading.enumerate())
+    triton_model = module.TritonPythonModel()
+    args = make_args(name, **({"kv_cache_budget_tokens": DECODER_BUDGET} if name == "vicuna_decoder" else {}))
+    triton_model.initialize(args)
+    assert type(triton_model.model) is expected
+    try:
+        spy = triton_model.model.execute = _Spy(triton_model.model.execute)
+        requests = _model_py_requests(name, configs, hidden)
+        result = triton_model.execute(requests)
+        assert spy.calls == [(requests,)] and result is spy.returned[0]
+        if configs[name]["decoupled"]:
+            assert result is None
+            sent = requests[0].get_response_sender().wait_final(WAIT_S)
+            if name == "minigpt5":
+                assert len(sent) == 1 and sent[0][0].error().code() == pb.TritonError.INVALID_ARG
+            else:
+                assert values(sent[-1][0])["finish_reason"][0] in ("stop", "length")
+        else:
+            assert len(result) == 1 and not result[0].has_error()
+            assert pb.check_outputs(configs[name], result[0]) is None
+    finally:
+        if hasattr(module.TritonPythonModel, "finalize"):
+            finalize = triton_model.model.finalize = _Spy(triton_model.model.finalize)
+            triton_model.finalize()
+            assert finalize.calls == [()]
+            left = lambda: new_threads(before, "minigpt5-")  # noqa: E731
+            assert wait_until(lambda: not left(), timeout=5.0), left()
+    if name in ("vicuna_decoder", "minigpt5"):  # the models that own threads have finalize
+        assert hasattr(module.TritonPythonModel, "finalize")
