@@ -65,9 +65,9 @@ class MiniGPT5Pipeline:
         llm_dtype = resolve_dtype(dtype, self.device)
         image_dtype = torch.float32 if self.device == "cpu" else torch.float16
         self.prompts = PromptBuilder(self.weights)
-        self.vision = VisionStage(self.weights, self.device, llm_dtype)
-        self.decoder = DecoderStage(self.weights, self.device, llm_dtype)
-        self.images = ImageStage(self.weights, self.device, image_dtype)
+        self.vision = VisionStage.load(self.weights, self.device, llm_dtype)
+        self.decoder = DecoderStage.load(self.weights, self.device, llm_dtype)
+        self.images = ImageStage.load(self.weights, self.device, image_dtype)
         self._ids = itertools.count()
 
     def request(self, prompt: str, images=None, history: list[Turn] = (), **params) -> GenerationRequest:
