@@ -67,7 +67,8 @@ class VisionStage:
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N, 224, 224, 3] → float32 [N, 32, H] on CPU."""
-        return self.tower(torch.from_numpy(np.ascontiguousarray(images))).float().cpu()
+        pixels = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable memory
+        return self.tower(torch.from_numpy(pixels)).float().cpu()
 
 
 class DecoderStage:
@@ -119,8 +120,11 @@ class ImageStage:
 
     @classmethod
     def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ImageStage":
-        return cls(ImageDecoder(weights.load("mapper", device, dtype), weights.load("unet", device, dtype),
-                                weights.load("vae", device, dtype), weights.manifest["scheduler"]))
+        unet = weights.load("unet", device, dtype)
+        if str(device).startswith("cuda"):
+            unet = unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        return cls(ImageDecoder(weights.load("mapper", device, dtype), unet, weights.load("vae", device, dtype),
+                                weights.manifest["scheduler"]))
 
     def warmup(self) -> None:
         hidden = self.decoder.mapper.fc[0].in_features

@@ -48,7 +48,7 @@ class ImageRequest:
 
 class MiniGPT5Model:
     def __init__(self, args: dict, metrics=None):
-        params = triton_io.model_parameters(args)
+        params = runtime.model_parameters(args)
         weights = runtime.open_weights(params)
         self.prompts = PromptBuilder(weights)
         self.defaults = weights.defaults

@@ -28,12 +28,10 @@ IDLE_WAIT_S = 0.5
 
 class VicunaDecoderModel:
     def __init__(self, args: dict, metrics=None):
-        params = triton_io.model_parameters(args)
-        weights = runtime.open_weights(params)
-        device = runtime.device_for(args, params)
-        dtype = runtime.dtype_for(params, "dtype", device, "bf16")
+        where = runtime.placement(args, gpu_dtype="bf16")
+        params = where.params
         self.stage = DecoderStage.load(
-            weights, device, dtype,
+            where.weights, where.device, where.dtype,
             kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
             max_rows=int(params.get("max_batch_rows", 32)),
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
@@ -51,7 +49,7 @@ class VicunaDecoderModel:
         self.stage.warmup()  # before the engine thread exists: warmup drives the engine itself
         self._engine_thread.start()
         self._sender_thread.start()
-        triton_io.log_info(f"vicuna_decoder: weights {weights.path} on {device} ({dtype})")
+        triton_io.log_info(where.describe("vicuna_decoder"))
 
     # ---- Triton entry points --------------------------------------------------------------------
     def execute(self, requests: list) -> None:

@@ -16,14 +16,11 @@ from . import runtime, triton_io
 
 class ImageDecoderModel:
     def __init__(self, args: dict, metrics=None):
-        params = triton_io.model_parameters(args)
-        weights = runtime.open_weights(params)
-        device = runtime.device_for(args, params)
-        dtype = runtime.dtype_for(params, "dtype", device, "fp16")
-        self.stage = ImageStage.load(weights, device, dtype)
+        where = runtime.placement(args, gpu_dtype="fp16")
+        self.stage = ImageStage.load(where.weights, where.device, where.dtype)
         self.metrics = metrics
         self.stage.warmup()
-        triton_io.log_info(f"image_decoder: weights {weights.path} on {device} ({dtype})")
+        triton_io.log_info(where.describe("image_decoder"))
 
     def execute(self, requests: list) -> list:
         jobs, counts = [], []

@@ -1,7 +1,11 @@
 """Where a served model finds its weights and device: config.pbtxt parameters, else environment."""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
+
+import torch
 
 from ..stages import resolve_device, resolve_dtype
 from ..weights.layout import WeightsDir
@@ -30,3 +34,27 @@ def device_for(args: dict, params: dict) -> str:
 def dtype_for(params: dict, key: str, device: str, gpu_default: str):
     return resolve_dtype(params.get(key) or ("fp32" if device == "cpu" else gpu_default), device)
 
+
+
+def model_parameters(args: dict) -> dict:
+    """`parameters { key: ... value { string_value: ... } }` of config.pbtxt as a plain dict."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+@dataclass
+class Placement:
+    """What a served model needs to load its stage: its parameters, weights, device and dtype."""
+    params: dict
+    weights: WeightsDir
+    device: str
+    dtype: torch.dtype
+
+    def describe(self, model: str) -> str:
+        return f"{model}: weights {self.weights.path} on {self.device} ({self.dtype})"
+
+
+def placement(args: dict, gpu_dtype: str) -> Placement:
+    params = model_parameters(args)
+    device = device_for(args, params)
+    return Placement(params, open_weights(params), device, dtype_for(params, "dtype", device, gpu_dtype))

@@ -5,8 +5,6 @@ The serving modules call these helpers instead of pb_utils directly, so the unit
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -15,12 +13,6 @@ from ..request import InvalidRequest
 
 class Overloaded(RuntimeError):
     """Served as UNAVAILABLE (HTTP 503): the client should retry later or elsewhere."""
-
-
-def model_parameters(args: dict) -> dict:
-    """`parameters { key: ... value { string_value: ... } }` of config.pbtxt as a plain dict."""
-    config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
 def input_array(request, name: str) -> np.ndarray | None:

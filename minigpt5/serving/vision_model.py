@@ -9,13 +9,10 @@ from . import runtime, triton_io
 
 class VisionEncoder:
     def __init__(self, args: dict):
-        params = triton_io.model_parameters(args)
-        weights = runtime.open_weights(params)
-        device = runtime.device_for(args, params)
-        dtype = runtime.dtype_for(params, "dtype", device, "fp16")
-        self.stage = VisionStage.load(weights, device, dtype)
+        where = runtime.placement(args, gpu_dtype="fp16")
+        self.stage = VisionStage.load(where.weights, where.device, where.dtype)
         self.stage.warmup()
-        triton_io.log_info(f"vision_encoder: weights {weights.path} on {device} ({dtype})")
+        triton_io.log_info(where.describe("vision_encoder"))
 
     def execute(self, requests: list) -> list:
         """One forward for all images of all requests in Triton's batch, split back per request."""
