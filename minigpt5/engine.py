@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from .config import NUM_VOKENS
-from .sampling import SamplingParams, sample_token
+from .sampling import SamplingParams, sample_tokens
 from .tokenizer import StreamingDetokenizer
 
 STOP_TEXT = "###"
@@ -123,6 +123,7 @@ class DecodeEngine:
         self.rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L] 1 = valid KV position
+        self._admitted_last_step = False
 
     # ---- called from any thread -------------------------------------------------------------
     def check_admissible(self, request: DecodeRequest) -> None:
@@ -162,8 +163,11 @@ class DecodeEngine:
         """Admit and prefill waiting requests, run one decode step, drop finished rows."""
         events: list = []
         self._apply_aborts(events)
-        self._admit(events)
-        if any(row.finish_reason is None for row in self.rows):
+        # A newcomer's first token goes out at once; the running rows decode on the next call, and
+        # admission steps never follow each other, so a stream of arrivals cannot starve them.
+        admitted = 0 if self._admitted_last_step else self._admit(events)
+        self._admitted_last_step = admitted > 0
+        if not admitted and any(row.finish_reason is None for row in self.rows):
             self._decode_step(events)
         self._evict_finished(events)
         return events
@@ -180,23 +184,25 @@ class DecodeEngine:
             if row.request_id in aborted and row.finish_reason is None:
                 row.finish_reason, row.next_input = "aborted", []
 
-    def _admit(self, events: list) -> None:
-        prefill_tokens = 0
+    def _admit(self, events: list) -> int:
+        """Prefill waiting requests that fit; returns how many were admitted."""
+        admitted = prefill_tokens = 0
         if self.run_to_completion and self.rows:
-            return
+            return 0
         while True:
             with self._lock:
                 if not self._waiting or len(self.rows) >= self.max_rows:
-                    return
+                    return admitted
                 request = self._waiting[0]
                 reserved = sum(row.request.reserved_tokens for row in self.rows)
                 length = request.prompt_embeds.shape[0]
                 if reserved + request.reserved_tokens > self.kv_budget_tokens:
-                    return  # waits for running rows to finish (FIFO: no overtaking)
+                    return admitted  # waits for running rows to finish (FIFO: no overtaking)
                 if prefill_tokens and prefill_tokens + length > self.max_prefill_tokens:
-                    return  # bound the stall of running rows by prefill work
+                    return admitted  # bound the stall of running rows by prefill work
                 self._waiting.popleft()
             prefill_tokens += length
+            admitted += 1
             self._prefill(request, events)
 
     def _prefill(self, request: DecodeRequest, events: list) -> None:
@@ -207,7 +213,7 @@ class DecodeEngine:
         row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(),
                    length=embeds.shape[1])
         self._merge(row, cache)
-        self._after_forward(row, hidden, events)
+        self._sample_and_advance([row], hidden[None], events)
 
     def _merge(self, row: _Row, cache: DynamicCache) -> None:
         """Append a prefilled batch-1 cache to the running batch, left-padding the shorter side."""
@@ -241,6 +247,7 @@ class DecodeEngine:
         out = self.llm.model(inputs_embeds=embeds, attention_mask=self._mask, position_ids=positions.to(device),
                              use_cache=True, **{self._cache_kw: self._cache})
         hidden = out.last_hidden_state
+        advanced, states = [], []
         for i, row in enumerate(self.rows):
             n = len(row.next_input)
             if row.finish_reason is not None or n == 0:
@@ -248,7 +255,9 @@ class DecodeEngine:
             row.length += n
             if n == NUM_VOKENS:
                 self._emit_vokens(row, hidden[i, :n], events)
-            self._after_forward(row, hidden[i, n - 1], events)
+            advanced.append(row)
+            states.append(hidden[i, n - 1])
+        self._sample_and_advance(advanced, torch.stack(states), events)
 
     def _emit_vokens(self, row: _Row, block_states: torch.Tensor, events: list) -> None:
         states = torch.cat([row.voken_source_state[None], block_states[:NUM_VOKENS - 1]]).float().cpu()
@@ -257,42 +266,56 @@ class DecodeEngine:
         row.generated += self.voken_ids[1:]
         events.append(VokenStates(row.request_id, states, len(row.text)))
 
-    def _after_forward(self, row: _Row, hidden: torch.Tensor, events: list) -> None:
-        """Sample the row's next token from the final-norm state `hidden` and handle what it means."""
-        row.next_input = []
+    def _sample_and_advance(self, rows: list[_Row], states: torch.Tensor, events: list) -> None:
+        """Sample every row's next token from its final-norm state (one lm_head, one batched
+        sampler) and handle what each token means."""
+        live = []
+        for index, row in enumerate(rows):
+            row.next_input = []
+            if len(row.generated) >= row.request.params.max_tokens:
+                self._finish(row, "length", events)  # e.g. right after a voken block
+            else:
+                live.append(index)
+        if not live:
+            return
+        rows = [rows[i] for i in live]
+        states = states[live]
+        logits = self.llm.lm_head(states).float().cpu()
+        logits[:, self.banned_ids] = float("-inf")
+        for i, row in enumerate(rows):
+            if row.images >= row.request.params.max_images:
+                logits[i, self.voken_ids[0]] = float("-inf")
+        tokens = sample_tokens(logits, [r.request.params for r in rows], [r.generated for r in rows],
+                               [r.generator for r in rows])
+        for row, token, state in zip(rows, tokens, states):
+            self._advance(row, self._force_image(row, token), state, events)
+
+    def _force_image(self, row: _Row, token: int) -> int:
+        """force_image (upstream force_generation): the turn may not end before its image, and the
+        image is forced at the last position where its 8 vokens still fit."""
         params = row.request.params
-        if len(row.generated) >= params.max_tokens:
-            return self._finish(row, "length", events)
-        logits = self.llm.lm_head(hidden).float()
-        token = self._choose(row, logits)
+        if not params.force_image or row.images > 0:
+            return token
+        if params.max_tokens - len(row.generated) <= NUM_VOKENS:
+            return self.voken_ids[0]
+        if token == self.eos_id or STOP_TEXT in row.held + row.detokenizer.peek(token):
+            return self.voken_ids[0]
+        return token
+
+    def _advance(self, row: _Row, token: int, state: torch.Tensor, events: list) -> None:
         row.generated.append(token)
         if token == self.voken_ids[0]:
             self._flush_text(row, events)
-            row.voken_source_state = hidden.clone()
+            row.voken_source_state = state.clone()
             row.next_input = list(self.voken_ids)
             return
         if token == self.eos_id:
             return self._finish(row, "stop", events)
         if self._push_text(row, token, events):
             return self._finish(row, "stop", events)
-        if len(row.generated) >= params.max_tokens:
+        if len(row.generated) >= row.request.params.max_tokens:
             return self._finish(row, "length", events)
         row.next_input = [token]
-
-    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
-        params = row.request.params
-        img0 = self.voken_ids[0]
-        logits[self.banned_ids] = float("-inf")
-        if row.images >= params.max_images:
-            logits[img0] = float("-inf")
-        must_image = params.force_image and row.images == 0
-        if must_image and params.max_tokens - len(row.generated) <= NUM_VOKENS:
-            return img0  # last chance to fit the voken block
-        token = sample_token(logits, params, row.generated, row.generator)
-        # force_image (upstream force_generation): the turn may not end before its image.
-        if must_image and (token == self.eos_id or STOP_TEXT in row.held + row.detokenizer.peek(token)):
-            return img0
-        return token
 
     def _push_text(self, row: _Row, token: int, events: list) -> bool:
         """Detokenise; release text except a possible '###' prefix. True when '###' was reached."""

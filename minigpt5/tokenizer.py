@@ -72,6 +72,8 @@ class StreamingDetokenizer:
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
+        self._prefix_key: tuple[int, int] | None = None
+        self._prefix_text = ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -85,7 +87,10 @@ class StreamingDetokenizer:
         return self._delta(self.ids + [token_id])
 
     def _delta(self, ids: list[int]) -> str:
-        prefix_text = self.tokenizer.decode(ids[self._prefix:self._read])
+        if self._prefix_key != (self._prefix, self._read):  # the prefix only changes when text is released
+            self._prefix_key = (self._prefix, self._read)
+            self._prefix_text = self.tokenizer.decode(ids[self._prefix:self._read])
+        prefix_text = self._prefix_text
         full_text = self.tokenizer.decode(ids[self._prefix:])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
             return full_text[len(prefix_text):]

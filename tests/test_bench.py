@@ -148,3 +148,102 @@ def test_benches_register_on_any_subparsers():
     for name in ("stages", "e2e"):
         args = parser.parse_args([name])
         assert callable(args.handler) and args.preset in ("tiny", "full")
+
+
+# ---- bench batching (issue 4) and bench serving (issue 3) -------------------------------------------
+BATCHING_MODES = ("continuous", "run_to_completion")
+
+
+def test_batching_small(capsys, tiny_weights):
+    """Both engines, every workload, small settings: the JSON's shape, positive numbers, full-length
+    requests. The targets are reported (targets_met), never asserted: timings are not tested."""
+    import torch
+
+    threads = torch.get_num_threads()
+    code, data = bench(["batching", "--weights", str(tiny_weights), "--concurrency", "1,4", "--max-tokens", "16",
+                        "--long-tokens", "32", "--short-tokens", "4", "--short-requests", "3", "--repeats", "1",
+                        "--json"], capsys)
+    assert code == 0 and data["errors"] == 0, data
+    assert torch.get_num_threads() == threads  # the bench's --threads 1 does not leak into the caller
+    assert data["bench"] == "batching" and data["device"] == "cpu" and data["threads"] == 1
+    assert data["settings"]["concurrency"] == [1, 4] and data["build"]["banned_ids"] >= 1
+    assert data["tokens"]["all_full_length"] and data["tokens"]["counted"] == data["tokens"]["expected"] > 0
+    for c in (1, 4):
+        entry = data["throughput"][f"c{c}"]
+        for mode in BATCHING_MODES:
+            assert entry[mode]["tokens"] == 16 * c and entry[mode]["tokens_per_s"] > 0 and entry[mode]["wall_ms"] > 0
+    ttft = data["ttft"]
+    assert ttft["long_requests"] == 4 and len(ttft["short_arrivals_ms"]) == 3 and ttft["long_alone_ms"] > 0
+    for mode in BATCHING_MODES:
+        for phase in ("alone", "busy"):
+            stats = ttft[mode][phase]
+            assert stats["n"] == 3 and 0 < stats["min_ms"] <= stats["p50_ms"] <= stats["p95_ms"] <= stats["max_ms"]
+        summary = data[mode]
+        assert set(summary["throughput_tokens_per_s"]) == {"1", "4"}
+        assert all(v > 0 for v in summary["throughput_tokens_per_s"].values())
+        assert summary["throughput_gain"] > 0 and summary["short_ttft_p95_ratio"] > 0
+        assert summary["short_ttft_p95_ratio"] == pytest.approx(
+            summary["short_ttft_p95_ms"]["busy"] / summary["short_ttft_p95_ms"]["alone"], rel=1e-2)
+        assert summary["busy_tokens_per_s"] > 0
+    assert data["throughput_gain_at"] == 4  # 8 was not measured: the gain is 4 vs 1, not judged
+    assert data["targets"] == {"throughput_gain_min": 4.0, "short_ttft_p95_ratio_max": 2.0}
+    assert data["targets_met"]["throughput_gain"] is None
+    assert isinstance(data["targets_met"]["short_ttft_p95_ratio"], bool)
+
+
+def test_batching_p95_is_nearest_rank():
+    from minigpt5.bench.batching import p95
+
+    assert p95([1.0]) == 1.0
+    assert p95([float(v) for v in range(1, 21)]) == 19.0  # ceil(0.95 * 20) = 19th sample
+    assert p95([float(v) for v in range(1, 25)]) == 23.0
+
+
+@pytest.mark.server
+def test_serving_small(tiny_weights, tmp_path):
+    """The real tritonserver, started and stopped by the bench: keys, positive finite ratios, and the
+    served results equal to the in-process ones. A fresh process, so that the bench can set the
+    in-process OpenMP wait policy before torch is imported (as the Triton stubs have it)."""
+    import math
+
+    out = tmp_path / "serving.json"
+    run = subprocess.run([sys.executable, "-m", "minigpt5.cli", "bench", "serving", "--weights", str(tiny_weights),
+                          "--requests", "2", "--max-tokens", "16", "--steps", "4", "--out", str(out), "--json"],
+                         capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-4000:]
+    data = json.loads(run.stdout)
+    assert json.loads(out.read_text()) == data and data["errors"] == 0
+    assert data["bench"] == "serving" and data["in_process_openmp"]["applied"]
+    assert data["server"]["ready"]["startup_s"] > 0 and data["server"]["exit_code"] is not None
+
+    latency, overlap = data["latency"], data["overlap"]
+    assert latency["image_token_index"] == 16 - 8  # forced at the last chance: the image comes last
+    assert overlap["image_token_index"] <= 4 and overlap["tokens_after_image"] >= 1
+    assert latency["same_text_as_in_process"] and latency["same_image_as_in_process"]
+    assert overlap["same_text_as_in_process"] and overlap["same_image"]
+    for key in ("served_ms", "in_process_ms"):
+        assert latency[key]["n"] == 2 and latency[key]["ms"] > 0
+    for key in ("served_ms", "decoder_only_ms", "image_only_ms", "sequential_ms", "in_process_serial_ms"):
+        assert overlap[key]["n"] == 2 and overlap[key]["ms"] > 0
+    assert 0 < overlap["decoder_only_vokens_ms"] <= overlap["decoder_only_ms"]["max_ms"]
+
+    summary = data["summary"]
+    for key in ("served_over_in_process_latency_ratio", "image_overlap_gain", "ideal_overlap_gain",
+                "served_latency_ms", "in_process_latency_ms", "overlapped_ms", "sequential_ms",
+                "time_to_first_token_ms", "time_to_first_image_ms"):
+        assert math.isfinite(summary[key]) and summary[key] > 0, key
+    assert summary["time_to_first_token_ms"] <= summary["time_to_first_image_ms"] <= summary["overlapped_ms"] + 1
+    assert data["served_over_in_process_latency_ratio"] == summary["served_over_in_process_latency_ratio"]
+    assert data["image_overlap_gain"] == summary["image_overlap_gain"]
+
+
+def test_new_benches_register():
+    from minigpt5.bench.args import BENCHES, add_bench_commands
+
+    parser = argparse.ArgumentParser()
+    add_bench_commands(parser.add_subparsers(dest="which", required=True))
+    assert len(BENCHES) >= 4
+    batching = parser.parse_args(["batching"])
+    assert batching.concurrency == [1, 4, 8, 16] and batching.preset == "tiny" and callable(batching.handler)
+    serving = parser.parse_args(["serving", "--requests", "3"])
+    assert serving.requests == 3 and serving.weights is None and callable(serving.handler)

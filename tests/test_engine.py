@@ -118,9 +118,19 @@ def test_context_limit_is_an_admission_error(reference_pipeline):
         engine.submit(request)
 
 
-def test_sampling_filters():
+def test_sampling_filters_are_per_row():
     from minigpt5.sampling import filter_top_k_top_p
-    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)[:2]).all()
-    kept = filter_top_k_top_p(logits, 0, 0.5)
-    assert not torch.isinf(kept[3]) and torch.isinf(kept[0])
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.5]))
+    assert torch.isinf(kept[0, :2]).all() and not torch.isinf(kept[0, 2:]).any()  # row 0: top-2
+    assert not torch.isinf(kept[1, 3]) and torch.isinf(kept[1, 0])  # row 1: top-p 0.5
+
+
+def test_a_rows_draw_does_not_depend_on_its_batch_company():
+    from minigpt5.sampling import SamplingParams, sample_tokens
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(seed=1), SamplingParams(temperature=0.0), SamplingParams(seed=3, top_k=5)]
+    together = sample_tokens(logits, params, [[1, 2], [], [7]], [p.generator() for p in params])
+    alone = [sample_tokens(logits[i:i + 1], [p], [prev], [p.generator()])[0]
+             for i, (p, prev) in enumerate(zip(params, [[1, 2], [], [7]]))]
+    assert together == alone

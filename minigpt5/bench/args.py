@@ -93,4 +93,68 @@ def _add_e2e(sub) -> None:
     p.set_defaults(handler=handler)
 
 
-BENCHES = [_add_stages, _add_e2e]
+def _add_batching(sub) -> None:
+    p = sub.add_parser("batching", help="continuous batching vs the run-to-completion baseline (issue 4)",
+                       description="In-process, no Triton: the real DecodeEngine over the tiny weights (or "
+                                   "--weights), continuous batching and DecodeEngine(run_to_completion=True) "
+                                   "measured in the same run: tokens/s at each --concurrency (requests "
+                                   "submitted together), the gain at 8 over 1, and the p95 time to first "
+                                   "token of short requests arriving while 4 long ones run, over the same "
+                                   "requests alone. Prints one JSON object.")
+    p.add_argument("--preset", choices=["tiny", "full"], default="tiny",
+                   help="tiny: the built-in tiny weights; full: a random full-size LLM built on --device "
+                        "(both ignored with --weights)")
+    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="LLM dtype (auto: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16],
+                   help="requests submitted together, one throughput run each (1 is always added)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the throughput runs")
+    p.add_argument("--long-tokens", type=int, default=256, help="tokens of each of the 4 long requests")
+    p.add_argument("--short-tokens", type=int, default=16, help="tokens of each short request")
+    p.add_argument("--short-requests", type=int, default=8,
+                   help="short requests arriving while the long ones run (per repeat)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of every run (medians; p95 over all samples)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (0 = greedy); top-p 0.9 and repetition penalty 2 as served")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: 1 on CPU: the tiny matrices gain nothing from more, and "
+                        "OpenMP waits on a shared machine dominate; 0 = leave torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random full-preset LLM")
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
+    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+
+    def handler(args):
+        from .batching import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+def _add_serving(sub) -> None:
+    p = sub.add_parser("serving", help="served vs in-process latency and the image-overlap gain (issue 3)",
+                       description="Start the real tritonserver (free ports, the built-in tiny weights by "
+                                   "default) and measure, for lone requests with fixed seeds: served (gRPC "
+                                   "streaming) over in-process (MiniGPT5Pipeline) end-to-end latency of a "
+                                   "force_image request, the gain of decoding the image while the text goes "
+                                   "on (vicuna_decoder alone + image_decoder alone, through Triton, over the "
+                                   "served end to end), and the served time to first token and image. The "
+                                   "server is always stopped at the end. Prints one JSON object.")
+    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the server's models and the pipeline")
+    p.add_argument("--requests", type=int, default=5, help="timed runs of each measurement (medians)")
+    p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of both requests (vokens included)")
+    p.add_argument("--steps", type=int, default=15, help="num_inference_steps (PNDM) of the images")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the searches for the two requests")
+    p.add_argument("--search-seeds", type=int, default=2000,
+                   help="seeds tried at most for each request (the overlap one needs [IMG0] sampled early)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
+    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+
+    def handler(args):
+        from .serving import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving]
