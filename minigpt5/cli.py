@@ -40,6 +40,14 @@ def _add_serve(commands) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workdir", type=Path, help="where to write the prepared repository (default: a temp dir)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--param", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="override a config.pbtxt parameter of a model, e.g. minigpt5.max_inflight_requests=8 or "
+                        "minigpt5.request_timeout_s=120 (repeatable; served from a copy of the repository, see "
+                        "docs/LIMITS.md); an unknown model or key is an error")
+    p.add_argument("--admin-key", default=None,
+                   help="value of the `minigpt5-admin-key` header that unlocks the model-repository, "
+                        "shared-memory, trace and logging APIs (default: $MINIGPT5_ADMIN_KEY; prefer the "
+                        "variable, a flag shows in `ps`). Without a key those APIs are refused to everyone")
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
 
     def handler(args):

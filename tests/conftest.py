@@ -36,12 +36,13 @@ class RunningServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_server(weights, log_dir) -> RunningServer:
-    """The real tritonserver on the real model repository, on free ports; fails the test if it cannot start."""
+def start_server(weights, log_dir, parameters=None) -> RunningServer:
+    """The real tritonserver on the real model repository, on free ports; fails the test if it cannot start.
+    `parameters`: config.pbtxt overrides, e.g. {"minigpt5": {"max_inflight_requests": "2"}}."""
     from minigpt5.serving.server import TritonProcess
     log_path = log_dir / "tritonserver.log"
     process = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            host="127.0.0.1", device="cpu", log_file=log_path)
+                            host="127.0.0.1", device="cpu", log_file=log_path, parameters=parameters)
     process.start()
     server = RunningServer(process, weights, log_path)
     try:

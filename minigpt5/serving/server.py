@@ -6,16 +6,34 @@ Where tritonserver comes from:
   built for the running Python: we assemble a backend folder (libtriton_python.so, the utils module
   and the stub for this Python version) and point `--backend-directory` at it.
 The Python stubs find this package through PYTHONPATH and the weights through $MINIGPT5_WEIGHTS.
+
+Security defaults (docs/RELIABILITY.md): model control stays off (`--model-control-mode=none`), and
+the APIs that change the server or name files on it (model repository, shared memory, trace,
+logging) are refused on HTTP and gRPC unless the request carries the `minigpt5-admin-key` header
+with the admin key (`--admin-key` / $MINIGPT5_ADMIN_KEY; without one, a random key nobody knows).
+
+Parameter overrides: `parameters={"minigpt5": {"max_inflight_requests": "4"}}` (or `minigpt5 serve
+--param minigpt5.max_inflight_requests=4`) copies the repository into the work directory and
+rewrites those `parameters` values of the copied config.pbtxt; the repository itself is never edited.
+
+Stub watchdog: Triton 2.51 never restarts a python-backend stub that died (kill -9, OOM killer) and
+keeps reporting the model ready; requests in flight in it hang forever. Once the server is ready,
+TritonProcess watches the stub processes and, when one dies, stops tritonserver (SIGTERM, then
+SIGKILL after `crash_grace_s`) so that every client gets an error at once and the orchestrator
+(Kubernetes, docker, systemd) restarts the server; `minigpt5 serve` then exits with code 3.
 """
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +45,14 @@ from .runtime import DEVICE_ENV, WEIGHTS_ENV
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 EXIT_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs: in-flight requests get this long on shutdown
+ADMIN_KEY_ENV = "MINIGPT5_ADMIN_KEY"
+ADMIN_HEADER = "minigpt5-admin-key"
+# Refused without the admin header: they load/unload models or read/write files and memory on the
+# server (repository control, shared-memory registration, trace files, log settings).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+WATCHDOG_POLL_S = 1.0  # how often the stub processes are checked once the server is ready
+CRASH_GRACE_S = 5.0  # after a stub died: SIGTERM, then SIGKILL of the whole group after this long
+EXIT_STUB_DIED = 3  # `minigpt5 serve` exit code when it stopped the server because a stub died
 
 
 @dataclass
@@ -97,11 +123,154 @@ def _split(value: str | None) -> list[str]:
     return [p for p in (value or "").split(os.pathsep) if p]
 
 
+# ---- config.pbtxt parameter overrides ---------------------------------------------------------------
+_PARAMETER = re.compile(
+    r'\bkey\s*:\s*"(?P<key>[^"\\]+)"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*'
+    r'"(?P<value>(?:[^"\\\n]|\\.)*)"')
+
+
+def config_parameters(config_text: str) -> dict[str, str]:
+    """The `parameters` string values of a config.pbtxt (comments ignored)."""
+    return {m["key"]: m["value"] for m in _PARAMETER.finditer(_without_comments(config_text))}
+
+
+def rewrite_parameters(config_text: str, values: dict[str, str], model: str = "model") -> str:
+    """config.pbtxt text with the string values of existing `parameters` keys replaced. Unknown keys
+    and values that cannot be a plain pbtxt string are refused (nothing is added, nothing else moves)."""
+    known = config_parameters(config_text)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{model}: no parameter {', '.join(unknown)} in its config.pbtxt "
+                         f"(known: {', '.join(sorted(known))})")
+    for key, value in values.items():
+        if not isinstance(value, str) or any(c in value for c in '"\\\n\r'):
+            raise ValueError(f"{model}.{key}: the value must be a string without quotes, backslashes or "
+                             f"newlines, got {value!r}")
+    # Comments are blanked out (same length) only to find the entries; the text keeps them.
+    matches = [m for m in _PARAMETER.finditer(_without_comments(config_text)) if m["key"] in values]
+    for m in reversed(matches):
+        start, end = m.span("value")
+        config_text = config_text[:start] + values[m["key"]] + config_text[end:]
+    return config_text
+
+
+def _without_comments(text: str) -> str:
+    """`#` comments blanked with spaces (outside strings), so offsets stay those of `text`."""
+    out, in_string, in_comment, escaped = [], False, False, False
+    for c in text:
+        if in_comment:
+            in_comment = c != "\n"
+            out.append(c if c == "\n" else " ")
+            continue
+        if in_string:
+            in_string = escaped or c != '"'
+            escaped = (not escaped) and c == "\\"
+        elif c == '"':
+            in_string = True
+        elif c == "#":
+            in_comment = True
+            out.append(" ")
+            continue
+        out.append(c)
+    return "".join(out)
+
+
+def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | None,
+                       source: Path | None = None) -> Path:
+    """The repository to serve (default REPOSITORY): itself, or a copy in `workdir` with `parameters` applied."""
+    source = Path(source or REPOSITORY)
+    if not parameters:
+        return source
+    models = {p.parent.name for p in source.glob("*/config.pbtxt")}
+    unknown = sorted(set(parameters) - models)
+    if unknown:
+        raise ValueError(f"no model {', '.join(unknown)} in {source} (models: {', '.join(sorted(models))})")
+    # Check every override before copying anything.
+    rewritten = {model: rewrite_parameters((source / model / "config.pbtxt").read_text(), {
+        k: str(v) for k, v in values.items()}, model) for model, values in parameters.items()}
+    target = workdir / "model_repository"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for model, text in rewritten.items():
+        (target / model / "config.pbtxt").write_text(text)
+    return target
+
+
+def parse_parameter_flags(flags: list[str]) -> dict[str, dict[str, str]]:
+    """`MODEL.KEY=VALUE` strings (serve's --param) as {model: {key: value}}."""
+    parameters: dict[str, dict[str, str]] = {}
+    for flag in flags:
+        name, sep, value = flag.partition("=")
+        model, dot, key = name.strip().partition(".")
+        if not sep or not dot or not model or not key:
+            raise ValueError(f"--param {flag!r}: expected MODEL.KEY=VALUE, e.g. minigpt5.max_inflight_requests=8")
+        parameters.setdefault(model, {})[key] = value
+    return parameters
+
+
+def security_args(admin_key: str | None, extra_args: list[str]) -> list[str]:
+    """Restrict the control APIs on both protocols to requests carrying the admin header, unless the
+    operator restricts them differently in the extra tritonserver flags."""
+    key = admin_key or secrets.token_urlsafe(32)  # no key given: nobody can use those APIs
+    if not re.fullmatch(r"[A-Za-z0-9._~+/-]+", key):
+        raise ValueError("the admin key may hold only letters, digits and . _ ~ + / -")
+    apis = ",".join(RESTRICTED_APIS)
+    args = ["--model-control-mode=none"]
+    if not any(a.startswith("--http-restricted-api") for a in extra_args):
+        args.append(f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}")
+    if not any(a.startswith("--grpc-restricted-protocol") for a in extra_args):
+        args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
+    return args
+
+
+# ---- python-backend stub processes ----------------------------------------------------------------
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The live python-backend stubs of a tritonserver, {pid: model name}, read from /proc (Linux).
+    A stub's first argument is its model.py (`<repository>/<model>/<version>/model.py`); zombies
+    (killed stubs that tritonserver never reaps) do not count."""
+    stubs = {}
+    for pid in _children(server_pid):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state in ("Z", "X") or len(argv) < 2 or not argv[1].endswith(b"model.py"):
+            continue
+        stubs[pid] = Path(os.fsdecode(argv[1])).parent.parent.name
+    return stubs
+
+
+def _children(pid: int) -> list[int]:
+    try:  # /proc/PID/task/TID/children lists the children each thread forked (CONFIG_PROC_CHILDREN)
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return children
+
+
 class TritonProcess:
-    """One tritonserver process serving the MiniGPT-5 repository."""
+    """One tritonserver process serving the MiniGPT-5 repository.
+
+    `parameters`: {model: {key: value}} overrides of config.pbtxt `parameters` (served from a copy of
+    the repository in `workdir`). `admin_key`: the `minigpt5-admin-key` header value that unlocks
+    the restricted APIs (default $MINIGPT5_ADMIN_KEY; none: they are refused to everyone).
+    `watchdog`: once ready, stop the server when a model's stub process dies (`crash` then says which)."""
 
     def __init__(self, weights: Path, *, http_port=8000, grpc_port=8001, metrics_port=8002, host="0.0.0.0",
-                 device="auto", workdir: Path | None = None, log_verbose=0, extra_args=(), log_file=None):
+                 device="auto", workdir: Path | None = None, log_verbose=0, extra_args=(), log_file=None,
+                 parameters: dict[str, dict[str, str]] | None = None, admin_key: str | None = None,
+                 watchdog: bool = True, crash_grace_s: float = CRASH_GRACE_S, repository: Path | None = None):
         self.weights = Path(weights).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
@@ -110,10 +279,20 @@ class TritonProcess:
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
         self.log_file = log_file
+        self.parameters = parameters or {}
+        self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+        self.source_repository = Path(repository) if repository else None  # None: REPOSITORY
+        self.repository: Path | None = None  # what is served (the source or a copy with `parameters`)
+        self.watchdog = watchdog
+        self.crash_grace_s = crash_grace_s
+        self.crash: str | None = None  # why the watchdog stopped the server, if it did
+        self._stopping = False  # stop() was called: stubs going away are expected
         self.process: subprocess.Popen | None = None
 
     def command(self, binary: TritonBinary) -> list[str]:
-        cmd = [str(binary.executable), f"--model-repository={REPOSITORY}",
+        if self.repository is None:
+            self.repository = prepare_repository(self.workdir, self.parameters, self.source_repository)
+        cmd = [str(binary.executable), f"--model-repository={self.repository}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
                f"--grpc-address={self.host}", "--allow-metrics=true",
@@ -121,12 +300,14 @@ class TritonProcess:
         backends = prepare_backend_dir(binary, self.workdir)
         if backends:
             cmd.append(f"--backend-directory={backends}")
-        return cmd + self.extra_args
+        return cmd + security_args(self.admin_key, self.extra_args) + self.extra_args
 
     def start(self) -> "TritonProcess":
         check_installed()
         binary = find_tritonserver()
         output = open(self.log_file, "ab") if self.log_file else None
+        self.crash = None  # a restarted server starts with a clean record
+        self._stopping = False
         self.process = subprocess.Popen(self.command(binary), env=server_environment(binary, self.weights, self.device),
                                         stdout=output, stderr=subprocess.STDOUT if output else None,
                                         start_new_session=True)
@@ -141,6 +322,8 @@ class TritonProcess:
             try:
                 with urllib.request.urlopen(url, timeout=2) as reply:
                     if reply.status == 200:
+                        if self.watchdog:
+                            self._start_watchdog()
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -151,6 +334,7 @@ class TritonProcess:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL of the whole process group."""
         if self.process is None:
             return None
+        self._stopping = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -159,6 +343,34 @@ class TritonProcess:
                 pass
         self._kill_group()  # python stubs left behind by a crashed or hung server
         return self.process.wait()
+
+    def stubs(self) -> dict[int, str]:
+        """The live python-backend stub processes of this server, {pid: model}."""
+        return stub_processes(self.process.pid) if self.process else {}
+
+    def _start_watchdog(self) -> None:
+        expected = self.stubs()
+        if not expected:
+            return  # no /proc or no python stubs: nothing to watch
+        threading.Thread(target=self._watch, args=(self.process, expected), name="minigpt5-stub-watchdog",
+                         daemon=True).start()
+
+    def _watch(self, process: subprocess.Popen, expected: dict[int, str]) -> None:
+        while process.poll() is None and not self._stopping:
+            time.sleep(WATCHDOG_POLL_S)
+            alive = stub_processes(process.pid)
+            dead = sorted({model for pid, model in expected.items() if pid not in alive})
+            if dead and process.poll() is None and not self._stopping and process is self.process:
+                self.crash = (f"the python stub of model {', '.join(dead)} died; Triton 2.51 neither restarts it "
+                              f"nor reports the model unready, so tritonserver was stopped to be restarted")
+                print(f"minigpt5: {self.crash}", file=sys.stderr, flush=True)
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=self.crash_grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._kill_group()
+                return
 
     def _kill_group(self) -> None:
         try:
@@ -170,10 +382,18 @@ class TritonProcess:
 def serve_forever(args) -> int:
     from ..cli import resolve_weights
 
+    try:
+        parameters = parse_parameter_flags(getattr(args, "param", None) or [])
+        if parameters:  # fail on an unknown model or key before loading anything
+            prepare_repository(Path(tempfile.mkdtemp(prefix="minigpt5-check-")), parameters)
+    except ValueError as exc:
+        print(f"minigpt5 serve: {exc}", file=sys.stderr)
+        return 2
     weights = resolve_weights(args.weights)
     server = TritonProcess(weights, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, host=args.host, device=args.device,
-                           workdir=args.workdir, log_verbose=args.log_verbose, extra_args=args.tritonserver_args)
+                           workdir=args.workdir, log_verbose=args.log_verbose, extra_args=args.tritonserver_args,
+                           parameters=parameters, admin_key=getattr(args, "admin_key", None))
     print(f"minigpt5: starting tritonserver on weights {weights}", file=sys.stderr, flush=True)
     stopping = False
 
@@ -187,7 +407,8 @@ def serve_forever(args) -> int:
         server.start()
         server.wait_ready()
         _print_endpoints(args)
-        return server.process.wait() if server.process else 1
+        code = server.process.wait() if server.process else 1
+        return EXIT_STUB_DIED if server.crash else code
     except KeyboardInterrupt:
         print("\nminigpt5: stopping tritonserver ...", file=sys.stderr, flush=True)
         return 0
