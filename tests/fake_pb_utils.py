@@ -8,13 +8,13 @@ Install it as `sys.modules["triton_python_backend_utils"]` *before* importing `m
 - `InferenceResponse(output_tensors=..., error=...)`, `TritonError(message, code)` with Triton's codes.
 - `InferenceRequest`: the request a model's `execute` gets (`inputs()`, `request_id()`,
   `get_response_sender()`, `is_cancelled()`), and the BLS request a model builds
-  (`InferenceRequest(model_name=, inputs=, requested_output_names=, request_id=)` + `exec(decoupled=)`).
+  (`InferenceRequest(model_name=, inputs=, requested_output_names=, request_id=)` + `exec()`).
   `exec` dispatches in-process to models the test registered with `register_model` and behaves like
   the server does between two stubs: tensors are copied (strings serialised to bytes, as on the
   wire), inputs are checked against the child's config.pbtxt when one is given (name, datatype,
   shape, max_batch_size, required inputs), only the requested outputs come back, one `execute` at a
-  time per model (one instance), and a decoupled child's stream is an iterator that ends after the
-  response carrying the FINAL flag (an empty response when the child sent the flag alone).
+  time per model (one instance). `exec(decoupled=True)` is refused: the serving code must not make
+  decoupled BLS calls (Triton 2.51 hangs or crashes under several at once; serving/decoding.py).
 - `ResponseSender`: records `(response, flags)`; refuses sends after FINAL and a `None` response
   without FINAL (as the stub does); `is_cancelled()` is controllable by the test.
 - `MetricFamily` (COUNTER / GAUGE / HISTOGRAM) and `Metric(labels, buckets)` with Triton's rules
@@ -29,7 +29,6 @@ Server-side helpers for tests (not in the real module): `load_config`, `triton_a
 from __future__ import annotations
 
 import json
-import queue
 import re
 import threading
 import time
@@ -43,7 +42,6 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 TRITONSERVER_REQUEST_RELEASE_ALL = 1
 TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 
-EXEC_TIMEOUT_S = 120.0  # the real BLS waits forever; a test should fail instead of hanging
 
 
 class TritonModelException(Exception):
@@ -421,9 +419,8 @@ def check_outputs(config: dict, response: InferenceResponse) -> str | None:
 
 # ---- requests and BLS -------------------------------------------------------------------------------
 class _Registered:
-    def __init__(self, model, decoupled: bool, config: dict | None):
+    def __init__(self, model, config: dict | None):
         self.model = model
-        self.decoupled = decoupled
         self.config = config
         self.lock = threading.Lock()  # one instance: Triton calls its execute one batch at a time
 
@@ -452,10 +449,11 @@ bls_calls: list[ChildCall] = []
 _calls_lock = threading.Lock()
 
 
-def register_model(name: str, model, *, decoupled: bool = False, config: dict | None = None) -> None:
-    """Serve `model` (anything with `execute(requests)`) to BLS calls under `name`."""
+def register_model(name: str, model, *, config: dict | None = None) -> None:
+    """Serve `model` (anything with `execute(requests)` returning one response per request) to BLS
+    calls under `name`."""
     with _models_lock:
-        _models[name] = _Registered(model, decoupled, config)
+        _models[name] = _Registered(model, config)
 
 
 def clear_models() -> None:
@@ -468,34 +466,6 @@ def clear_models() -> None:
 def calls_to(model_name: str) -> list[ChildCall]:
     with _calls_lock:
         return [c for c in bls_calls if c.model_name == model_name]
-
-
-class _ResponseIterator:
-    """`exec(decoupled=True)`: responses as the child sends them; ends after the FINAL one."""
-
-    def __init__(self, responses: queue.Queue, call: ChildCall):
-        self._queue = responses
-        self._call = call
-        self._finished = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> InferenceResponse:
-        if self._finished:
-            raise StopIteration
-        try:
-            response, flags = self._queue.get(timeout=EXEC_TIMEOUT_S)
-        except queue.Empty:
-            raise TritonModelException(f"fake: no response from {self._call.model_name!r} "
-                                       f"in {EXEC_TIMEOUT_S}s") from None
-        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
-            self._finished = True
-            self._call.done.set()
-        if response is None:  # FINAL flag alone: the iterator yields an empty last response
-            response = InferenceResponse(output_tensors=[])
-        self._call.responses.append(response)
-        return response
 
 
 class InferenceRequest:
@@ -553,6 +523,9 @@ class InferenceRequest:
         call = ChildCall(self, decoupled)
         with _calls_lock:
             bls_calls.append(call)
+        if decoupled:
+            raise TritonModelException("fake: exec(decoupled=True) is not supported: the serving code must not "
+                                       "make decoupled BLS calls (Triton 2.51 defect, serving/decoding.py)")
         with _models_lock:
             entry = _models.get(self.model_name)
         if entry is None:
@@ -561,42 +534,24 @@ class InferenceRequest:
         problem = check_inputs(entry.config, self._inputs) if entry.config else None
         if problem:
             return self._answer(call, _error(problem, TritonError.INVALID_ARG))
-        if entry.decoupled and not decoupled:
-            return self._answer(call, _error(f"model '{self.model_name}' is decoupled: exec(decoupled=True) "
-                                             f"is needed", TritonError.INVALID_ARG))
         child = InferenceRequest(self.model_name, [_wire_tensor(t) for t in self._inputs], self._requested,
                                  self._request_id, self._correlation_id, self._flags, self._timeout)
-        requested = set(self._requested)
-        if entry.decoupled:
-            responses: queue.Queue = queue.Queue()
-            child._sender = ResponseSender(on_send=lambda r, f: responses.put((_wire_response(r, requested), f)))
-            try:
-                with entry.lock:
-                    returned = entry.model.execute([child])
-                if returned is not None:
-                    raise TritonModelException("a decoupled model's execute must return None")
-            except Exception as exc:  # noqa: BLE001 - the stub turns it into an error response
-                if not child._sender.closed:
-                    responses.put((_error(str(exc), TritonError.INTERNAL), TRITONSERVER_RESPONSE_COMPLETE_FINAL))
-            return _ResponseIterator(responses, call)
         try:
             with entry.lock:
                 replies = entry.model.execute([child])
             if not isinstance(replies, list) or len(replies) != 1:
                 raise TritonModelException(f"execute must return one response per request, got {replies!r}")
-            reply = _wire_response(replies[0], requested)
+            reply = _wire_response(replies[0], set(self._requested))
         except Exception as exc:  # noqa: BLE001 - the stub turns it into an error response
             reply = _error(f"Failed to process the request(s) for model '{self.model_name}', message: {exc}",
                            TritonError.INTERNAL)
-        return self._answer(call, reply, decoupled)
+        return self._answer(call, reply)
 
     @staticmethod
-    def _answer(call: ChildCall, reply: InferenceResponse, as_iterator: bool | None = None):
+    def _answer(call: ChildCall, reply: InferenceResponse):
         call.responses.append(reply)
         call.done.set()
-        if as_iterator is None:
-            as_iterator = call.decoupled
-        return iter([reply]) if as_iterator else reply
+        return reply
 
 
 def _error(message: str, code: int) -> InferenceResponse:

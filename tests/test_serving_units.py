@@ -27,9 +27,8 @@ REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
 # after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
-PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model",
-            "decoder_model", "bls_model")
-MODEL_DIRS = ("vision_encoder", "vicuna_decoder", "image_decoder", "minigpt5")
+PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model", "bls_model")
+MODEL_DIRS = ("vision_encoder", "image_decoder", "minigpt5")
 
 # Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
 # (UNet/VAE in a batch, then rounded to uint8) within 2 levels — the same bound test_serving.py uses.
@@ -148,13 +147,6 @@ def assert_one_final_error(sender, code: int, *words: str) -> str:
     return error.message()
 
 
-def decoder_request(configs, request_id: str, **params):
-    inputs = {"input_ids": np.array(PROMPT, dtype=np.int32)}
-    for name, value in params.items():
-        inputs[name] = np.array([value], dtype=NUMPY[configs["vicuna_decoder"]["input"][name]["data_type"]])
-    return fake_pb_utils.make_request(inputs, request_id, configs["vicuna_decoder"])
-
-
 def public_request(configs, request_id: str = "", **params):
     spec = configs["minigpt5"]["input"]
     inputs = {}
@@ -201,19 +193,19 @@ def image_model(serving, make_args):
 
 
 @pytest.fixture(scope="module")
-def decoder(serving, make_args):
-    model = serving.decoder_model.VicunaDecoderModel(
-        make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
-        metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
-    yield model
-    model.finalize()
+def decoder(tiny_weights):
+    from minigpt5.serving.decoding import DecoderHost
+    from minigpt5.stages import DecoderStage
+    from minigpt5.weights.layout import WeightsDir
+    host = DecoderHost(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
+    yield host
+    host.close()
 
 
 @pytest.fixture(scope="module")
-def children(pb, configs, vision, decoder, image_model):
+def children(pb, configs, vision, image_model):
     """The BLS model's child models, served in-process by the fake's exec."""
     pb.register_model("vision_encoder", vision, config=configs["vision_encoder"])
-    pb.register_model("vicuna_decoder", decoder, decoupled=True, config=configs["vicuna_decoder"])
     pb.register_model("image_decoder", image_model, config=configs["image_decoder"])
     yield
     pb.clear_models()
@@ -225,7 +217,8 @@ def make_bls(serving, make_args, children):
     made = []
 
     def make(label: str, **parameters):
-        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **parameters),
+        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **{"kv_cache_budget_tokens": DECODER_BUDGET,
+                                                                          **parameters}),
                                                 metrics=serving.metrics.PublicModelMetrics(label))
         made.append(model)
         return model
@@ -301,128 +294,102 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
     assert 5.0 in pb.histogram_observations("minigpt5_image_batch_size", model="image_decoder_units")
 
 
-# ================================== vicuna_decoder ================================================
-def _final_values(sender) -> dict:
-    response, flags = sender.sent[-1]
-    assert flags == fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    assert response is not None and not response.has_error(), response
-    return values(response)
+# ================================== the decoder host ==============================================
+def _sampling(**params):
+    from minigpt5.sampling import SamplingParams
+    return SamplingParams(**params)
 
 
-def test_decoder_streams_text_then_one_final_with_usage(pb, decoder, configs, hidden):
-    config = configs["vicuna_decoder"]
-    text_only = decoder_request(configs, "units-text", max_tokens=24, random_seed=3)
-    with_image = decoder_request(configs, "units-image", max_tokens=16, random_seed=4, force_image=True)
-    assert decoder.execute([text_only, with_image]) is None  # decoupled: responses go through senders
-    for request, max_tokens in ((text_only, 24), (with_image, 16)):
-        sender = request.get_response_sender()
-        sent = sender.wait_final(WAIT_S)
-        assert sender.final_count == 1 and sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        assert all(flags == 0 for _, flags in sent[:-1])
-        for response, _ in sent:
-            assert pb.check_outputs(config, response) is None
-        body = [outputs(r) for r, _ in sent[:-1]]
-        for out in body:  # every streamed response is a text delta or one image's voken states
-            assert ("text_output" in out and out["text_output"][0]) or "voken_states" in out, out
-            assert "finish_reason" not in out
-        final = _final_values(sender)
-        assert final["finish_reason"][0] in ("stop", "length")
-        completion = final["completion_tokens"][0]
-        assert 0 < completion <= max_tokens + 7  # a voken block may overshoot by 7 positions
-        assert len(final["token_ids"]) == completion
-        vokens = [out for out in body if "voken_states" in out]
-        if request is with_image:
-            assert len(vokens) == 1
-            assert vokens[0]["voken_states"].shape == (1, 8, hidden)
-            assert vokens[0]["voken_states"].dtype == np.float32
-            at = next(i for i, out in enumerate(body) if out is vokens[0])
-            text_before = "".join(out["text_output"][0].decode() for out in body[:at] if "text_output" in out)
-            assert int(vokens[0]["voken_offset"][0]) == len(text_before)
+def _drain(stream, timeout: float = WAIT_S) -> list:
+    """A stream's events up to and including its Finished."""
+    from minigpt5.engine import Finished
+    events, deadline = [], time.monotonic() + timeout
+    while not events or not isinstance(events[-1], Finished):
+        assert time.monotonic() < deadline, f"no Finished after {timeout} s: {events[-3:]}"
+        event = stream.next_event(timeout=deadline - time.monotonic())
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_decoder_streams_text_voken_states_then_one_finished(decoder, hidden):
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+    text_only = decoder.open("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3))
+    with_image = decoder.open("units-image", PROMPT, None, _sampling(max_tokens=16, seed=4, force_image=True))
+    for stream, max_tokens in ((text_only, 24), (with_image, 16)):
+        events = _drain(stream)
+        body, final = events[:-1], events[-1]
+        assert all(isinstance(e, (TextDelta, VokenStates)) for e in body), body
+        assert final.reason in ("stop", "length")
+        assert 0 < final.completion_tokens <= max_tokens + 7  # a voken block may overshoot by 7 positions
+        assert len(final.token_ids) == final.completion_tokens
+        vokens = [e for e in body if isinstance(e, VokenStates)]
+        text = "".join(e.text for e in body if isinstance(e, TextDelta))
+        assert text == final.text
+        if stream is with_image:
+            assert len(vokens) == 1 and tuple(vokens[0].states.shape) == (8, hidden)
+            at = body.index(vokens[0])
+            assert vokens[0].text_offset == len("".join(e.text for e in body[:at] if isinstance(e, TextDelta)))
         else:
-            assert "".join(out["text_output"][0].decode() for out in body if "text_output" in out)
+            assert vokens == [] and text
+        assert stream.next_event(timeout=0.05) is None  # nothing after Finished
 
 
-def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(pb, decoder, configs):
-    first = decoder_request(configs, "units-ok-1", max_tokens=12, random_seed=5)
-    oversize = decoder_request(configs, "units-oversize", max_tokens=990, random_seed=6)  # 21+990+7 > 1000
-    last = decoder_request(configs, "units-ok-2", max_tokens=12, random_seed=7)
-    decoder.execute([first, oversize, last])
-    assert_one_final_error(oversize.get_response_sender(), pb.TritonError.INVALID_ARG,
-                           "kv_cache_budget_tokens", str(DECODER_BUDGET))
-    for request in (first, last):
-        request.get_response_sender().wait_final(WAIT_S)
-        assert _final_values(request.get_response_sender())["finish_reason"][0] in ("stop", "length")
+def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
+    from minigpt5.errors import InvalidRequest
+    first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))
+    with pytest.raises(InvalidRequest, match=f"kv_cache_budget_tokens.*|.*{DECODER_BUDGET}"):
+        decoder.open("units-oversize", PROMPT, None, _sampling(max_tokens=990, seed=6))  # 21+990+7 > 1000
+    last = decoder.open("units-ok-2", PROMPT, None, _sampling(max_tokens=12, seed=7))
+    for stream in (first, last):
+        assert _drain(stream)[-1].reason in ("stop", "length")
 
 
-def _start_long(decoder, configs, request_id: str):
-    request = decoder_request(configs, request_id, random_seed=1, **LONG)
-    decoder.execute([request])
-    sender = request.get_response_sender()
-    assert sender.wait_for(lambda s: len(s.sent) >= 1, WAIT_S), "no first token"
-    return request, sender
+def test_decoder_abort_frees_the_row_and_sends_nothing_more(decoder):
+    stream = decoder.open("units-long", PROMPT, None, _sampling(seed=1, **LONG))
+    assert stream.next_event(timeout=WAIT_S) is not None, "no first token"
+    stream.abort()
+    assert wait_until(lambda: not decoder.engine.has_work), "the aborted row is still in the batch"
+    assert decoder.engine.kv_positions_in_use == 0
+    while (event := stream.next_event(timeout=0.2)) is not None:  # what the last step made before the abort
+        assert type(event).__name__ == "TextDelta", event
+    after = decoder.open("units-after", PROMPT, None, _sampling(max_tokens=4, seed=2))
+    assert _drain(after)[-1].reason in ("stop", "length")
 
 
-def _abort(decoder, configs, request_id: str):
-    abort = fake_pb_utils.make_request({"abort_request_id": [request_id]}, config=configs["vicuna_decoder"])
-    decoder.execute([abort])
-    sent = abort.get_response_sender().wait_final(WAIT_S)
-    assert len(sent) == 1 and sent[0][0] is not None and not sent[0][0].has_error()
-
-
-def test_decoder_abort_stops_a_running_request(pb, decoder, configs):
-    request, sender = _start_long(decoder, configs, "units-long")
-    _abort(decoder, configs, "units-long")
-    sender.wait_final(WAIT_S)
-    final = _final_values(sender)
-    assert final["finish_reason"] == ["aborted"]
-    assert final["completion_tokens"][0] < LONG["max_tokens"]
-    assert sender.final_count == 1
-
-
-def test_decoder_refuses_a_duplicate_request_id_while_it_runs(pb, decoder, configs):
-    request, sender = _start_long(decoder, configs, "units-dup")
-    duplicate = decoder_request(configs, "units-dup", max_tokens=4, random_seed=2)
-    decoder.execute([duplicate])
-    assert_one_final_error(duplicate.get_response_sender(), pb.TritonError.INVALID_ARG, "units-dup", "in use")
-    assert not sender.closed  # the running request is not disturbed ...
-    _abort(decoder, configs, "units-dup")
-    sender.wait_final(WAIT_S)
-    assert _final_values(sender)["finish_reason"] == ["aborted"]  # ... and ends once, by its abort
-    again = decoder_request(configs, "units-dup", max_tokens=4, random_seed=2)  # the id is free again
-    decoder.execute([again])
-    again.get_response_sender().wait_final(WAIT_S)
-    assert _final_values(again.get_response_sender())["finish_reason"][0] in ("stop", "length")
-
-
-def test_decoder_finalize_ends_running_requests_and_joins_its_threads(pb, serving, make_args, configs):
+def test_decoder_close_ends_open_streams_and_joins_its_thread(tiny_weights):
+    from minigpt5.errors import Overloaded
+    from minigpt5.serving.decoding import DecoderHost
+    from minigpt5.stages import DecoderStage
+    from minigpt5.weights.layout import WeightsDir
     before = set(threading.enumerate())
-    model = serving.decoder_model.VicunaDecoderModel(make_args("vicuna_decoder",
-                                                               kv_cache_budget_tokens=DECODER_BUDGET))
-    assert len(new_threads(before, "minigpt5-engine", "minigpt5-sender")) == 2
-    request, sender = _start_long(model, configs, "units-unload")
+    host = DecoderHost(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
+    assert len(new_threads(before, "minigpt5-engine")) == 1
+    stream = host.open("units-unload", PROMPT, None, _sampling(seed=1, **LONG))
+    assert stream.next_event(timeout=WAIT_S) is not None
     started = time.monotonic()
-    model.finalize()
+    host.close()
     assert time.monotonic() - started < 30
-    assert new_threads(before, "minigpt5-engine", "minigpt5-sender") == []  # clean unload
-    sent = sender.wait_final(1)
-    assert sender.final_count == 1
-    last = sent[-1][0]  # either it finished in the last step, or it is told the model is unloading
-    assert (last.has_error() and last.error().code() == pb.TritonError.UNAVAILABLE) or \
-        values(last)["finish_reason"][0] in ("stop", "length")
+    assert new_threads(before, "minigpt5-engine") == []  # clean unload
+    with pytest.raises(Overloaded, match="unloading"):
+        while stream.next_event(timeout=1.0) is not None:
+            pass
+    with pytest.raises(Overloaded, match="unloading"):
+        host.open("units-late", PROMPT, None, _sampling(max_tokens=4))
 
 
 # ================================== minigpt5 (BLS) ================================================
 @pytest.fixture(scope="module")
 def streamed(pb, bls, configs):
-    """One streaming request on `bls` (seeded): its events, its sender, the decoder child call."""
-    calls_before = len(pb.calls_to("vicuna_decoder"))
+    """One streaming request on `bls` (seeded): its events, its sender, the child calls it made."""
+    calls_before = {name: len(pb.calls_to(name)) for name in ("vision_encoder", "image_decoder")}
     request = public_request(configs, "units-stream", stream=True, **STORY)
     bls.execute([request])
     sender = request.get_response_sender()
     sender.wait_final(WAIT_S)
-    decoder_calls = pb.calls_to("vicuna_decoder")[calls_before:]
+    child_calls = [call for name, before in calls_before.items() for call in pb.calls_to(name)[before:]]
     return types.SimpleNamespace(events=public_events(sender, configs["minigpt5"]), sender=sender,
-                                 decoder_calls=decoder_calls)
+                                 child_calls=child_calls)
 
 
 def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
@@ -450,11 +417,11 @@ def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
     assert 8 <= usage["completion_tokens"] <= STORY["max_tokens"] + 7
 
 
-def test_bls_calls_the_decoder_with_valid_inputs_and_its_own_request_id(pb, streamed):
-    (call,) = streamed.decoder_calls
-    assert call.decoupled and call.request_id.startswith("minigpt5-")
-    assert "abort_request_id" not in call.inputs
-    assert call.responses and not any(r.has_error() for r in call.responses)
+def test_bls_child_calls_are_unary(pb, streamed):
+    """Triton 2.51 hangs or crashes under concurrent decoupled BLS streams (decoding.py): the BLS model
+    makes none; its only child call here is one unary image_decoder request (no input image)."""
+    assert [(c.model_name, c.decoupled) for c in streamed.child_calls] == [("image_decoder", False)]
+    assert not streamed.child_calls[0].responses[-1].has_error()
 
 
 def test_bls_metrics_after_a_request(pb, bls, streamed):
@@ -544,30 +511,25 @@ def cancelled_run(pb, serving, make_bls, configs):
     """A long streaming request whose client goes away after its first text event."""
     label = "minigpt5_units_cancel"
     bls = make_bls(label)
-    calls_before = len(pb.calls_to("vicuna_decoder"))
+    aborted = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder reply
+        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
+        real_abort = bls.decoder.engine.abort
+        mp.setattr(bls.decoder.engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
         request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
                                  random_seed=3, num_inference_steps=1, **LONG)
         sender = request.get_response_sender()
         sender.cancel_when(lambda s: len(s.sent) >= 1)  # the client is gone once it got something
         bls.execute([request])
         assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "request never ended"
-    calls = pb.calls_to("vicuna_decoder")[calls_before:]
-    return types.SimpleNamespace(sender=sender, calls=calls, label=label)
+        assert wait_until(lambda: not bls.decoder.engine.has_work), "the decoder row was not freed"
+    return types.SimpleNamespace(sender=sender, aborted=aborted, label=label, bls=bls)
 
 
 def test_client_cancel_aborts_the_decoder_and_sends_no_image(pb, configs, cancelled_run):
-    stream = next(c for c in cancelled_run.calls if "input_ids" in c.inputs)
-    aborts = [c for c in cancelled_run.calls if "abort_request_id" in c.inputs]
-    assert len(aborts) == 1
-    assert aborts[0].inputs["abort_request_id"].reshape(-1)[0].decode() == stream.request_id
-    assert aborts[0].responses and not aborts[0].responses[-1].has_error()
-    stream.done.wait(WAIT_S)
-    reasons = [values(r)["finish_reason"][0] for r in stream.responses if "finish_reason" in outputs(r)]
-    assert reasons == ["aborted"]  # the decoder stopped the request on the abort
-    completion = [values(r)["completion_tokens"][0] for r in stream.responses if "completion_tokens" in outputs(r)]
-    assert completion[0] < LONG["max_tokens"]
+    (request_id,) = cancelled_run.aborted
+    assert request_id.startswith("minigpt5-")
+    assert cancelled_run.bls.decoder.engine.kv_positions_in_use == 0
     kinds = [values(r)["event_type"][0] for r in cancelled_run.sender.responses]
     assert "text" in kinds and "image_start" not in kinds and "image" not in kinds and "final" not in kinds
     assert _metric("minigpt5_requests_total", cancelled_run.label, outcome="cancelled") == 1
@@ -589,8 +551,8 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
     bls = make_bls(label)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)
-        # max_tokens=8 with force_image: the first token is [IMG0], so the decoder replies
-        # voken_states, then its final; the client is gone at the second check (the final).
+        # max_tokens=8 with force_image: the first token is [IMG0], so the decoder sends the voken
+        # states, then its Finished; the client is gone at the second check.
         request = public_request(configs, "units-cancel-image", text_input="Draw a kite.", stream=True,
                                  force_image=True, max_tokens=8, random_seed=4, num_inference_steps=3)
         sender = request.get_response_sender()
@@ -607,9 +569,10 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
 
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
-    names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png")
+    names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
+             "minigpt5-engine")
     before = set(threading.enumerate())
-    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
+    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", kv_cache_budget_tokens=DECODER_BUDGET),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
     request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
                              num_inference_steps=1)
@@ -653,8 +616,6 @@ def _model_py_requests(name: str, configs, hidden):
         return [fake_pb_utils.make_request({"images": np.zeros((2, 224, 224, 3), np.uint8)}, config=config)]
     if name == "image_decoder":
         return [_image_request(config, np.zeros((1, 8, hidden), np.float32), [1], [7.5], [1], [0])]
-    if name == "vicuna_decoder":
-        return [decoder_request(configs, "units-model-py", max_tokens=3, random_seed=1)]
     return [public_request(configs, "units-model-py", text_input=" ")]  # refused at once: INVALID_ARG
 
 
@@ -662,12 +623,11 @@ def _model_py_requests(name: str, configs, hidden):
 def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
     expected = {"vision_encoder": serving.vision_model.VisionEncoder,
                 "image_decoder": serving.image_model.ImageDecoderModel,
-                "vicuna_decoder": serving.decoder_model.VicunaDecoderModel,
                 "minigpt5": serving.bls_model.MiniGPT5Model}[name]
     module = _load_model_py(name)
     before = set(threading.enumerate())
     triton_model = module.TritonPythonModel()
-    args = make_args(name, **({"kv_cache_budget_tokens": DECODER_BUDGET} if name == "vicuna_decoder" else {}))
+    args = make_args(name, **({"kv_cache_budget_tokens": DECODER_BUDGET} if name == "minigpt5" else {}))
     triton_model.initialize(args)
     assert type(triton_model.model) is expected
     try:
@@ -692,5 +652,5 @@ def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs
             assert finalize.calls == [()]
             left = lambda: new_threads(before, "minigpt5-")  # noqa: E731
             assert wait_until(lambda: not left(), timeout=5.0), left()
-    if name in ("vicuna_decoder", "minigpt5"):  # the models that own threads have finalize
+    if name == "minigpt5":  # the model that owns threads has finalize
         assert hasattr(module.TritonPythonModel, "finalize")

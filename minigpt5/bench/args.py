@@ -137,8 +137,8 @@ def _add_serving(sub) -> None:
                                    "default) and measure, for lone requests with fixed seeds: served (gRPC "
                                    "streaming) over in-process (MiniGPT5Pipeline) end-to-end latency of a "
                                    "force_image request, the gain of decoding the image while the text goes "
-                                   "on (vicuna_decoder alone + image_decoder alone, through Triton, over the "
-                                   "served end to end), and the served time to first token and image. The "
+                                   "on (the decoder alone in process + image_decoder alone through Triton, "
+                                   "over the served end to end), and the served time to first token and image. The "
                                    "server is always stopped at the end. Prints one JSON object.")
     p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the server's models and the pipeline")
@@ -157,4 +157,20 @@ def _add_serving(sub) -> None:
     p.set_defaults(handler=handler)
 
 
-BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving]
+def _add_reliability(sub) -> None:
+    p = sub.add_parser("reliability", help="bad inputs, overload, timeouts, disconnects, crashes, soak (issue 8)",
+                       description="Start real tritonservers of its own (free ports, the built-in tiny weights by "
+                                   "default) and probe what they do with bad inputs, overload, request timeouts, "
+                                   "client disconnects, kill -9 of a model's stub and a steady soak; the HTTP "
+                                   "body limits on a one-model repository. Prints one JSON object whose "
+                                   "`summary` holds the counts (docs/RELIABILITY.md).")
+
+    def handler(args):
+        from .reliability import run
+        return run(args)
+    from .reliability import add_arguments  # stdlib only at import time
+    add_arguments(p)
+    p.set_defaults(handler=handler)
+
+
+BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability]

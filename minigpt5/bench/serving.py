@@ -7,14 +7,14 @@ requests, both with fixed seeds, each measured --requests times, interleaved:
   force_image request   "served vs in-process": the first seed from --seed whose image the decoder
                         does NOT sample on its own, so force_image places [IMG0] at the last chance and
                         the image is decoded after the text on both paths. Nothing can overlap, so
-                        served / in-process isolates the serving cost (BLS, IPC between the four
+                        served / in-process isolates the serving cost (BLS, IPC between the three
                         models, gRPC streaming, PNG encoding and decoding in the client is excluded).
   overlap request       "image overlap": the first seed from --seed whose decoder samples [IMG0] on its
                         own early (within the first quarter of the text budget) and then keeps writing
                         to max_tokens. Served, the image is decoded while the text goes on.
-                        Sequential baseline, also through Triton: `vicuna_decoder` alone over gRPC
-                        streaming (the same prompt ids and sampling, so the same tokens and voken
-                        states), then `image_decoder` alone over HTTP with the returned voken states.
+                        Sequential baseline: the decoder alone in this process (the same prompt ids
+                        and sampling, so the same tokens and voken states; served, it runs inside
+                        `minigpt5`), then `image_decoder` alone over HTTP with those voken states.
                         image_overlap_gain = (decoder-only + image-decoder-only) / served end to end.
 
 Random weights never pick [IMG0] on purpose, so with force_image alone the image always comes last
@@ -55,10 +55,10 @@ METHOD = {
                "the bench process (vision none, decode, then the image). force_image, the image is the "
                "last thing generated (seed chosen so), so neither path can overlap anything",
     "overlap": "a request whose [IMG0] is sampled early (seed search) and whose text runs on to "
-               "max_tokens; overlapped = served end to end; sequential = vicuna_decoder alone (gRPC "
-               "streaming, same prompt ids and sampling) + image_decoder alone (HTTP infer, its voken "
-               "states), each through Triton; gain = median(sequential) / median(overlapped). The "
-               "served path also does the BLS hop and PNG encoding that the sequential sum leaves out, "
+               "max_tokens; overlapped = served end to end; sequential = the decoder alone in the "
+               "bench process (same prompt ids and sampling) + image_decoder alone (HTTP infer through "
+               "Triton, its voken states); gain = median(sequential) / median(overlapped). The served "
+               "path also does gRPC streaming, IPC and PNG encoding that the sequential sum leaves out, "
                "so the gain is if anything understated",
     "ideal_gain": "sequential / max(decoder-only, decoder-only time to the voken states + image-only): "
                   "what perfect overlap on free cores would give",
@@ -204,29 +204,29 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
     return out
 
 
-def decoder_only(url: str, pipeline, args, seed: int, force_image: bool) -> dict:
-    """`vicuna_decoder` alone: the prompt ids and sampling the BLS model would send."""
+def decoder_only(pipeline, args, seed: int, force_image: bool) -> dict:
+    """The decoder alone, in this process (it runs inside the `minigpt5` model when served, so Triton
+    cannot serve it alone): the prompt ids and sampling the served request gets, hence the same tokens
+    and voken states."""
+    from ..engine import Finished, TextDelta, VokenStates
+
     request = pipeline.request(PROMPT, **request_params(args, seed, force_image))
-    s = request.sampling
-    inputs = [_grpc_tensor("input_ids", np.array(pipeline.prompts.prompt_ids(request), dtype=np.int32)),
-              _grpc_tensor("max_tokens", np.array([s.max_tokens], dtype=np.int32)),
-              _grpc_tensor("temperature", np.array([s.temperature], dtype=np.float32)),
-              _grpc_tensor("top_p", np.array([s.top_p], dtype=np.float32)),
-              _grpc_tensor("top_k", np.array([s.top_k], dtype=np.int32)),
-              _grpc_tensor("repetition_penalty", np.array([s.repetition_penalty], dtype=np.float32)),
-              _grpc_tensor("random_seed", np.array([s.seed], dtype=np.uint64)),
-              _grpc_tensor("force_image", np.array([s.force_image])),
-              _grpc_tensor("max_images", np.array([s.max_images], dtype=np.int32))]
-    events = _stream(url, "vicuna_decoder", inputs,
-                     ["text_output", "voken_states", "voken_offset", "finish_reason", "completion_tokens"])
-    out = {"ms": events[-1][0] * 1e3, "vokens_ms": None, "voken_states": None, "text": ""}
-    for stamp, arrays in events:
-        out["text"] += _string(arrays.get("text_output"))
-        states = arrays.get("voken_states")
-        if states is not None and states.size and out["voken_states"] is None:
-            out["vokens_ms"], out["voken_states"] = stamp * 1e3, states[:1].astype(np.float32)
+    engine = pipeline.decoder.engine
+    start = time.perf_counter()
+    engine.submit(pipeline.decoder.make_request(f"decoder-only-{seed}", pipeline.prompts.prompt_ids(request),
+                                                None, request.sampling))
+    out = {"ms": None, "vokens_ms": None, "voken_states": None, "text": ""}
+    while engine.has_work:
+        for event in engine.step():
+            if isinstance(event, TextDelta):
+                out["text"] += event.text
+            elif isinstance(event, VokenStates) and out["voken_states"] is None:
+                out["vokens_ms"] = (time.perf_counter() - start) * 1e3
+                out["voken_states"] = event.states.numpy()[None].astype(np.float32)
+            elif isinstance(event, Finished):
+                out["ms"] = (time.perf_counter() - start) * 1e3
     if out["voken_states"] is None:
-        raise RuntimeError("vicuna_decoder returned no voken states for the overlap request")
+        raise RuntimeError("the decoder produced no voken states for the overlap request")
     return out
 
 
@@ -403,7 +403,7 @@ def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) ->
     seed = seed_info["seed"]
 
     def sequential():
-        decoded = decoder_only(url, pipeline, args, seed, False)
+        decoded = decoder_only(pipeline, args, seed, False)
         image = image_only(http_url, decoded["voken_states"], seed, args)
         return {"decoder_ms": decoded["ms"], "vokens_ms": decoded["vokens_ms"], "image_ms": image["ms"],
                 "text": decoded["text"], "image": image["image"]}

@@ -1,14 +1,16 @@
-"""`minigpt5`: the public model, a decoupled BLS orchestrator.
+"""`minigpt5`: the public model. Decoupled; streams text deltas and images in one answer.
 
 Per request (in a worker thread, so `execute` returns at once and requests run concurrently):
-validate → prompt ids → `vision_encoder` (if images) → stream `vicuna_decoder`; text deltas go out
-as they come; each voken block queues an `image_decoder` job while text keeps streaming; when the
-decoder ends, the remaining images are awaited and the final event (usage) sent.
+validate → prompt ids → `vision_encoder` (BLS, if images) → the continuous-batching decoder, which
+runs in this process (decoding.py explains why); text deltas go out as they come; each voken block
+queues an `image_decoder` job (BLS) while text keeps streaming; when the decoder ends, the remaining
+images are awaited and the final event (usage) sent.
 Calls to the batched stages and all responses go through single threads (dispatch.py): that
 batches the stages across requests and keeps the stub's IPC orderly.
 
-When the client cancels or disconnects, the decoder child is stopped through its abort-by-id input
-(Triton 2.51's BLS cannot cancel a child stream) and the request ends without further responses.
+The request thread wakes at least every CANCEL_CHECK_S: when the client has cancelled or
+disconnected, or request_timeout_s has passed, the request's decoder row is aborted (its KV cache
+freed at the next step) and its pending images dropped.
 """
 from __future__ import annotations
 
@@ -21,14 +23,17 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
+from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
 from ..prompt import parse_history
 from ..request import LIMITS, InvalidRequest, build_request
-from ..stages import PromptBuilder
+from ..stages import DecoderStage, PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
+from .decoding import DecodeStream, DecoderHost
 from .dispatch import BatchDispatcher, ResponseWriter
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
@@ -48,13 +53,19 @@ class ImageRequest:
 
 class MiniGPT5Model:
     def __init__(self, args: dict, metrics=None):
-        params = runtime.model_parameters(args)
-        weights = runtime.open_weights(params)
-        self.prompts = PromptBuilder(weights)
-        self.defaults = weights.defaults
+        where = runtime.placement(args, gpu_dtype="bf16")
+        params = where.params
+        self.prompts = PromptBuilder(where.weights)
+        self.defaults = where.weights.defaults
         self.metrics = metrics
         self.max_inflight = int(params.get("max_inflight_requests", 64))
         self.request_timeout_s = float(params.get("request_timeout_s", 600))
+        self.decoder = DecoderHost(DecoderStage.load(
+            where.weights, where.device, where.dtype,
+            kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
+            max_rows=int(params.get("max_batch_rows", 32)),
+            max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
+        ), observe_batch=metrics.observe_decoder_batch if metrics else None)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
@@ -63,8 +74,8 @@ class MiniGPT5Model:
             f"minigpt5: could not send a response: {exc!r}"))
         self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
-                                       max_rows=IMAGE_MAX_BATCH)
-        triton_io.log_info(f"minigpt5: ready (max {self.max_inflight} requests in flight)")
+                                            max_rows=IMAGE_MAX_BATCH)
+        triton_io.log_info(f"{where.describe('minigpt5')}; max {self.max_inflight} requests in flight")
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -87,6 +98,7 @@ class MiniGPT5Model:
         # Triton waits for in-flight requests (--exit-timeout-secs) before unloading; whatever is
         # still blocked in a child call by now must not hold the stub process forever.
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
         self._vision_calls.close()
         self._image_calls.close()
         self._encoders.shutdown(wait=False, cancel_futures=True)
@@ -94,16 +106,29 @@ class MiniGPT5Model:
 
     # ---- one request ----------------------------------------------------------------------------
     def _serve_and_release(self, request, sender) -> None:
-        try:
-            self._serve(request, sender)
-        finally:
-            with self._inflight_lock:
-                self._inflight -= 1
-            self._set_inflight_gauge()
+        released = []
 
-    def _serve(self, request, sender) -> None:
+        def release() -> None:
+            """Free the in-flight slot once, before the final response goes out: a client that sends
+            its next request on seeing the end of the last one must find the slot free."""
+            if not released:
+                released.append(True)
+                with self._inflight_lock:
+                    self._inflight -= 1
+                self._set_inflight_gauge()
+        try:
+            self._serve(request, sender, release)
+        finally:
+            release()
+
+    def _serve(self, request, sender, release=lambda: None) -> None:
         arrived = time.monotonic()
-        answer = AnswerStream(lambda reply, final: self._writer.put(sender, reply, final), stream=False)
+
+        def post(reply, final: bool) -> None:
+            if final:
+                release()
+            self._writer.put(sender, reply, final)
+        answer = AnswerStream(post, stream=False)
         try:
             generation = self._parse(request)
             answer.streaming = generation.stream
@@ -174,80 +199,69 @@ class MiniGPT5Model:
         return np.split(embeds, bounds)
 
     def _generate(self, generation, prompt_ids, image_embeds, answer: AnswerStream, sender, arrived) -> str:
-        decode_id = f"minigpt5-{uuid.uuid4().hex}"
-        child = pb_utils.InferenceRequest(
-            model_name="vicuna_decoder", request_id=decode_id, inputs=self._decoder_inputs(
-                generation, prompt_ids, image_embeds),
-            requested_output_names=["text_output", "voken_states", "voken_offset", "finish_reason",
-                                    "completion_tokens"])
-        images: list[concurrent.futures.Future] = []  # PNG-encoded and sent when done
-        cancelled = False
-        first_text = True
-        finish_reason, completion_tokens = "stop", 0
         deadline = arrived + self.request_timeout_s
-        next_check = arrived + CANCEL_CHECK_S
-        for reply in child.exec(decoupled=True):
-            now = time.monotonic()
-            if not cancelled and now >= next_check:
-                next_check = now + CANCEL_CHECK_S
-                if sender.is_cancelled() or now > deadline:
-                    cancelled = True
-                    self._abort_decoder(decode_id)
-            triton_io.raise_if_error(reply)
-            if cancelled:
-                continue  # drain: the decoder ends the stream within a step of the abort
-            text = triton_io.output_array(reply, "text_output")
-            if text is not None and text.size and text.reshape(-1)[0]:
-                if first_text and self.metrics:
-                    self.metrics.time_to_first_token.observe(now - arrived)
-                first_text = False
-                answer.text_delta(text.reshape(-1)[0].decode("utf-8"))
-            states = triton_io.output_array(reply, "voken_states")
-            if states is not None and states.size:
-                offset = int(triton_io.output_array(reply, "voken_offset").reshape(-1)[0])
-                answer.image_start(offset)
-                job = ImageRequest(states[0], image_seed(generation.seed, len(images)), generation.guidance_scale,
-                                   generation.num_inference_steps, SCHEDULERS.index(generation.scheduler))
-                images.append(self._image_sent(job, answer, offset, arrived, first=not images))
-            reason = triton_io.output_array(reply, "finish_reason")
-            if reason is not None and reason.size:
-                finish_reason = reason.reshape(-1)[0].decode()
-                completion_tokens = int(triton_io.output_array(reply, "completion_tokens").reshape(-1)[0])
-        if cancelled:
+        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids,
+                                   None if image_embeds is None else torch.from_numpy(image_embeds),
+                                   generation.sampling)
+        images: list[concurrent.futures.Future] = []  # each ends once its image was sent
+        try:
+            finished = self._relay(stream, generation, answer, images, sender, arrived, deadline)
+        except BaseException:
+            stream.abort()
             for future in images:
                 future.cancel()
-            if time.monotonic() > deadline and not sender.is_cancelled():
-                raise triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
+            raise
+        if finished is None:  # the client is gone
+            stream.abort()
+            for future in images:
+                future.cancel()
             answer.cancel()
             return "cancelled"
-        for future in images:
-            future.result()  # image errors surface here and fail the request
+        for future in images:  # image errors surface here and fail the request
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                raise self._timed_out() from None
         usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
                  "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
-                 "completion_tokens": completion_tokens, "vokens": 8 * len(images), "images": len(images),
+                 "completion_tokens": finished.completion_tokens, "vokens": 8 * len(images), "images": len(images),
                  "seed": generation.seed}
         if self.metrics:
-            self.metrics.count_tokens(completion_tokens - usage["vokens"], usage["vokens"], len(images))
-        answer.finish(finish_reason, usage)
+            self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
+        answer.finish(finished.reason, usage)
         return "ok"
 
-    @staticmethod
-    def _decoder_inputs(generation, prompt_ids, image_embeds) -> list:
-        s = generation.sampling
-        inputs = [
-            triton_io.tensor("input_ids", np.array(prompt_ids, dtype=np.int32)),
-            triton_io.tensor("max_tokens", np.array([s.max_tokens], dtype=np.int32)),
-            triton_io.tensor("temperature", np.array([s.temperature], dtype=np.float32)),
-            triton_io.tensor("top_p", np.array([s.top_p], dtype=np.float32)),
-            triton_io.tensor("top_k", np.array([s.top_k], dtype=np.int32)),
-            triton_io.tensor("repetition_penalty", np.array([s.repetition_penalty], dtype=np.float32)),
-            triton_io.tensor("random_seed", np.array([s.seed], dtype=np.uint64)),
-            triton_io.tensor("force_image", np.array([s.force_image], dtype=bool)),
-            triton_io.tensor("max_images", np.array([s.max_images], dtype=np.int32)),
-        ]
-        if image_embeds is not None:
-            inputs.append(triton_io.tensor("image_embeds", image_embeds.astype(np.float32)))
-        return inputs
+    def _relay(self, stream: DecodeStream, generation, answer: AnswerStream, images: list, sender,
+               arrived: float, deadline: float) -> Finished | None:
+        """Decoder events → answer events, until the decoder's Finished (returned) or the client is
+        gone (None). Raises Overloaded at the request's deadline."""
+        next_check = arrived + CANCEL_CHECK_S
+        first_text = True
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timed_out()
+            if now >= next_check:
+                next_check = now + CANCEL_CHECK_S
+                if sender.is_cancelled():
+                    return None
+            event = stream.next_event(timeout=min(next_check, deadline) - now)
+            if isinstance(event, Finished):
+                return event
+            if isinstance(event, TextDelta) and event.text:
+                if first_text and self.metrics:
+                    self.metrics.time_to_first_token.observe(time.monotonic() - arrived)
+                first_text = False
+                answer.text_delta(event.text)
+            elif isinstance(event, VokenStates):
+                answer.image_start(event.text_offset)
+                job = ImageRequest(event.states.numpy(), image_seed(generation.seed, len(images)),
+                                   generation.guidance_scale, generation.num_inference_steps,
+                                   SCHEDULERS.index(generation.scheduler))
+                images.append(self._image_sent(job, answer, event.text_offset, arrived, first=not images))
+
+    def _timed_out(self) -> triton_io.Overloaded:
+        return triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
 
     def _image_sent(self, job: "ImageRequest", answer: AnswerStream, offset: int, arrived: float,
                     first: bool) -> concurrent.futures.Future:
@@ -288,12 +302,6 @@ class MiniGPT5Model:
         reply = child.exec()
         triton_io.raise_if_error(reply)
         return list(triton_io.output_array(reply, "image"))
-
-    def _abort_decoder(self, decode_id: str) -> None:
-        child = pb_utils.InferenceRequest(model_name="vicuna_decoder", requested_output_names=["finish_reason"],
-                                          inputs=[triton_io.string_tensor("abort_request_id", decode_id)])
-        for reply in child.exec(decoupled=True):
-            triton_io.raise_if_error(reply)
 
     def _count(self, outcome: str) -> None:
         if self.metrics:

@@ -8,11 +8,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..request import InvalidRequest
-
-
-class Overloaded(RuntimeError):
-    """Served as UNAVAILABLE (HTTP 503): the client should retry later or elsewhere."""
+from ..errors import InvalidRequest, Overloaded
 
 
 def input_array(request, name: str) -> np.ndarray | None:
