@@ -63,6 +63,10 @@ def scripted_answer(prompt: str) -> list[dict]:
 FAILURES = {  # prompt -> (gRPC status, HTTP status, message)
     "invalid": (grpc.StatusCode.INVALID_ARGUMENT, 400, "max_tokens must be at most 1024, got 5000"),
     "busy": (grpc.StatusCode.UNAVAILABLE, 503, "queue full: 64 requests waiting"),
+    # what Triton 2.51 really answers over HTTP: 400 for every model error (docs/RELIABILITY.md)
+    "busy-400": (grpc.StatusCode.UNAVAILABLE, 400,
+                 "server busy: 2 requests in flight (max_inflight_requests); retry later"),
+    "late-400": (grpc.StatusCode.UNAVAILABLE, 400, "request took longer than request_timeout_s=2.0"),
 }
 SLOW_PROMPT = "slow"
 
@@ -243,7 +247,8 @@ def test_conversation_sends_earlier_turns_and_generated_images(server):
     assert len(conversation.turns) == 4
 
 
-@pytest.mark.parametrize("prompt,error", [("invalid", InvalidArgument), ("busy", Overloaded)])
+@pytest.mark.parametrize("prompt,error", [("invalid", InvalidArgument), ("busy", Overloaded),
+                                          ("busy-400", Overloaded), ("late-400", Overloaded)])
 def test_server_errors_map_to_exceptions(server, prompt, error):
     protocol, url, _ = server
     with pytest.raises(error, match=FAILURES[prompt][2].split(":")[0]) as raised:

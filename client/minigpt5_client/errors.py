@@ -67,12 +67,19 @@ def from_grpc_status(status: str | None, message: str, url: str, server_listenin
     return ServerError(f"{code}: {message}" if code else message)
 
 
+# Triton 2.51's /generate and /generate_stream answer every model error with HTTP 400, UNAVAILABLE
+# included (docs/RELIABILITY.md, "Known defects"), so the server's refusals for lack of capacity or
+# time are recognised by their text (minigpt5 server: max_inflight_requests, request_timeout_s,
+# unloading; Triton: a full queue).
+_UNAVAILABLE_MESSAGES = ("server busy", "request_timeout_s", "model is unloading", "maximum queue size")
+
+
 def from_http_status(status: int, message: str, url: str) -> MiniGPT5Error:
     """Exception for a non-200 answer of the HTTP endpoint."""
+    if status == 503 or (status == 400 and any(m in message for m in _UNAVAILABLE_MESSAGES)):
+        return Overloaded(message if message.startswith("server busy") else f"server busy: {message}")
     if status == 400:
         return InvalidArgument(message)
-    if status == 503:
-        return Overloaded(f"server busy: {message}")
     if status == 404:
         return ServerError(f"model not available on {url}: {message}")
     return ServerError(f"HTTP {status}: {message}")

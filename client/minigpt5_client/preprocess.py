@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -238,4 +239,5 @@ def _mib(num_bytes: int) -> str:
 
 
 def _reason(error: Exception) -> str:
-    return str(error) or type(error).__name__
+    """PIL's message without the object reprs it embeds (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(error)) or type(error).__name__
