@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from minigpt5.bench.reliability import FORM, BenchServer, echo_repository, infer_body, post_body, probe_security
 from minigpt5.serving import server as serving_server
 from minigpt5.serving.server import (ADMIN_HEADER, RESTRICTED_APIS, TritonBinary, TritonProcess, config_parameters,
@@ -177,3 +180,37 @@ def test_triton_2_51_dies_on_form_encoded_http_bodies_over_4_mib(tiny_weights, t
             f"tritonserver survived an 8 MiB form body ({status}): the warning in docs/LIMITS.md may go")
     finally:
         server.stop()
+
+
+# ---- whose server answers ---------------------------------------------------------------------------
+class _ReadyImpostor(BaseHTTPRequestHandler):
+    """Another server on the port: ready, but not ours."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        body = b"" if self.path.endswith("/ready") else json.dumps({"name": "someone-else"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.server
+def test_another_server_on_the_port_is_not_taken_for_ours(tmp_path, tiny_weights):
+    """A free port can be taken between choosing it and Triton binding it (Triton binds only after
+    loading its models). wait_ready checks the server id, so it fails instead of returning on the word
+    of whatever answers there."""
+    impostor = HTTPServer(("127.0.0.1", 0), _ReadyImpostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    process = TritonProcess(tiny_weights, http_port=impostor.server_port, grpc_port=free_port(),
+                            metrics_port=free_port(), host="127.0.0.1", device="cpu",
+                            repository=echo_repository(tmp_path), log_file=tmp_path / "tritonserver.log")
+    try:
+        process.start()
+        with pytest.raises(RuntimeError, match="taken"):
+            process.wait_ready(timeout=120)
+    finally:
+        process.stop()
+        impostor.shutdown()

@@ -24,6 +24,7 @@ SIGKILL after `crash_grace_s`) so that every client gets an error at once and th
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -93,6 +94,16 @@ def prepare_backend_dir(binary: TritonBinary, workdir: Path) -> Path | None:
         if not link.exists():
             link.symlink_to(source)
     return workdir / "backends"
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of `--flag=value` or `--flag value` in a command line, if present."""
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and index + 1 < len(args):
+            return args[index + 1]
+    return None
 
 
 def server_environment(binary: TritonBinary, weights: Path, device: str) -> dict:
@@ -288,6 +299,8 @@ class TritonProcess:
         self.crash: str | None = None  # why the watchdog stopped the server, if it did
         self._stopping = False  # stop() was called: stubs going away are expected
         self.process: subprocess.Popen | None = None
+        # Triton's server id (`GET /v2` "name"): tells our server from another one on the same port
+        self.server_id = _flag_value(self.extra_args, "--id") or f"minigpt5-{secrets.token_hex(4)}"
 
     def command(self, binary: TritonBinary) -> list[str]:
         if self.repository is None:
@@ -297,6 +310,8 @@ class TritonProcess:
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
                f"--grpc-address={self.host}", "--allow-metrics=true",
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", f"--log-verbose={self.log_verbose}"]
+        if not _flag_value(self.extra_args, "--id"):
+            cmd.append(f"--id={self.server_id}")
         backends = prepare_backend_dir(binary, self.workdir)
         if backends:
             cmd.append(f"--backend-directory={backends}")
@@ -314,21 +329,26 @@ class TritonProcess:
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        """Until our server (not another one on the same port) reports ready."""
+        base = f"http://127.0.0.1:{self.http_port}/v2"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready")
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready "
+                                   f"(ports {self.http_port}/{self.grpc_port}/{self.metrics_port} taken?)")
             try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        if self.watchdog:
-                            self._start_watchdog()
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as reply:
+                    ready = reply.status == 200
+                with urllib.request.urlopen(base, timeout=2) as reply:
+                    ours = json.loads(reply.read()).get("name") == self.server_id
+                if ready and ours:
+                    if self.watchdog:
+                        self._start_watchdog()
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({url})")
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({base}/health/ready)")
 
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 15) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL of the whole process group."""
