@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -76,7 +77,19 @@ def test_parameter_overrides_rewrite_a_copy_of_the_repository(tmp_path):
     copied = (repository / "minigpt5" / "config.pbtxt").read_text()
     assert copied.count("\n") == original.count("\n") and "# Requests served at once" in copied
     assert (repository / "minigpt5" / "1" / "model.py").is_file()
-    assert prepare_repository(tmp_path / "none", {}) == serving_server.REPOSITORY  # nothing to change: no copy
+
+
+
+def test_the_served_copy_holds_only_model_directories(tmp_path):
+    """A model directory left by an older checkout (only its __pycache__ survives `git pull`) would
+    stop Triton from starting ("could not determine backend"): it is not copied, nor __pycache__."""
+    source = tmp_path / "source"
+    shutil.copytree(serving_server.REPOSITORY, source, ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "retired_model" / "1" / "__pycache__").mkdir(parents=True)
+    (source / "minigpt5" / "1" / "__pycache__").mkdir()
+    served = prepare_repository(tmp_path / "work", {}, source)
+    assert sorted(p.name for p in served.iterdir()) == sorted(p.parent.name for p in source.glob("*/config.pbtxt"))
+    assert not list(served.rglob("__pycache__"))
 
 
 @pytest.mark.parametrize("parameters,message", [

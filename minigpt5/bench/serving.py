@@ -322,7 +322,7 @@ def main(args) -> int:
                              "log": str(log_path)}
     started = time.perf_counter()
     try:
-        def start():  # the server loads its four models while this process loads the pipeline and searches seeds
+        def start():  # the server loads its three models while this process loads the pipeline and searches seeds
             server.start()
             return {"pid": server.process.pid}
         report.section(("server", "start"), start, required=True)

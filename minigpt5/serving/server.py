@@ -188,21 +188,24 @@ def _without_comments(text: str) -> str:
 
 def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | None,
                        source: Path | None = None) -> Path:
-    """The repository to serve (default REPOSITORY): itself, or a copy in `workdir` with `parameters` applied."""
+    """The repository to serve: a copy in `workdir` of the models in `source` (default REPOSITORY)
+    with `parameters` applied. Only directories holding a config.pbtxt are copied: a model directory
+    left behind by an older checkout (its __pycache__ survives `git pull`) would make Triton refuse
+    to start, and the stubs' __pycache__ stays out of the source tree."""
     source = Path(source or REPOSITORY)
-    if not parameters:
-        return source
-    models = {p.parent.name for p in source.glob("*/config.pbtxt")}
-    unknown = sorted(set(parameters) - models)
+    parameters = parameters or {}
+    models = sorted(p.parent.name for p in source.glob("*/config.pbtxt"))
+    unknown = sorted(set(parameters) - set(models))
     if unknown:
-        raise ValueError(f"no model {', '.join(unknown)} in {source} (models: {', '.join(sorted(models))})")
+        raise ValueError(f"no model {', '.join(unknown)} in {source} (models: {', '.join(models)})")
     # Check every override before copying anything.
     rewritten = {model: rewrite_parameters((source / model / "config.pbtxt").read_text(), {
         k: str(v) for k, v in values.items()}, model) for model, values in parameters.items()}
     target = workdir / "model_repository"
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for model in models:
+        shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for model, text in rewritten.items():
         (target / model / "config.pbtxt").write_text(text)
     return target
@@ -405,7 +408,8 @@ def serve_forever(args) -> int:
     try:
         parameters = parse_parameter_flags(getattr(args, "param", None) or [])
         if parameters:  # fail on an unknown model or key before loading anything
-            prepare_repository(Path(tempfile.mkdtemp(prefix="minigpt5-check-")), parameters)
+            with tempfile.TemporaryDirectory(prefix="minigpt5-check-") as scratch:
+                prepare_repository(Path(scratch), parameters)
     except ValueError as exc:
         print(f"minigpt5 serve: {exc}", file=sys.stderr)
         return 2
