@@ -3,10 +3,14 @@
 Design (see docs/DESIGN_DECODER.md for the why):
 - Requests wait in a queue; at every step boundary the engine admits as many as the KV budget and
   the per-step prefill budget allow. Each admitted request is prefilled alone (batch 1, exactly its
-  single-request computation), then its KV cache is merged into the running batch, left-padded.
-- One decode step runs all running rows together: a 2-D attention mask hides each row's padding,
-  per-row position ids keep RoPE positions exact. Finished and aborted rows are dropped after the
-  step and all-padding columns are trimmed, so their memory is freed at once.
+  single-request computation) straight into its own KV slot, and its first token is sampled and
+  sent in that same step.
+- KV slots (`_KVSlots`): per layer one over-allocated [rows, heads, positions, d] tensor; row i owns
+  slot i, positions 0..length-1. A step writes each row's new keys/values at its own positions in
+  place: nothing is re-concatenated or left-padded. The layer loop (`_forward`) uses the model's own
+  norms, projections, rotary embedding and MLP; only the attention's KV path is ours.
+- One decode step runs all running rows together; a per-row position mask hides what lies beyond
+  each row's length. Finished and aborted rows are compacted out of the slots after the step.
 - `[IMG0]` sampled ⇒ that row feeds `[IMG0]`…`[IMG7]` in the next step (the step is 8 wide; the
   other rows' 7 extra positions are masked out). Its 8 voken states are the final-norm states that
   predicted `[IMG0]`…`[IMG7]` (MINIGPT5.md §3): the state that sampled `[IMG0]`, then `[IMG0]`…`[IMG6]`.
@@ -21,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
 
 from .config import NUM_VOKENS
 from .sampling import SamplingParams, sample_tokens
@@ -78,8 +82,9 @@ class _Row:
     detokenizer: StreamingDetokenizer
     generator: torch.Generator
     length: int  # valid KV positions of this row
+    seen: torch.Tensor  # [V] bool: the ids in `generated` (repetition penalty)
     next_input: list[int] = field(default_factory=list)  # ids to feed in the next step
-    generated: list[int] = field(default_factory=list)  # sampled and forced ids (repetition penalty)
+    generated: list[int] = field(default_factory=list)  # sampled and forced ids
     text: str = ""  # answer text released so far
     held: str = ""  # text held back: it could be the start of "###"
     voken_source_state: torch.Tensor | None = None  # the state that sampled [IMG0]
@@ -90,9 +95,14 @@ class _Row:
     def request_id(self) -> str:
         return self.request.request_id
 
+    def record(self, ids: list[int]) -> None:
+        self.generated += ids
+        self.seen[ids] = True
+
 
 def _cache_keyword(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both."""
+    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both (for callers of the HF
+    forward with a cache, e.g. `bench stages`; the engine keeps its own KV slots)."""
     params = inspect.signature(model.model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -107,6 +117,8 @@ class DecodeEngine:
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
         requests are admitted only when the whole running batch has finished."""
         self.llm = llm.eval()
+        self._device, self._dtype = llm.device, llm.dtype
+        self._vocab_size = llm.lm_head.out_features
         self.run_to_completion = run_to_completion
         self.tokenizer = tokenizer
         self.voken_ids = list(voken_ids)
@@ -116,13 +128,11 @@ class DecodeEngine:
         self.kv_budget_tokens = kv_budget_tokens
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
-        self._cache_kw = _cache_keyword(llm)
+        self._kv = _KVSlots(llm, max_rows)
         self._lock = threading.Lock()
         self._waiting: collections.deque[DecodeRequest] = collections.deque()
         self._aborted: set[str] = set()
-        self.rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, L] 1 = valid KV position
+        self.rows: list[_Row] = []  # row i owns KV slot i
         self._admitted_last_step = False
 
     # ---- called from any thread -------------------------------------------------------------
@@ -206,64 +216,70 @@ class DecodeEngine:
             self._prefill(request, events)
 
     def _prefill(self, request: DecodeRequest, events: list) -> None:
-        embeds = request.prompt_embeds.to(self.llm.device, self.llm.dtype)[None]
-        cache = DynamicCache()
-        out = self.llm.model(inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache})
-        hidden = out.last_hidden_state[0, -1]
-        row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(),
-                   length=embeds.shape[1])
-        self._merge(row, cache)
-        self._sample_and_advance([row], hidden[None], events)
-
-    def _merge(self, row: _Row, cache: DynamicCache) -> None:
-        """Append a prefilled batch-1 cache to the running batch, left-padding the shorter side."""
-        new_mask = torch.ones(1, row.length, dtype=torch.long, device=self.llm.device)
-        if self._cache is None:
-            self._cache, self._mask, self.rows = cache, new_mask, [row]
-            return
-        old_len, new_len = self._mask.shape[1], row.length
-        merged = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            ok, ov = _left_pad(old.keys, new_len), _left_pad(old.values, new_len)
-            nk, nv = _left_pad(new.keys, old_len), _left_pad(new.values, old_len)
-            merged.append((torch.cat([ok, nk]), torch.cat([ov, nv])))
-        self._cache = DynamicCache(merged)
-        self._mask = torch.cat([_left_pad(self._mask, new_len, dim=1), _left_pad(new_mask, old_len, dim=1)])
+        """Prefill the request alone (batch 1) straight into the next free KV slot; sample its first token."""
+        length = request.prompt_embeds.shape[0]
+        slot = len(self.rows)
+        self._kv.reserve(slot + 1, length)
+        embeds = request.prompt_embeds.to(self._device, self._dtype)[None]
+        positions = torch.arange(length, device=self._device)[None]
+        hidden = self._forward(embeds, positions, slice(slot, slot + 1), length, mask=None)
+        row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(), length=length,
+                   seen=torch.zeros(self._vocab_size, dtype=torch.bool))
         self.rows.append(row)
+        self._sample_and_advance([row], hidden[:, -1], events)
 
     def _decode_step(self, events: list) -> None:
-        width = max(len(row.next_input) for row in self.rows)
-        batch = len(self.rows)
-        device = self.llm.device
-        ids = torch.full((batch, width), self.eos_id, dtype=torch.long)
-        new_mask = torch.zeros(batch, width, dtype=torch.long)
-        for i, row in enumerate(self.rows):
-            n = len(row.next_input)
-            ids[i, :n] = torch.tensor(row.next_input)
-            new_mask[i, :n] = 1
-        positions = torch.tensor([row.length for row in self.rows])[:, None] + torch.arange(width)[None]
-        self._mask = torch.cat([self._mask, new_mask.to(device)], dim=1)
-        embeds = self.llm.get_input_embeddings()(ids.to(device))
-        out = self.llm.model(inputs_embeds=embeds, attention_mask=self._mask, position_ids=positions.to(device),
-                             use_cache=True, **{self._cache_kw: self._cache})
-        hidden = out.last_hidden_state
-        advanced, states = [], []
-        for i, row in enumerate(self.rows):
-            n = len(row.next_input)
-            if row.finish_reason is not None or n == 0:
-                continue
-            row.length += n
-            if n == NUM_VOKENS:
-                self._emit_vokens(row, hidden[i, :n], events)
-            advanced.append(row)
-            states.append(hidden[i, n - 1])
-        self._sample_and_advance(advanced, torch.stack(states), events)
+        """One step for every running row: 1 position each, or 8 when a row feeds its voken block."""
+        counts = [len(row.next_input) for row in self.rows]  # 0 for a row aborted at this step
+        width = max(counts)
+        lengths = [row.length for row in self.rows]
+        keys_total = max(lengths) + width
+        self._kv.reserve(len(self.rows), keys_total)
+        ids = [row.next_input + [self.eos_id] * (width - len(row.next_input)) for row in self.rows]
+        positions = (torch.tensor(lengths)[:, None] + torch.arange(width)).to(self._device)
+        # A row's query at position p sees its keys 0..p: its padding and its slot's stale tail stay hidden.
+        mask = (torch.arange(keys_total, device=self._device) <= positions[..., None])[:, None]
+        embeds = self.llm.get_input_embeddings()(torch.tensor(ids, device=self._device))
+        hidden = self._forward(embeds, positions, slice(0, len(self.rows)), keys_total, mask)
+        live = [i for i, n in enumerate(counts) if n]
+        for i in live:
+            self.rows[i].length += counts[i]
+            if counts[i] == NUM_VOKENS:
+                self._emit_vokens(self.rows[i], hidden[i, :NUM_VOKENS], events)
+        if live:
+            states = hidden[live, [counts[i] - 1 for i in live]]  # each row's last fed position
+            self._sample_and_advance([self.rows[i] for i in live], states, events)
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: slice, keys_total: int,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        """Final-norm hidden states of `embeds` [B, W, H] at `positions` [B, W] for the rows in KV `slots`.
+        Each layer writes its new keys/values into the slots in place, then attends over their first
+        `keys_total` positions (`mask` [B, 1, W, keys_total]; None: causal over a fresh slot). The norms,
+        projections, rotary embedding and MLP are the model's own modules; only the KV path is ours."""
+        model = self.llm.model
+        batch, width = positions.shape
+        cos, sin = model.rotary_emb(embeds, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, W, 1, D]: the same for every head
+        slot_index = torch.arange(slots.start, slots.stop, device=embeds.device)[:, None]
+        hidden = embeds
+        for layer, keys, values in zip(model.layers, self._kv.keys, self._kv.values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            query = _rotate(attn.q_proj(x).view(batch, width, -1, attn.head_dim), cos, sin)
+            keys[slot_index, :, positions] = _rotate(attn.k_proj(x).view(batch, width, -1, attn.head_dim), cos, sin)
+            values[slot_index, :, positions] = attn.v_proj(x).view(batch, width, -1, attn.head_dim)
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), keys[slots, :, :keys_total], values[slots, :, :keys_total], attn_mask=mask,
+                is_causal=mask is None, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return model.norm(hidden)
 
     def _emit_vokens(self, row: _Row, block_states: torch.Tensor, events: list) -> None:
         states = torch.cat([row.voken_source_state[None], block_states[:NUM_VOKENS - 1]]).float().cpu()
         row.voken_source_state = None
         row.images += 1
-        row.generated += self.voken_ids[1:]
+        row.record(self.voken_ids[1:])
         events.append(VokenStates(row.request_id, states, len(row.text)))
 
     def _sample_and_advance(self, rows: list[_Row], states: torch.Tensor, events: list) -> None:
@@ -282,10 +298,9 @@ class DecodeEngine:
         states = states[live]
         logits = self.llm.lm_head(states).float().cpu()
         logits[:, self.banned_ids] = float("-inf")
-        for i, row in enumerate(rows):
-            if row.images >= row.request.params.max_images:
-                logits[i, self.voken_ids[0]] = float("-inf")
-        tokens = sample_tokens(logits, [r.request.params for r in rows], [r.generated for r in rows],
+        no_more_images = [i for i, row in enumerate(rows) if row.images >= row.request.params.max_images]
+        logits[no_more_images, self.voken_ids[0]] = float("-inf")
+        tokens = sample_tokens(logits, [r.request.params for r in rows], torch.stack([r.seen for r in rows]),
                                [r.generator for r in rows])
         for row, token, state in zip(rows, tokens, states):
             self._advance(row, self._force_image(row, token), state, events)
@@ -303,7 +318,7 @@ class DecodeEngine:
         return token
 
     def _advance(self, row: _Row, token: int, state: torch.Tensor, events: list) -> None:
-        row.generated.append(token)
+        row.record([token])
         if token == self.voken_ids[0]:
             self._flush_text(row, events)
             row.voken_source_state = state.clone()
@@ -354,34 +369,82 @@ class DecodeEngine:
                                        row.images, row.text, row.generated))
         if len(keep) == len(self.rows):
             return
-        if not keep:
-            self.rows, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        first = int((mask.sum(0) > 0).nonzero()[0])  # leading all-padding columns go too
-        self._mask = mask[:, first:]
-        self._cache = DynamicCache([(layer.keys.index_select(0, index)[:, :, first:],
-                                     layer.values.index_select(0, index)[:, :, first:])
-                                    for layer in self._cache.layers])
         self.rows = [self.rows[i] for i in keep]
+        self._kv.compact(keep, max((row.length for row in self.rows), default=0))
 
     def drop_running(self) -> list[str]:
         """Forget every running row (after a failed step); returns their request ids."""
         dropped = [row.request_id for row in self.rows]
-        self.rows, self._cache, self._mask = [], None, None
+        self.rows = []
         return dropped
 
     @property
     def kv_positions_in_use(self) -> int:
-        """Allocated KV positions (rows × padded length): what the budget really costs now."""
-        return 0 if self._mask is None else int(self._mask.numel())
+        """KV positions held by the running rows (rows × slot length, over-allocation included)."""
+        return len(self.rows) * self._kv.slot_positions
 
 
-def _left_pad(tensor: torch.Tensor, target: int, dim: int = 2) -> torch.Tensor:
-    missing = target - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+class _KVSlots:
+    """Keys and values of every layer, [row slots, KV heads, positions, head dim], written in place.
+
+    Row i of the running batch owns slot i and its valid positions are 0..length-1, so a step writes
+    its new positions where they belong instead of re-concatenating the cache, and admitting a row
+    writes only that row. A pool: both axes grow geometrically up to the peak load seen (a growth
+    copies the storage once) and are kept, so a warm engine admits without allocating; finished rows
+    are compacted out at once and their slots reused."""
+
+    POSITION_ALIGN = 64
+
+    def __init__(self, llm, max_rows: int):
+        config = llm.config
+        self.max_rows = max_rows
+        self.max_positions = config.max_position_embeddings
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.dtype, self.device = llm.dtype, llm.device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def slot_positions(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Room for `rows` slots of at least `positions` positions, keeping what is stored."""
+        have_rows = self.keys[0].shape[0] if self.keys else 0
+        have_positions = self.slot_positions
+        if rows <= have_rows and positions <= have_positions:
+            return
+        rows = _capacity(have_rows, rows, 2 * have_rows, self.max_rows)
+        grown_positions = _round_up(max(positions, have_positions * 3 // 2), self.POSITION_ALIGN)
+        positions = _capacity(have_positions, positions, grown_positions, self.max_positions)
+        # Zeros, not empty: masked-out positions still meet attention's weights (0 * NaN would be NaN).
+        shape = (rows, self.kv_heads, positions, self.head_dim)
+        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.layers)]
+        for new, old in zip(grown, self.keys + self.values):
+            new[:old.shape[0], :, :old.shape[2]] = old
+        self.keys, self.values = grown[:self.layers], grown[self.layers:]
+
+    def compact(self, keep: list[int], positions: int) -> None:
+        """Move the slots `keep` (ascending) to the front, in order; only their first `positions` matter."""
+        if keep == list(range(len(keep))):
+            return
+        index = torch.tensor(keep, device=self.device)
+        for tensor in self.keys + self.values:
+            tensor[:len(keep), :, :positions] = tensor[:, :, :positions].index_select(0, index)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, transformers' LLaMA formula (x·cos + rotate_half(x)·sin)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _capacity(have: int, need: int, grown: int, limit: int) -> int:
+    """`have` when it suffices, else the geometric step `grown` (at least `need`, at most `limit`)."""
+    return have if need <= have else max(need, min(grown, limit))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

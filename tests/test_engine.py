@@ -65,6 +65,9 @@ def test_abort_frees_the_row_and_others_continue(reference_pipeline):
     pipe = reference_pipeline
     engine = _engine(pipe)
     requests = _requests(pipe, 3, max_tokens=60, force_image=False, temperature=0.0)
+    alone = {}
+    for r in (requests[0], requests[2]):
+        alone.update(_run(_engine(pipe), [r]))
     for r in requests:
         engine.submit(r)
     engine.step()
@@ -75,11 +78,23 @@ def test_abort_frees_the_row_and_others_continue(reference_pipeline):
     assert any(isinstance(e, Finished) and e.request_id == "r1" and e.reason == "aborted" for e in events)
     assert [row.request_id for row in engine.rows] == ["r0", "r2"]
     assert engine.kv_positions_in_use < used_before
-    reasons = {}
+    tokens = {}
     while engine.has_work:
-        reasons.update({e.request_id: e.reason for e in engine.step() if isinstance(e, Finished)})
-    assert set(reasons) == {"r0", "r2"}
+        tokens.update({e.request_id: e.token_ids for e in engine.step() if isinstance(e, Finished)})
+    assert tokens == {rid: result["tokens"] for rid, result in alone.items()}  # r2's slot moved, intact
     assert engine.kv_positions_in_use == 0
+
+
+def test_decode_steps_write_the_kv_cache_in_place(reference_pipeline):
+    engine = _engine(reference_pipeline)
+    for r in _requests(reference_pipeline, 4, max_tokens=40, force_image=False):
+        engine.submit(r)
+    engine.step()
+    assert engine._kv.slot_positions >= max(row.length for row in engine.rows) + 5  # no growth due
+    storage = [t.data_ptr() for t in engine._kv.keys + engine._kv.values]
+    for _ in range(5):
+        engine.step()
+    assert [t.data_ptr() for t in engine._kv.keys + engine._kv.values] == storage
 
 
 def test_abort_of_a_waiting_request(reference_pipeline):
@@ -126,11 +141,27 @@ def test_sampling_filters_are_per_row():
     assert not torch.isinf(kept[1, 3]) and torch.isinf(kept[1, 0])  # row 1: top-p 0.5
 
 
+def test_top_p_keeps_the_most_likely_token_and_its_ties():
+    from minigpt5.sampling import filter_top_k_top_p
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [0.0, 0.0, 9.0, 1.0]])
+    kept = filter_top_k_top_p(logits, torch.tensor([0, 0]), torch.tensor([0.1, 0.1]))
+    assert torch.isinf(kept).tolist() == [[True, False, True, False], [True, True, False, True]]
+
+
 def test_a_rows_draw_does_not_depend_on_its_batch_company():
     from minigpt5.sampling import SamplingParams, sample_tokens
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(seed=1), SamplingParams(temperature=0.0), SamplingParams(seed=3, top_k=5)]
-    together = sample_tokens(logits, params, [[1, 2], [], [7]], [p.generator() for p in params])
-    alone = [sample_tokens(logits[i:i + 1], [p], [prev], [p.generator()])[0]
-             for i, (p, prev) in enumerate(zip(params, [[1, 2], [], [7]]))]
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen[0, [1, 2]] = seen[2, 7] = True
+    together = sample_tokens(logits, params, seen, [p.generator() for p in params])
+    alone = [sample_tokens(logits[i:i + 1], [p], seen[i:i + 1], [p.generator()])[0] for i, p in enumerate(params)]
     assert together == alone
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    from minigpt5.sampling import apply_repetition_penalty
+    logits = torch.tensor([[2.0, -2.0, 2.0], [2.0, -2.0, 2.0]])
+    seen = torch.tensor([[True, True, False], [False, False, False]])
+    penalised = apply_repetition_penalty(logits, seen, torch.tensor([2.0, 2.0]))
+    assert penalised.tolist() == [[1.0, -4.0, 2.0], [2.0, -2.0, 2.0]]
