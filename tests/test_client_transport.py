@@ -1,8 +1,9 @@
 """Client transports against stand-ins that speak Triton's wire formats (gRPC stream, HTTP SSE).
 
 The stand-ins answer the way Triton 2.51 does for a decoupled model: gRPC responses with outputs and
-the final flag, failures as the stream's gRPC status (header triton_grpc_error); SSE `data:` lines with
-one-element outputs unwrapped, an error before the first event with its HTTP status. What the real
+the final flag, a failure as an in-band `error_message` on the open stream (the client does not ask
+for the `triton_grpc_error` mode); SSE `data:` lines with one-element outputs unwrapped, an error
+before the first event with its HTTP status (400 for every model error in Triton 2.51). What the real
 server does is checked in test_client_server.py.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import threading
 import time
 from concurrent import futures
@@ -60,13 +62,15 @@ def scripted_answer(prompt: str) -> list[dict]:
     ]
 
 
-FAILURES = {  # prompt -> (gRPC status, HTTP status, message)
-    "invalid": (grpc.StatusCode.INVALID_ARGUMENT, 400, "max_tokens must be at most 1024, got 5000"),
-    "busy": (grpc.StatusCode.UNAVAILABLE, 503, "queue full: 64 requests waiting"),
-    # what Triton 2.51 really answers over HTTP: 400 for every model error (docs/RELIABILITY.md)
-    "busy-400": (grpc.StatusCode.UNAVAILABLE, 400,
-                 "server busy: 2 requests in flight (max_inflight_requests); retry later"),
-    "late-400": (grpc.StatusCode.UNAVAILABLE, 400, "request took longer than request_timeout_s=2.0"),
+FAILURES = {  # prompt -> (HTTP status, message): the server's wording, known to the client by its text
+    "invalid": (400, "max_tokens: must be in [1, 1024], got 5000"),
+    "invalid-kv": (400, "request needs 70000 KV positions, more than the KV-cache budget of 65536 "
+                        "(kv_cache_budget_tokens)"),
+    "invalid-triton": (400, "inference input 'max_tokens' data-type is 'FP32', but model 'minigpt5' expects 'INT32'"),
+    "busy": (503, "Exceeds maximum queue size"),
+    "busy-400": (400, "server busy: 2 requests in flight (max_inflight_requests); retry later"),
+    "late-400": (400, "request took longer than request_timeout_s=2.0"),
+    "broken": (400, "decoder step failed: RuntimeError('boom')"),
 }
 SLOW_PROMPT = "slow"
 
@@ -79,15 +83,16 @@ class FakeTritonGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(self, request_iterator, context):
         answered = []
         context.add_callback(lambda: None if answered else self.cancelled.set())  # runs when the call ends
-        assert ("triton_grpc_error", "true") in context.invocation_metadata()
+        assert "triton_grpc_error" not in dict(context.invocation_metadata())
         for request in request_iterator:
             tensors = {tensor.name: _decode(tensor, raw)
                        for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)}
             self.requests.append(tensors)
             prompt = tensors["text_input"][0].decode()
-            if prompt in FAILURES:
-                code, _, message = FAILURES[prompt]
-                context.abort(code, message)
+            if prompt in FAILURES:  # in-band: the request ends, the stream stays open
+                yield service_pb2.ModelStreamInferResponse(error_message=FAILURES[prompt][1])
+                answered.append(True)
+                continue
             if prompt == SLOW_PROMPT:
                 time.sleep(3)
             events = scripted_answer(prompt)
@@ -128,7 +133,7 @@ class FakeTritonHttp(http.server.BaseHTTPRequestHandler):
         self.requests.append(body)
         prompt = body["text_input"]
         if prompt in FAILURES:
-            _, status, message = FAILURES[prompt]
+            status, message = FAILURES[prompt]
             payload = f"data: {json.dumps({'error': message})}\n\n" if status == 400 else json.dumps({"error": message})
             return self._reply(status, [payload.encode()])
         if prompt == SLOW_PROMPT:
@@ -247,11 +252,12 @@ def test_conversation_sends_earlier_turns_and_generated_images(server):
     assert len(conversation.turns) == 4
 
 
-@pytest.mark.parametrize("prompt,error", [("invalid", InvalidArgument), ("busy", Overloaded),
-                                          ("busy-400", Overloaded), ("late-400", Overloaded)])
+@pytest.mark.parametrize("prompt,error", [
+    ("invalid", InvalidArgument), ("invalid-kv", InvalidArgument), ("invalid-triton", InvalidArgument),
+    ("busy", Overloaded), ("busy-400", Overloaded), ("late-400", Overloaded), ("broken", ServerError)])
 def test_server_errors_map_to_exceptions(server, prompt, error):
     protocol, url, _ = server
-    with pytest.raises(error, match=FAILURES[prompt][2].split(":")[0]) as raised:
+    with pytest.raises(error, match=re.escape(FAILURES[prompt][1][:20])) as raised:
         list(Client(url, protocol).stream(prompt))
     assert "\n" not in str(raised.value)
 

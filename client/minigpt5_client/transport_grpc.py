@@ -16,10 +16,6 @@ from .errors import MiniGPT5Error, Timeout, from_grpc_status
 from .events import Event, events_from_outputs
 from .request import MODEL_NAME, GenerateRequest
 
-# Triton >= 24.09 then ends a failed stream with the real gRPC status (INVALID_ARGUMENT, UNAVAILABLE, ...);
-# without it a stream error is a bare message and every failure would look alike.
-STREAM_HEADERS = {"triton_grpc_error": "true"}
-
 
 class GrpcTransport:
     """Synchronous: one short-lived gRPC stream per request (a tritonclient client holds one stream at a time)."""
@@ -35,7 +31,6 @@ class GrpcTransport:
             client.start_stream(
                 callback=lambda result, error: responses.put((result, error)),
                 stream_timeout=timeout,
-                headers=STREAM_HEADERS,
             )
             try:
                 # The empty final response marks the end of the request even if the last event lacks the flag.
@@ -54,6 +49,7 @@ class GrpcTransport:
                 except queue.Empty:
                     raise Timeout(f"no answer from {self.url} within {timeout:g} s") from None
                 if error is not None:
+                    finished = True  # an error response ends its request; the stream itself stays open
                     raise _error(error, self.url)
                 yield from _events(result)
                 final = result.get_response().parameters.get("triton_final_response")
@@ -85,13 +81,17 @@ class AsyncGrpcTransport:
             # Ending the request side right away is fine: Triton ends the call once the answer is complete.
             yield {"model_name": MODEL_NAME, "inputs": _inputs(request)}
 
-        responses = self._client.stream_infer(the_request(), stream_timeout=timeout, headers=STREAM_HEADERS)
+        responses = self._client.stream_infer(the_request(), stream_timeout=timeout)
+        failure = None
         try:
             async for result, error in responses:
-                if error is not None:
-                    raise _error(error, self.url)
-                for event in _events(result):
-                    yield event
+                if error is not None:  # in-band: the request is over; let the call end without a cancel
+                    failure = failure or _error(error, self.url)
+                elif failure is None:
+                    for event in _events(result):
+                        yield event
+            if failure is not None:
+                raise failure
         except grpc.RpcError as error:  # grpc.aio raises the call's final status from the iterator
             raise _error_from_status(str(error.code()), error.details() or "", self.url) from None
         except InferenceServerException as error:

@@ -33,13 +33,13 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
         measured = _run_batch(engine, device, batch, steps, warmup)
     finally:  # leave the engine empty for the next section, also after a failure
         _drain(engine, ids)
-    admit_steps, admit_ms, samples, kv_start, kv_end, padded = measured
+    admit_steps, admit_ms, samples, kv_start, kv_end, allocated = measured
     timing = summarize(samples)
     return {"batch": batch, "method": "DecodeEngine.step", "prompt_positions": prompt_positions,
             "admission_steps": admit_steps, "admission_ms": round(admit_ms, 1),
             "ms_per_token": timing["ms"], "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
             "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),
-            "kv_positions_padded_end": padded, "step": timing}
+            "kv_positions_allocated_end": allocated, "step": timing}
 
 
 def _run_batch(engine, device, batch: int, steps: int, warmup: int) -> tuple:

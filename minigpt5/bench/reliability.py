@@ -47,7 +47,6 @@ import numpy as np
 
 MODEL = "minigpt5"
 # Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
-GRPC_ERROR_HEADERS = {"triton_grpc_error": "true"}
 STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes"}
 DTYPES = {"max_tokens": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
           "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
@@ -120,8 +119,9 @@ def grpc_request(url: str, inputs: list, *, timeout: float = 120.0, cancel_after
     client = grpcclient.InferenceServerClient(url)
     finished = False  # cancel only a request abandoned early (2.51 crashes cancelling a completed one)
     try:
+        # No `triton_grpc_error` header, as the Python client: stream errors come in-band (docs/RELIABILITY.md)
         client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                            stream_timeout=timeout, headers=GRPC_ERROR_HEADERS)
+                            stream_timeout=timeout)
         started = time.monotonic()
         client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
         deadline = started + timeout
@@ -167,8 +167,15 @@ def grpc_request(url: str, inputs: list, *, timeout: float = 120.0, cancel_after
 
 
 def _grpc_status(error) -> str:
+    """The gRPC status name; for an in-band stream error (no status), the one its message stands for,
+    as the Python client reads it (minigpt5_client.errors.from_server_message)."""
+    from minigpt5_client.errors import InvalidArgument, Overloaded, from_server_message
+
     status = error.status() if hasattr(error, "status") else None
-    return str(status).removeprefix("StatusCode.") if status else "none"
+    if status:
+        return str(status).removeprefix("StatusCode.")
+    kind = type(from_server_message(error.message() or ""))
+    return {InvalidArgument: "INVALID_ARGUMENT", Overloaded: "UNAVAILABLE"}.get(kind, "INTERNAL")
 
 
 def _first(array):
@@ -883,19 +890,18 @@ def probe_soak(server, *, duration_s: float, clients: int, warmup_s: float, samp
 
 
 # ---- crash ------------------------------------------------------------------------------------------
-def crash_params(model: str) -> tuple[dict, str]:
-    """A request that is busy in `model` when its stub is killed, and the event that says it is."""
-    if model == "image_decoder":
-        return {"text_input": "Draw a cat.", "max_tokens": 8, "force_image": True, "num_inference_steps": 200,
-                "random_seed": 1, "stream": True}, "image_start"
-    return {**LONG, "stream": True}, "text"
+# Busy in every model when a stub is killed: once `image_start` came, the request waits in `minigpt5`
+# (where the decoder also runs) for `image_decoder`, which works on its 200 steps for seconds. (A long
+# text alone is over too soon: the decoder writes 900 tokens in about a second here.)
+CRASH_REQUEST = {"text_input": "Draw a cat.", "max_tokens": 8, "force_image": True, "num_inference_steps": 200,
+                 "random_seed": 1, "stream": True}
+CRASH_BUSY_EVENT = "image_start"
 
 
 def probe_crash(server, model: str = "minigpt5", *, inflight: int = 2, client_timeout: float = 120.0,
                 bound_s: float = 60.0) -> dict:
     """kill -9 of `model`'s stub while `inflight` requests are in it. Every client call has a timeout;
     reports how each in-flight request ended, readiness, and whether/when the server went away."""
-    params, busy_event = crash_params(model)
     busy = threading.Semaphore(0)
     ended: dict[int, tuple[Outcome, float]] = {}
     lock = threading.Lock()
@@ -904,11 +910,11 @@ def probe_crash(server, model: str = "minigpt5", *, inflight: int = 2, client_ti
         flagged = []
 
         def on_event(outcome: Outcome) -> None:
-            if not flagged and busy_event in outcome.event_types:
+            if not flagged and CRASH_BUSY_EVENT in outcome.event_types:
                 flagged.append(True)
                 busy.release()
-        outcome = grpc_request(server.grpc_url, grpc_tensors({**params, "random_seed": index}), on_event=on_event,
-                               timeout=client_timeout)
+        outcome = grpc_request(server.grpc_url, grpc_tensors({**CRASH_REQUEST, "random_seed": index}),
+                               on_event=on_event, timeout=client_timeout)
         with lock:
             ended[index] = (outcome, time.monotonic())
         if not flagged:

@@ -40,7 +40,7 @@ def _prefill(llm, embeds: torch.Tensor):
 @torch.inference_mode()
 def time_prefill(llm, device, positions: int, **timing) -> dict:
     """Batch-1 prefill of `positions` embeddings into a fresh KV cache + the first token's logits
-    (what DecodeEngine._prefill does before merging the row)."""
+    (what DecodeEngine._prefill computes for a newcomer, there written into its KV slot)."""
     embeds = _prompt_embeds(llm, positions)
     return {"tokens": positions, **measure(lambda: _prefill(llm, embeds), device, **timing)}
 
