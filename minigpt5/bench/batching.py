@@ -148,6 +148,7 @@ class Workload:
 def drive(engine, workload: Workload) -> dict:
     """Submit each request at its offset (between steps), step until all finished; per-request times."""
     from ..engine import Finished, TextDelta, VokenStates
+    from .decode import drain_engine
 
     if engine.has_work:
         raise RuntimeError("engine busy before a run")
@@ -178,25 +179,12 @@ def drive(engine, workload: Workload) -> dict:
                 elif isinstance(event, Finished):
                     record.update(done_s=stamp, tokens=event.completion_tokens, reason=event.reason)
     except BaseException:
-        _drain(engine, list(records))
+        drain_engine(engine, list(records))
         raise
     for record in records.values():
         if record["first_s"] is None:  # nothing was released before the end (cannot happen at >= 2 tokens)
             record["first_s"] = record["done_s"]
     return {"records": records, "wall_s": max(r["done_s"] for r in records.values()), "steps": steps}
-
-
-def _drain(engine, request_ids: list[str]) -> None:
-    for request_id in request_ids:
-        engine.abort(request_id)
-    try:
-        for _ in range(4):
-            if not engine.has_work:
-                return
-            engine.step()
-    except Exception:  # noqa: BLE001 - the run's own error is the one reported
-        pass
-    engine.drop_running()
 
 
 # ---- statistics -------------------------------------------------------------------------------------

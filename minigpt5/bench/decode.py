@@ -32,7 +32,7 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
             engine.submit(decoder_stage.make_request(request_id, prompt, None, params))
         measured = _run_batch(engine, device, batch, steps, warmup)
     finally:  # leave the engine empty for the next section, also after a failure
-        _drain(engine, ids)
+        drain_engine(engine, ids)
     admit_steps, admit_ms, samples, kv_start, kv_end, allocated = measured
     timing = summarize(samples)
     return {"batch": batch, "method": "DecodeEngine.step", "prompt_positions": prompt_positions,
@@ -68,7 +68,7 @@ def _run_batch(engine, device, batch: int, steps: int, warmup: int) -> tuple:
     return admit_steps, admit_ms, samples, kv_start, _kv_valid(engine), engine.kv_positions_in_use
 
 
-def _drain(engine, request_ids: list[str]) -> None:
+def drain_engine(engine, request_ids: list[str]) -> None:
     """Abort the bench's requests: one step removes them; if stepping fails, drop the running rows."""
     for request_id in request_ids:
         engine.abort(request_id)
@@ -79,7 +79,7 @@ def _drain(engine, request_ids: list[str]) -> None:
             engine.step()
     except Exception as exc:  # noqa: BLE001 - the section's own error is the one reported
         log(f"draining the engine failed ({type(exc).__name__}: {exc}); dropping its rows")
-    if engine.has_work and hasattr(engine, "drop_running"):
+    if engine.has_work:
         engine.drop_running()
 
 
