@@ -67,6 +67,7 @@ FAILURES = {  # prompt -> (HTTP status, message): the server's wording, known to
     "invalid-kv": (400, "request needs 70000 KV positions, more than the KV-cache budget of 65536 "
                         "(kv_cache_budget_tokens)"),
     "invalid-triton": (400, "inference input 'max_tokens' data-type is 'FP32', but model 'minigpt5' expects 'INT32'"),
+    "invalid-json": (400, "The schema can not convert input 'max_tokens' to tensor with proper shape"),
     "busy": (503, "Exceeds maximum queue size"),
     "busy-400": (400, "server busy: 2 requests in flight (max_inflight_requests); retry later"),
     "late-400": (400, "request took longer than request_timeout_s=2.0"),
@@ -254,6 +255,7 @@ def test_conversation_sends_earlier_turns_and_generated_images(server):
 
 @pytest.mark.parametrize("prompt,error", [
     ("invalid", InvalidArgument), ("invalid-kv", InvalidArgument), ("invalid-triton", InvalidArgument),
+    ("invalid-json", InvalidArgument),
     ("busy", Overloaded), ("busy-400", Overloaded), ("late-400", Overloaded), ("broken", ServerError)])
 def test_server_errors_map_to_exceptions(server, prompt, error):
     protocol, url, _ = server

@@ -61,7 +61,7 @@ def test_excess_requests_are_refused_at_once_and_admitted_ones_complete(limited_
 
 def test_a_client_that_goes_away_stops_its_request(limited_server):
     """gRPC: the stream is cancelled; SSE: the connection is closed (Triton 2.51 cancels the request
-    when an HTTP connection closes). Either way the BLS aborts the decoder row within its 0.5 s check."""
+    when an HTTP connection closes). Either way the BLS aborts the decoder row within its 0.1 s check."""
     assert_the_server_lives(limited_server, "an earlier test")
     result = probe_disconnects(limited_server)
     print(json.dumps(result, indent=1))

@@ -85,7 +85,7 @@ _INPUT_FIELD = re.compile(r"^(text_input|images|image_bytes|image_preprocess|his
                           r"top_p|top_k|repetition_penalty|random_seed|force_image|guidance_scale|"
                           r"num_inference_steps|scheduler)(\[\d+\])?: ")
 _INVALID_MESSAGES = ("kv_cache_budget_tokens", "exceeds the context", "inference input", "unexpected shape",
-                     "expected number of inputs", "data-type", "failed to parse")
+                     "expected number of inputs", "data-type", "can not convert input", "failed to parse")
 
 
 def from_server_message(message: str) -> MiniGPT5Error:

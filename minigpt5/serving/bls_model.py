@@ -39,7 +39,7 @@ from .dispatch import BatchDispatcher, ResponseWriter
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
 IMAGE_MAX_BATCH = 8  # = image_decoder's max_batch_size
-CANCEL_CHECK_S = 0.5  # client-gone checks per request at most this often: each is an IPC round trip
+CANCEL_CHECK_S = 0.1  # client-gone checks per request at most this often: each is an IPC round trip
 
 
 @dataclass
