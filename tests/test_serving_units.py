@@ -335,6 +335,28 @@ def test_decoder_streams_text_voken_states_then_one_finished(decoder, hidden):
         assert stream.next_event(timeout=0.05) is None  # nothing after Finished
 
 
+def test_queued_text_deltas_come_out_as_one_in_order():
+    """A request thread that fell behind gets the text queued so far in one event; nothing is
+    reordered across an image's voken states, and a step failure is still raised in its place."""
+    import torch
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+    from minigpt5.serving.decoding import DecodeStream
+    stream = DecodeStream(host=None, request_id="r")
+    states = VokenStates("r", torch.zeros(8, 4), 6)
+    for event in (TextDelta("r", "Once "), TextDelta("r", "upon"), states, TextDelta("r", " a"),
+                  TextDelta("r", " time."), Finished("r", "stop", 5, 8, 1, "Once upon a time.")):
+        stream.put(event)
+    received = [stream.next_event(timeout=1.0) for _ in range(4)]
+    assert received[0] == TextDelta("r", "Once upon") and received[1] is states
+    assert received[2] == TextDelta("r", " a time.") and isinstance(received[3], Finished)
+    assert stream.next_event(timeout=0.01) is None
+    stream.put(TextDelta("r", "x"))
+    stream.put(RuntimeError("decoder step failed"))
+    assert stream.next_event(timeout=1.0) == TextDelta("r", "x")
+    with pytest.raises(RuntimeError, match="step failed"):
+        stream.next_event(timeout=1.0)
+
+
 def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
     from minigpt5.errors import InvalidRequest
     first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from ..engine import AdmissionError, Finished
+from ..engine import AdmissionError, Finished, TextDelta
 from ..errors import InvalidRequest, Overloaded
 from ..sampling import SamplingParams
 from ..stages import DecoderStage
@@ -24,22 +24,42 @@ IDLE_WAIT_S = 0.5  # the engine thread re-checks for shutdown at least this ofte
 
 
 class DecodeStream:
-    """One request's decoder events in order: TextDelta and VokenStates, then one Finished."""
+    """One request's decoder events in order: TextDelta and VokenStates, then one Finished.
+
+    Text deltas already queued behind one another come out as one: a request thread that fell behind
+    the engine (a loaded server) catches up with one response instead of one per token, and a
+    thread that keeps up sees every token as it comes."""
 
     def __init__(self, host: "DecoderHost", request_id: str):
         self.request_id = request_id
         self._host = host
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._held = None  # an event taken from the queue while merging text, not yet handed out
 
     def next_event(self, timeout: float):
         """The next event, or None if none came within `timeout` seconds. Raises what broke the engine step."""
-        try:
-            event = self._events.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
+        event, self._held = self._held, None
+        if event is None:
+            try:
+                event = self._events.get(timeout=max(timeout, 0.0))
+            except queue.Empty:
+                return None
         if isinstance(event, BaseException):
             raise event
-        return event
+        return self._merge_text(event) if isinstance(event, TextDelta) else event
+
+    def _merge_text(self, delta: TextDelta) -> TextDelta:
+        pieces = [delta.text]
+        while self._held is None:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+            else:
+                self._held = event
+        return delta if len(pieces) == 1 else TextDelta(delta.request_id, "".join(pieces))
 
     def abort(self) -> None:
         """Stop decoding this request: its row leaves the batch (and frees its KV cache) at the next step."""
