@@ -14,8 +14,8 @@ Design (see docs/DESIGN_DECODER.md for the why):
 - `[IMG0]` sampled ⇒ that row feeds `[IMG0]`…`[IMG7]` in the next step (the step is 8 wide; the
   other rows' 7 extra positions are masked out). Its 8 voken states are the final-norm states that
   predicted `[IMG0]`…`[IMG7]` (MINIGPT5.md §3): the state that sampled `[IMG0]`, then `[IMG0]`…`[IMG6]`.
-- Sampling is per row on CPU with the row's own generator (sampling.py): a request's output does not
-  depend on its batch company beyond float rounding in the batched matmuls.
+- Sampling is per row, batched on the model's device, with the row's own generator (sampling.py): a
+  request's output does not depend on its batch company beyond float rounding in the batched matmuls.
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ class DecodeEngine:
             return
         rows = [rows[i] for i in live]
         states = states[live]
-        logits = self.llm.lm_head(states).float().cpu()
+        logits = self.llm.lm_head(states).float()  # sampled on the model's device
         logits[:, self.banned_ids] = float("-inf")
         no_more_images = [i for i, row in enumerate(rows) if row.images >= row.request.params.max_images]
         logits[no_more_images, self.voken_ids[0]] = float("-inf")

@@ -1,8 +1,9 @@
 """Per-request sampling, batched: repetition penalty → temperature → top-k → top-p → draw (HF's order).
 
-All rows of a decoder step are processed together on the CPU in float32, each row with its own
-parameters; every reduction is per row, and each row draws from its own generator, so a request's
-tokens depend only on its own logits and seed, never on which requests share its batch.
+All rows of a decoder step are processed together in float32 on the logits' device (the GPU's, so
+only the chosen ids cross to the host), each row with its own parameters; every reduction is per
+row, and each row's uniform comes from its own CPU generator, so a request's tokens depend only on
+its own logits and seed, never on which requests share its batch or on the device.
 """
 from __future__ import annotations
 
@@ -49,32 +50,42 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if bool((top_p < 1.0).any()):
         # HF's TopPLogitsWarper: sort ascending, drop the prefix whose cumulative probability stays
-        # <= 1 - top_p, always keep the most likely token. Only the sorted values are needed, and
-        # numpy's vectorised sort is several times faster than torch.sort (which also orders indices).
+        # <= 1 - top_p, always keep the most likely token. Only the sorted values are needed.
         # Tokens tied with the first kept value are kept, as top-k keeps ties.
-        sorted_logits = torch.from_numpy(np.sort(logits.numpy(), axis=-1))
+        sorted_logits = sorted_values(logits)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         removed = (cumulative <= (1 - top_p)[:, None]).sum(-1).clamp(max=vocab - 1)
         logits = logits.masked_fill(logits < sorted_logits.gather(1, removed[:, None]), float("-inf"))
     return logits
 
 
+def sorted_values(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's values in ascending order. On the CPU numpy's vectorised sort is several times
+    faster than torch.sort, which also orders indices; on a GPU torch.sort stays on the device."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(np.sort(logits.numpy(), axis=-1))
+    return torch.sort(logits, dim=-1).values
+
+
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor,
                   generators: list[torch.Generator]) -> list[int]:
-    """One token id per row of [B, V] logits (banned ids already at -inf); `seen` [B, V] marks the
-    ids each row generated so far (repetition penalty)."""
-    logits = logits.float().cpu()
-    logits = apply_repetition_penalty(logits, seen, torch.tensor([p.repetition_penalty for p in params]))
-    temperature = torch.tensor([p.temperature for p in params])
+    """One token id per row of [B, V] logits (banned ids already at -inf), on any device; `seen`
+    [B, V] marks the ids each row generated so far (repetition penalty)."""
+    logits = logits.float()
+    device = logits.device
+
+    def per_row(values: list) -> torch.Tensor:
+        return torch.tensor(values, device=device)
+    logits = apply_repetition_penalty(logits, seen.to(device), per_row([p.repetition_penalty for p in params]))
+    temperature = per_row([p.temperature for p in params])
     greedy = temperature <= 0
     tokens = logits.argmax(-1)
     if not bool(greedy.all()):
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-        scaled = filter_top_k_top_p(scaled, torch.tensor([p.top_k for p in params]),
-                                    torch.tensor([p.top_p for p in params]))
+        scaled = filter_top_k_top_p(scaled, per_row([p.top_k for p in params]), per_row([p.top_p for p in params]))
         cumulative = scaled.softmax(-1).cumsum(-1)
         # Inverse-CDF draw with each row's own uniform: the batched equivalent of multinomial.
-        uniform = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None] * cumulative[:, -1:]
+        uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)[:, None] * cumulative[:, -1:]
         drawn = torch.searchsorted(cumulative, uniform, right=True).clamp(max=logits.shape[-1] - 1).flatten()
         tokens = torch.where(greedy, tokens, drawn)
     return tokens.tolist()

@@ -159,6 +159,19 @@ def test_a_rows_draw_does_not_depend_on_its_batch_company():
     assert together == alone
 
 
+def test_the_device_sort_draws_the_same_tokens_as_the_cpu_sort(monkeypatch):
+    """On a GPU top-p sorts with torch.sort on the device, on the CPU with numpy; sorting is exact, so
+    both give the same tokens (checked on the CPU, where both run)."""
+    import minigpt5.sampling as sampling
+    logits = 3 * torch.randn(16, 500, generator=torch.Generator().manual_seed(1))
+    params = [sampling.SamplingParams(seed=i, top_p=0.8, top_k=40 if i % 2 else 0) for i in range(16)]
+    seen = torch.zeros(16, 500, dtype=torch.bool)
+    seen[:, :20] = True
+    with_numpy = sampling.sample_tokens(logits, params, seen, [p.generator() for p in params])
+    monkeypatch.setattr(sampling, "sorted_values", lambda values: torch.sort(values, dim=-1).values)
+    assert sampling.sample_tokens(logits, params, seen, [p.generator() for p in params]) == with_numpy
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     from minigpt5.sampling import apply_repetition_penalty
     logits = torch.tensor([[2.0, -2.0, 2.0], [2.0, -2.0, 2.0]])
