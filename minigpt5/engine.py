@@ -113,9 +113,11 @@ class DecodeEngine:
 
     def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
                  kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
-                 run_to_completion: bool = False):
+                 run_to_completion: bool = False, preallocate_kv: bool = False):
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
-        requests are admitted only when the whole running batch has finished."""
+        requests are admitted only when the whole running batch has finished. `preallocate_kv`
+        allocates the KV pool at its largest (max_rows × context) now instead of growing it on
+        demand: on a GPU a server that cannot hold it fails at start, not under load."""
         self.llm = llm.eval()
         self._device, self._dtype = llm.device, llm.dtype
         self._vocab_size = llm.lm_head.out_features
@@ -129,6 +131,8 @@ class DecodeEngine:
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self._kv = _KVSlots(llm, max_rows)
+        if preallocate_kv:
+            self._kv.reserve(max_rows, self.max_positions)
         self._lock = threading.Lock()
         self._waiting: collections.deque[DecodeRequest] = collections.deque()
         self._aborted: set[str] = set()

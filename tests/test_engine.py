@@ -97,6 +97,18 @@ def test_decode_steps_write_the_kv_cache_in_place(reference_pipeline):
     assert [t.data_ptr() for t in engine._kv.keys + engine._kv.values] == storage
 
 
+def test_a_preallocated_kv_pool_never_grows_and_gives_the_same_tokens(reference_pipeline):
+    requests = _requests(reference_pipeline, 6, temperature=1.0)
+    grown = _run(_engine(reference_pipeline), requests)
+    engine = _engine(reference_pipeline, preallocate_kv=True, max_rows=8)
+    positions = reference_pipeline.decoder.llm.config.max_position_embeddings
+    assert [tuple(t.shape) for t in engine._kv.keys][0][::2] == (8, positions)
+    storage = [t.data_ptr() for t in engine._kv.keys + engine._kv.values]
+    preallocated = _run(engine, requests, arrivals=[0, 0, 1, 3, 3, 9])
+    assert [t.data_ptr() for t in engine._kv.keys + engine._kv.values] == storage
+    assert {k: v["tokens"] for k, v in preallocated.items()} == {k: v["tokens"] for k, v in grown.items()}
+
+
 def test_abort_of_a_waiting_request(reference_pipeline):
     engine = _engine(reference_pipeline, max_rows=1)
     a, b = _requests(reference_pipeline, 2, max_tokens=20)

@@ -508,6 +508,14 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
     assert _metric("minigpt5_requests_total", label, outcome="invalid") == invalid_before + 1
 
 
+def test_kv_preallocate_parameter(serving):
+    choose = serving.bls_model._preallocate_kv
+    assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
+        (False, True, True, False)
+    with pytest.raises(ValueError, match="kv_preallocate"):
+        choose("yes", "cpu")
+
+
 def test_bls_refuses_beyond_max_inflight_with_unavailable(pb, make_bls, configs):
     label = "minigpt5_units_overload"
     bls = make_bls(label, max_inflight_requests=1)

@@ -65,6 +65,7 @@ class MiniGPT5Model:
             kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
             max_rows=int(params.get("max_batch_rows", 32)),
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
+            preallocate_kv=_preallocate_kv(params.get("kv_preallocate", "auto"), where.device),
         ), observe_batch=metrics.observe_decoder_batch if metrics else None)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -310,6 +311,13 @@ class MiniGPT5Model:
     def _set_inflight_gauge(self) -> None:
         if self.metrics:
             self.metrics.inflight.set(self._inflight)
+
+
+def _preallocate_kv(setting: str, device: str) -> bool:
+    """config.pbtxt `kv_preallocate`: true, false, or auto (on a GPU only)."""
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"kv_preallocate: must be auto, true or false, got {setting!r}")
+    return device != "cpu" if setting == "auto" else setting == "true"
 
 
 def _image_bytes(data: bytes, index: int) -> bytes:
