@@ -20,7 +20,6 @@ Design (see docs/DESIGN_DECODER.md for the why):
 from __future__ import annotations
 
 import collections
-import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -98,13 +97,6 @@ class _Row:
     def record(self, ids: list[int]) -> None:
         self.generated += ids
         self.seen[ids] = True
-
-
-def _cache_keyword(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both (for callers of the HF
-    forward with a cache, e.g. `bench stages`; the engine keeps its own KV slots)."""
-    params = inspect.signature(model.model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class DecodeEngine:

@@ -27,7 +27,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _name_list(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
+    """A comma-separated flag value as a list (empty items dropped)."""
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -84,7 +85,7 @@ def _add_e2e(sub) -> None:
                         "when known, e.g. H100 SXM 3350; none on CPU)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="wall-clock budget: sections that would overrun it are skipped ('skipped': 'budget')")
-    p.add_argument("--skip", type=_name_list, default=[],
+    p.add_argument("--skip", type=name_list, default=[],
                    help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm")
 
     def handler(args):

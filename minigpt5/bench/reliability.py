@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .args import name_list
+
 MODEL = "minigpt5"
 # Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
 STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes"}
@@ -1092,10 +1094,6 @@ class BenchServer:
 
 
 # ---- the command ------------------------------------------------------------------------------------
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 SECTIONS = ("inputs", "security", "overload", "timeout", "disconnect", "soak", "crash", "http_body")
 MODELS = ("minigpt5", "vision_encoder", "image_decoder")
 
@@ -1116,9 +1114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-s", type=float, default=60.0, help="soak duration in seconds")
     p.add_argument("--soak-clients", type=int, default=2, help="soak clients (at most --limit: no refusals)")
     p.add_argument("--soak-warmup-s", type=float, default=15.0, help="RSS growth is measured from this point")
-    p.add_argument("--crash-models", type=_name_list, default=["minigpt5", "image_decoder"],
+    p.add_argument("--crash-models", type=name_list, default=["minigpt5", "image_decoder"],
                    help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})")
-    p.add_argument("--skip", type=_name_list, default=[],
+    p.add_argument("--skip", type=name_list, default=[],
                    help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
     p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")

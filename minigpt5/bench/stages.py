@@ -5,13 +5,13 @@ The measurement functions here are reused by `bench e2e` (batch sizes are argume
 """
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
 from transformers import DynamicCache
 
 from ..config import NUM_VOKENS, VISION_IMAGE_SIZE
-from ..engine import _cache_keyword
 from .models import bench_arch, build_modules, parameter_counts, resolve
 from .report import Report
 from .timing import environment, log, measure, memory
@@ -23,6 +23,12 @@ def time_vision(tower, device, batch: int, **timing) -> dict:
     images = torch.randint(0, 256, (batch, VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3), dtype=torch.uint8,
                            device=device)
     return {"batch": batch, **measure(lambda: tower(images), device, **timing)}
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; accept both."""
+    params = inspect.signature(model.model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _prompt_embeds(llm, positions: int, seed: int = 0) -> torch.Tensor:

@@ -208,14 +208,10 @@ class MiniGPT5Model:
         try:
             finished = self._relay(stream, generation, answer, images, sender, arrived, deadline)
         except BaseException:
-            stream.abort()
-            for future in images:
-                future.cancel()
+            _stop(stream, images)
             raise
         if finished is None:  # the client is gone
-            stream.abort()
-            for future in images:
-                future.cancel()
+            _stop(stream, images)
             answer.cancel()
             return "cancelled"
         for future in images:  # image errors surface here and fail the request
@@ -311,6 +307,13 @@ class MiniGPT5Model:
     def _set_inflight_gauge(self) -> None:
         if self.metrics:
             self.metrics.inflight.set(self._inflight)
+
+
+def _stop(stream: DecodeStream, images: list[concurrent.futures.Future]) -> None:
+    """A request that ends early: its decoder row is aborted, its images still queued are dropped."""
+    stream.abort()
+    for future in images:
+        future.cancel()
 
 
 def _preallocate_kv(setting: str, device: str) -> bool:

@@ -95,13 +95,13 @@ class DecoderHost:
         try:
             self.engine.submit(decode_request)
         except AdmissionError as exc:
-            self._forget(request_id)
+            self._pop(request_id)
             raise InvalidRequest(str(exc)) from None
         self._wake()
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._forget(request_id)  # its remaining events, the final "aborted" included, go nowhere
+        self._pop(request_id)  # its remaining events, the final "aborted" included, go nowhere
         self.engine.abort(request_id)
         self._wake()
 
@@ -134,10 +134,10 @@ class DecoderHost:
                 self._deliver(event)
 
     def _deliver(self, event) -> None:
-        with self._streams_lock:
-            if isinstance(event, Finished):
-                stream = self._streams.pop(event.request_id, None)
-            else:
+        if isinstance(event, Finished):
+            stream = self._pop(event.request_id)
+        else:
+            with self._streams_lock:
                 stream = self._streams.get(event.request_id)
         if stream is not None:
             stream.put(event)
@@ -145,14 +145,12 @@ class DecoderHost:
     def _fail_running(self, exc: Exception) -> None:
         failure = RuntimeError(f"decoder step failed: {exc!r}")
         for request_id in self.engine.drop_running():
-            with self._streams_lock:
-                stream = self._streams.pop(request_id, None)
-            if stream is not None:
+            if (stream := self._pop(request_id)) is not None:
                 stream.put(failure)
 
-    def _forget(self, request_id: str) -> None:
+    def _pop(self, request_id: str) -> DecodeStream | None:
         with self._streams_lock:
-            self._streams.pop(request_id, None)
+            return self._streams.pop(request_id, None)
 
     def _wake(self) -> None:
         with self._work:

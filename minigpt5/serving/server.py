@@ -12,9 +12,10 @@ the APIs that change the server or name files on it (model repository, shared me
 logging) are refused on HTTP and gRPC unless the request carries the `minigpt5-admin-key` header
 with the admin key (`--admin-key` / $MINIGPT5_ADMIN_KEY; without one, a random key nobody knows).
 
+The served repository is a copy in the work directory holding only the model directories.
 Parameter overrides: `parameters={"minigpt5": {"max_inflight_requests": "4"}}` (or `minigpt5 serve
---param minigpt5.max_inflight_requests=4`) copies the repository into the work directory and
-rewrites those `parameters` values of the copied config.pbtxt; the repository itself is never edited.
+--param minigpt5.max_inflight_requests=4`) rewrite those `parameters` values of the copied
+config.pbtxt; the repository itself is never edited.
 
 Stub watchdog: Triton 2.51 never restarts a python-backend stub that died (kill -9, OOM killer) and
 keeps reporting the model ready; requests in flight in it hang forever. Once the server is ready,
@@ -276,8 +277,8 @@ def _children(pid: int) -> list[int]:
 class TritonProcess:
     """One tritonserver process serving the MiniGPT-5 repository.
 
-    `parameters`: {model: {key: value}} overrides of config.pbtxt `parameters` (served from a copy of
-    the repository in `workdir`). `admin_key`: the `minigpt5-admin-key` header value that unlocks
+    `parameters`: {model: {key: value}} overrides of config.pbtxt `parameters` (applied to the copy
+    of the repository served from `workdir`). `admin_key`: the `minigpt5-admin-key` header value that unlocks
     the restricted APIs (default $MINIGPT5_ADMIN_KEY; none: they are refused to everyone).
     `watchdog`: once ready, stop the server when a model's stub process dies (`crash` then says which)."""
 
@@ -296,14 +297,15 @@ class TritonProcess:
         self.parameters = parameters or {}
         self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
         self.source_repository = Path(repository) if repository else None  # None: REPOSITORY
-        self.repository: Path | None = None  # what is served (the source or a copy with `parameters`)
+        self.repository: Path | None = None  # what is served: the copy in `workdir`
         self.watchdog = watchdog
         self.crash_grace_s = crash_grace_s
         self.crash: str | None = None  # why the watchdog stopped the server, if it did
         self._stopping = False  # stop() was called: stubs going away are expected
         self.process: subprocess.Popen | None = None
         # Triton's server id (`GET /v2` "name"): tells our server from another one on the same port
-        self.server_id = _flag_value(self.extra_args, "--id") or f"minigpt5-{secrets.token_hex(4)}"
+        self._id_given = _flag_value(self.extra_args, "--id")  # the operator's own --id, passed as is
+        self.server_id = self._id_given or f"minigpt5-{secrets.token_hex(4)}"
 
     def command(self, binary: TritonBinary) -> list[str]:
         if self.repository is None:
@@ -313,7 +315,7 @@ class TritonProcess:
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
                f"--grpc-address={self.host}", "--allow-metrics=true",
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", f"--log-verbose={self.log_verbose}"]
-        if not _flag_value(self.extra_args, "--id"):
+        if not self._id_given:
             cmd.append(f"--id={self.server_id}")
         backends = prepare_backend_dir(binary, self.workdir)
         if backends:
