@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import NUM_VOKENS
+from .decode_graphs import StaticDecodeStep
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import StreamingDetokenizer
 
@@ -105,11 +106,13 @@ class DecodeEngine:
 
     def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
                  kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
-                 run_to_completion: bool = False, preallocate_kv: bool = False):
+                 run_to_completion: bool = False, preallocate_kv: bool = False, static_decode: bool = False):
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
         requests are admitted only when the whole running batch has finished. `preallocate_kv`
         allocates the KV pool at its largest (max_rows × context) now instead of growing it on
-        demand: on a GPU a server that cannot hold it fails at start, not under load."""
+        demand: on a GPU a server that cannot hold it fails at start, not under load.
+        `static_decode` runs 1-token steps at bucketed static shapes (decode_graphs.py), captured as
+        CUDA graphs on a GPU (here, at start); it implies `preallocate_kv`."""
         self.llm = llm.eval()
         self._device, self._dtype = llm.device, llm.dtype
         self._vocab_size = llm.lm_head.out_features
@@ -123,8 +126,16 @@ class DecodeEngine:
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self._kv = _KVSlots(llm, max_rows)
-        if preallocate_kv:
+        if preallocate_kv or static_decode:
             self._kv.reserve(max_rows, self.max_positions)
+        self._static = None
+        if static_decode:
+            self._static = StaticDecodeStep(
+                self._forward, llm.get_input_embeddings(), max_rows=max_rows, max_positions=self.max_positions,
+                pad_id=eos_id, device=self._device, capture=self._device.type == "cuda")
+            if self._static.capture:
+                self._static.capture_all()
+        self.static_decode = static_decode  # benchmarks switch it off to time the eager step in one run
         self._lock = threading.Lock()
         self._waiting: collections.deque[DecodeRequest] = collections.deque()
         self._aborted: set[str] = set()
@@ -229,14 +240,11 @@ class DecodeEngine:
         counts = [len(row.next_input) for row in self.rows]  # 0 for a row aborted at this step
         width = max(counts)
         lengths = [row.length for row in self.rows]
-        keys_total = max(lengths) + width
-        self._kv.reserve(len(self.rows), keys_total)
         ids = [row.next_input + [self.eos_id] * (width - len(row.next_input)) for row in self.rows]
-        positions = (torch.tensor(lengths)[:, None] + torch.arange(width)).to(self._device)
-        # A row's query at position p sees its keys 0..p: its padding and its slot's stale tail stay hidden.
-        mask = (torch.arange(keys_total, device=self._device) <= positions[..., None])[:, None]
-        embeds = self.llm.get_input_embeddings()(torch.tensor(ids, device=self._device))
-        hidden = self._forward(embeds, positions, slice(0, len(self.rows)), keys_total, mask)
+        if width == 1 and self.static_decode and self._static is not None:
+            hidden = self._static.run([row_ids[0] for row_ids in ids], lengths)[:, None]
+        else:
+            hidden = self._dynamic_step(ids, lengths, width)
         live = [i for i, n in enumerate(counts) if n]
         for i in live:
             self.rows[i].length += counts[i]
@@ -245,6 +253,16 @@ class DecodeEngine:
         if live:
             states = hidden[live, [counts[i] - 1 for i in live]]  # each row's last fed position
             self._sample_and_advance([self.rows[i] for i in live], states, events)
+
+    def _dynamic_step(self, ids: list[list[int]], lengths: list[int], width: int) -> torch.Tensor:
+        """Every row's `width` ids at its own positions; attention spans the longest row only."""
+        keys_total = max(lengths) + width
+        self._kv.reserve(len(self.rows), keys_total)
+        positions = (torch.tensor(lengths)[:, None] + torch.arange(width)).to(self._device)
+        # A row's query at position p sees its keys 0..p: its padding and its slot's stale tail stay hidden.
+        mask = (torch.arange(keys_total, device=self._device) <= positions[..., None])[:, None]
+        embeds = self.llm.get_input_embeddings()(torch.tensor(ids, device=self._device))
+        return self._forward(embeds, positions, slice(0, len(self.rows)), keys_total, mask)
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: slice, keys_total: int,
                  mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from .config import NUM_QUERY_TOKENS, NUM_VOKENS
 from .engine import DecodeEngine, DecodeRequest
+from .fp8 import fp8_available, quantize_llm_fp8
 from .image_decoder import ImageDecoder, ImageJob
 from .prompt import prompt_token_ids, render_pieces
 from .request import GenerationRequest, InvalidRequest
@@ -84,8 +85,17 @@ class DecoderStage:
 
     @classmethod
     def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             **engine_options) -> "DecoderStage":
-        return cls(weights.load("llm", device, dtype), weights.tokenizer(), weights.tokens, **engine_options)
+             quantization: str = "none", **engine_options) -> "DecoderStage":
+        """`quantization`: none, or fp8 (the decoder layers' weights, fp8.py; H100 or CPU)."""
+        llm = weights.load("llm", device, dtype)
+        if quantization == "fp8":
+            available, why_not = fp8_available(device)
+            if not available:
+                raise ValueError(f"llm_quantization: fp8 is not available on {device}: {why_not}")
+            quantize_llm_fp8(llm)
+        elif quantization != "none":
+            raise ValueError(f"llm_quantization: must be none or fp8, got {quantization!r}")
+        return cls(llm, weights.tokenizer(), weights.tokens, **engine_options)
 
     def warmup(self) -> None:
         """Prefill and a few decode steps of a throwaway request (greedy, 4 tokens)."""

@@ -49,7 +49,8 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
     out = tmp_path / "e2e.json"
     code, data = bench(["e2e", *TINY, "--max-tokens", "16", "--steps", "2", "--dpm-steps", "2",
                         "--vision-batches", "1,2", "--unet-batches", "1,2", "--decode-batches", "1,3",
-                        "--decode-steps", "3", "--hbm-gbps", "100", "--out", str(out), "--json"], capsys)
+                        "--decode-steps", "3", "--hbm-gbps", "100", "--decode-graphs", "on", "--out", str(out),
+                        "--json"], capsys)
     assert code == 0 and data["errors"] == 0
     assert json.loads(out.read_text()) == data  # --out holds the same object
     assert set(data["stages"]) == {"vision_b1", "vision_b2", "prefill", "decode_token", "mapper",
@@ -62,6 +63,11 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
         decode = data["decode"][f"b{batch}"]
         assert decode["batch"] == batch and decode["method"] == "DecodeEngine.step"
         assert decode["ms_per_token"] > 0 and decode["step"]["n"] == 3
+        # static shapes on (eagerly: no CUDA here), then the same rows timed with them off
+        assert decode["static_decode"] and not decode["cuda_graphs"]
+        assert decode["eager_step"]["n"] == 3 and decode["eager_ms_per_token"] > 0
+        assert decode["speedup_vs_eager"] == pytest.approx(decode["eager_ms_per_token"] / decode["ms_per_token"],
+                                                           abs=1e-3)
         floor = decode["hbm"]
         assert floor["gbps"] == 100 and floor["floor_weights_ms"] > 0 and floor["ratio_to_floor"] > 0
         assert floor["read_per_step_bytes"] < data["hbm"]["weight_bytes"]
@@ -84,6 +90,17 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
     assert set(summary["decode_ms_per_token"]) == {"b1", "b3"}
     assert all(v > 0 for v in summary["decode_ratio_to_hbm_floor"].values())
 
+    fp8 = data["fp8"]  # last: the LLM's layers quantised in place, a fresh engine, decode and e2e again
+    assert fp8["quantize"]["quantized_linears"] > 0 and fp8["quantize"]["skipped_linears"] == 0
+    assert fp8["quantize"]["weight_bytes_after"] < fp8["quantize"]["weight_bytes_before"] / 3  # fp32 → fp8
+    assert fp8["quantize"]["llm"]["read_per_step_bytes"] < data["hbm"]["read_per_step_bytes"]
+    assert fp8["b1"]["ms_per_token"] > 0 and fp8["b3"]["static_decode"]
+    assert fp8["b1"]["hbm"]["floor_weights_ms"] < data["decode"]["b1"]["hbm"]["floor_weights_ms"]
+    for name in ("e2e_pndm", "e2e_dpm"):
+        assert fp8[name]["completion_tokens"] == 16 and fp8[name]["images"] == 1
+    assert summary["fp8_e2e_ms"] == fp8["e2e_pndm"]["ms"] and summary["fp8_e2e_dpm_ms"] == fp8["e2e_dpm"]["ms"]
+    assert set(summary["fp8_decode_ms_per_token"]) == {"b1", "b3"}
+
 
 def test_e2e_budget_and_skip(capsys):
     """A spent budget skips every optional section (the build always runs); --skip names sections."""
@@ -94,12 +111,13 @@ def test_e2e_budget_and_skip(capsys):
     assert data["e2e"]["pndm"]["skipped"] == "budget" and data["e2e"]["dpm"]["skipped"] == "budget"
     assert data["naive"]["warmup"] == {"skipped": "flag"} and data["naive"]["pndm"] == {"skipped": "flag"}
     assert data["summary"]["e2e_ms"] is None and data["summary"]["speedup_vs_naive"] is None
+    assert data["fp8"]["quantize"]["skipped"] == "budget" and data["summary"]["fp8_e2e_ms"] is None
 
 
 def test_failing_section_is_recorded_and_the_run_goes_on(capsys):
     """40 rows exceed the engine's 32: that section fails, the next sections still run."""
     code, data = bench(["e2e", *TINY, "--decode-batches", "40", "--decode-steps", "2", "--max-tokens", "16",
-                        "--steps", "2", "--skip", "stages,naive,e2e_dpm"], capsys)
+                        "--steps", "2", "--skip", "stages,naive,e2e_dpm,fp8"], capsys)
     assert code == 1 and data["errors"] == 1
     assert "max_rows" in data["decode"]["b40"]["error"]
     assert data["e2e"]["pndm"]["completion_tokens"] == 16 and data["e2e"]["pndm"]["images"] == 1
@@ -107,7 +125,7 @@ def test_failing_section_is_recorded_and_the_run_goes_on(capsys):
 
 def test_cpu_has_no_hbm_floor(capsys):
     code, data = bench(["e2e", *TINY, "--decode-batches", "1", "--decode-steps", "2",
-                        "--skip", "stages,e2e,naive,e2e_dpm"], capsys)
+                        "--skip", "stages,e2e,naive,e2e_dpm,fp8"], capsys)
     assert code == 0
     assert data["hbm"]["gbps"] is None
     assert data["decode"]["b1"]["hbm"]["ratio_to_floor"] is None and data["decode"]["b1"]["ms_per_token"] > 0

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt5 import decode_graphs
 from minigpt5.engine import AdmissionError, DecodeEngine, Finished, VokenStates
 from minigpt5.sampling import SamplingParams
 
@@ -107,6 +108,36 @@ def test_a_preallocated_kv_pool_never_grows_and_gives_the_same_tokens(reference_
     preallocated = _run(engine, requests, arrivals=[0, 0, 1, 3, 3, 9])
     assert [t.data_ptr() for t in engine._kv.keys + engine._kv.values] == storage
     assert {k: v["tokens"] for k, v in preallocated.items()} == {k: v["tokens"] for k, v in grown.items()}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_static_decode_gives_the_dynamic_steps_tokens_and_voken_states(reference_pipeline, temperature,
+                                                                        monkeypatch):
+    """The CUDA-graph step's computation (batch padded to a bucket, keys over a bucket of positions),
+    run eagerly on the CPU: small key buckets so that rows cross buckets while decoding."""
+    monkeypatch.setattr(decode_graphs, "MIN_KEY_BUCKET", 16)
+    requests = _requests(reference_pipeline, 6, temperature=temperature)
+    dynamic = _run(_engine(reference_pipeline, max_rows=8), requests, arrivals=[0, 0, 1, 3, 3, 9])
+    engine = _engine(reference_pipeline, max_rows=8, static_decode=True)
+    assert engine._static.batch_buckets == [1, 2, 4, 8] and engine._static.key_buckets[:3] == [16, 32, 64]
+    buckets = []
+    run = engine._static.run
+    monkeypatch.setattr(engine._static, "run", lambda ids, positions: buckets.append(
+        (len(ids), max(positions))) or run(ids, positions))
+    static = _run(engine, requests, arrivals=[0, 0, 1, 3, 3, 9])
+    assert 3 in {n for n, _ in buckets} and max(p for _, p in buckets) > 64  # padded; several key buckets
+    for rid, expected in dynamic.items():
+        assert static[rid]["tokens"] == expected["tokens"], rid
+        assert len(static[rid]["states"]) == len(expected["states"]) > 0 or not expected["states"]
+        for a, b in zip(static[rid]["states"], expected["states"]):
+            np.testing.assert_allclose(a, b, atol=STATE_TOLERANCE, rtol=0)
+
+
+def test_static_decode_buckets():
+    assert decode_graphs._buckets(1, 32) == [1, 2, 4, 8, 16, 32]
+    assert decode_graphs._buckets(1, 24) == [1, 2, 4, 8, 16, 24]
+    assert decode_graphs._buckets(256, 2048) == [256, 512, 1024, 2048]
+    assert [decode_graphs._bucket(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
 
 
 def test_abort_of_a_waiting_request(reference_pipeline):

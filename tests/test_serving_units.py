@@ -313,7 +313,7 @@ def _drain(stream, timeout: float = WAIT_S) -> list:
 
 
 def test_decoder_streams_text_voken_states_then_one_finished(decoder, hidden):
-    from minigpt5.engine import Finished, TextDelta, VokenStates
+    from minigpt5.engine import TextDelta, VokenStates
     text_only = decoder.open("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3))
     with_image = decoder.open("units-image", PROMPT, None, _sampling(max_tokens=16, seed=4, force_image=True))
     for stream, max_tokens in ((text_only, 24), (with_image, 16)):
@@ -508,11 +508,14 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
     assert _metric("minigpt5_requests_total", label, outcome="invalid") == invalid_before + 1
 
 
-def test_kv_preallocate_parameter(serving):
-    choose = serving.bls_model._preallocate_kv
+@pytest.mark.parametrize("key", ["kv_preallocate", "decode_cuda_graphs"])
+def test_gpu_default_switches(serving, key):
+    def choose(setting, device):
+        return serving.bls_model._on_gpu_by_default({key: setting}, key, device)
     assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
         (False, True, True, False)
-    with pytest.raises(ValueError, match="kv_preallocate"):
+    assert serving.bls_model._on_gpu_by_default({}, key, "cuda:0")  # absent = auto
+    with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
 
 

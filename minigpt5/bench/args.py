@@ -71,7 +71,8 @@ def _add_e2e(sub) -> None:
                                    "'one image + prompt in, 512 tokens + one image out' through the "
                                    "repository's stages (PNDM 50 and DPM-Solver++ 20), and the naive "
                                    "upstream-style path (HF generate + diffusers StableDiffusionPipeline) "
-                                   "in the same run. Prints one JSON object.")
+                                   "in the same run; then the same with fp8 LLM weights. Prints one JSON "
+                                   "object.")
     _add_model_flags(p, default_preset="full")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens generated end to end (image forced)")
     p.add_argument("--steps", type=int, default=50, help="PNDM steps end to end and in the naive baseline")
@@ -85,8 +86,15 @@ def _add_e2e(sub) -> None:
                         "when known, e.g. H100 SXM 3350; none on CPU)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="wall-clock budget: sections that would overrun it are skipped ('skipped': 'budget')")
+    p.add_argument("--decode-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="1-token decode steps at static shapes, captured as CUDA graphs (the server's "
+                        "decode_cuda_graphs; auto: on a GPU; 'on' on the CPU runs the static shapes "
+                        "eagerly). When on, each decode batch is also timed eagerly in the same run")
+    p.add_argument("--fp8", choices=["auto", "on", "off"], default="auto",
+                   help="finally quantise the LLM's layer weights to fp8 and time decode and end to end "
+                        "again (section fp8; auto: where torch supports fp8 matmuls: H100, CPU)")
     p.add_argument("--skip", type=name_list, default=[],
-                   help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm")
+                   help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm, fp8")
 
     def handler(args):
         from .e2e import main

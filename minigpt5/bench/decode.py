@@ -18,31 +18,48 @@ from .timing import log, summarize, synchronize
 
 def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_positions: int, steps: int,
                   warmup: int, base_vocab: int) -> dict:
+    """With static decode on (CUDA graphs on a GPU), the same rows are then timed for `steps` more
+    steps with it off: `eager_ms_per_token` and `speedup_vs_eager` come from the same run."""
     engine = decoder_stage.engine
     if engine.has_work:
         raise RuntimeError("engine busy before the decode bench")
     if batch > engine.max_rows:
         raise RuntimeError(f"batch {batch} exceeds the engine's max_rows ({engine.max_rows})")
-    max_tokens = warmup + steps + 8
+    compare = engine.static_decode
+    max_tokens = warmup + steps * (2 if compare else 1) + 8
     ids = [f"bench-decode-{batch}-{i}" for i in range(batch)]
     try:
         for i, request_id in enumerate(ids):
             prompt = prompt_ids(tokens, prompt_positions, base_vocab, seed=i, with_image=False)
             params = SamplingParams(max_tokens=max_tokens, seed=i, max_images=0)
             engine.submit(decoder_stage.make_request(request_id, prompt, None, params))
-        measured = _run_batch(engine, device, batch, steps, warmup)
+        admit_steps, admit_ms = _admit_all(engine, device, batch)
+        for _ in range(warmup):
+            engine.step()
+        kv_start = _kv_valid(engine)
+        samples = _timed_steps(engine, device, steps)
+        kv_end = _kv_valid(engine)
+        eager = _timed_steps_eager(engine, device, steps) if compare else None
+        if len(engine.rows) != batch or any(row.finish_reason for row in engine.rows):
+            raise RuntimeError("a row finished while being timed")
+        allocated = engine.kv_positions_in_use
     finally:  # leave the engine empty for the next section, also after a failure
         drain_engine(engine, ids)
-    admit_steps, admit_ms, samples, kv_start, kv_end, allocated = measured
     timing = summarize(samples)
-    return {"batch": batch, "method": "DecodeEngine.step", "prompt_positions": prompt_positions,
-            "admission_steps": admit_steps, "admission_ms": round(admit_ms, 1),
-            "ms_per_token": timing["ms"], "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
-            "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),
-            "kv_positions_allocated_end": allocated, "step": timing}
+    result = {"batch": batch, "method": "DecodeEngine.step", "static_decode": compare,
+              "cuda_graphs": compare and device.type == "cuda", "prompt_positions": prompt_positions,
+              "admission_steps": admit_steps, "admission_ms": round(admit_ms, 1),
+              "ms_per_token": timing["ms"], "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
+              "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),
+              "kv_positions_allocated_end": allocated, "step": timing}
+    if eager:
+        eager_timing = summarize(eager)
+        result.update({"eager_ms_per_token": eager_timing["ms"],
+                       "speedup_vs_eager": round(eager_timing["ms"] / timing["ms"], 3), "eager_step": eager_timing})
+    return result
 
 
-def _run_batch(engine, device, batch: int, steps: int, warmup: int) -> tuple:
+def _admit_all(engine, device, batch: int) -> tuple[int, float]:
     admit_steps = 0
     synchronize(device)
     start = time.perf_counter()
@@ -52,10 +69,10 @@ def _run_batch(engine, device, batch: int, steps: int, warmup: int) -> tuple:
         if admit_steps > batch + 16:
             raise RuntimeError(f"only {len(engine.rows)} of {batch} rows admitted (engine limits?)")
     synchronize(device)
-    admit_ms = (time.perf_counter() - start) * 1e3
-    for _ in range(warmup):
-        engine.step()
-    kv_start = _kv_valid(engine)
+    return admit_steps, (time.perf_counter() - start) * 1e3
+
+
+def _timed_steps(engine, device, steps: int) -> list[float]:
     samples = []
     for _ in range(steps):
         synchronize(device)
@@ -63,9 +80,16 @@ def _run_batch(engine, device, batch: int, steps: int, warmup: int) -> tuple:
         engine.step()
         synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    if len(engine.rows) != batch or any(row.finish_reason for row in engine.rows):
-        raise RuntimeError("a row finished while being timed")
-    return admit_steps, admit_ms, samples, kv_start, _kv_valid(engine), engine.kv_positions_in_use
+    return samples
+
+
+def _timed_steps_eager(engine, device, steps: int) -> list[float]:
+    engine.static_decode = False
+    try:
+        engine.step()  # untimed: warms the dynamic step's kernels
+        return _timed_steps(engine, device, steps)
+    finally:
+        engine.static_decode = True
 
 
 def drain_engine(engine, request_ids: list[str]) -> None:

@@ -130,18 +130,26 @@ def token_ids(tokenizer) -> dict:
             "bos_id": ids["bos"]["<s>"], "eos_id": ids["eos"]}
 
 
-def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER) -> dict:
+def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER, **engine_options) -> dict:
     """VisionStage, DecoderStage and ImageStage over prebuilt modules, with the bench's EOS ban."""
     from ..image_decoder import ImageDecoder
-    from ..stages import DecoderStage, ImageStage, VisionStage
+    from ..stages import ImageStage, VisionStage
 
     tokens = token_ids(tokenizer)
     vision = VisionStage(modules["vision"])
-    decoder = DecoderStage(modules["llm"], tokenizer, tokens)
+    decoder = make_decoder(modules["llm"], tokenizer, tokens, **engine_options)
     images = ImageStage(ImageDecoder(modules["mapper"], modules["unet"], modules["vae"], scheduler_config))
-    # Fixed-length runs: EOS can never be sampled ('###' cannot be spelled by the bench vocabulary).
-    decoder.engine.banned_ids = sorted(set(decoder.engine.banned_ids) | {tokens["eos_id"]})
     return {"vision": vision, "decoder": decoder, "images": images, "tokens": tokens}
+
+
+def make_decoder(llm, tokenizer, tokens: dict, **engine_options):
+    """A DecoderStage whose engine can never sample EOS: runs have a fixed length ('###' cannot be
+    spelled by the bench vocabulary either)."""
+    from ..stages import DecoderStage
+
+    decoder = DecoderStage(llm, tokenizer, tokens, **engine_options)
+    decoder.engine.banned_ids = sorted(set(decoder.engine.banned_ids) | {tokens["eos_id"]})
+    return decoder
 
 
 def prompt_ids(tokens: dict, positions: int, base_vocab: int, seed: int = 0, with_image: bool = True) -> list[int]:

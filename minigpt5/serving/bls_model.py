@@ -61,11 +61,12 @@ class MiniGPT5Model:
         self.max_inflight = int(params.get("max_inflight_requests", 64))
         self.request_timeout_s = float(params.get("request_timeout_s", 600))
         self.decoder = DecoderHost(DecoderStage.load(
-            where.weights, where.device, where.dtype,
+            where.weights, where.device, where.dtype, quantization=params.get("llm_quantization", "none"),
             kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
             max_rows=int(params.get("max_batch_rows", 32)),
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
-            preallocate_kv=_preallocate_kv(params.get("kv_preallocate", "auto"), where.device),
+            preallocate_kv=_on_gpu_by_default(params, "kv_preallocate", where.device),
+            static_decode=_on_gpu_by_default(params, "decode_cuda_graphs", where.device),
         ), observe_batch=metrics.observe_decoder_batch if metrics else None)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -316,10 +317,11 @@ def _stop(stream: DecodeStream, images: list[concurrent.futures.Future]) -> None
         future.cancel()
 
 
-def _preallocate_kv(setting: str, device: str) -> bool:
-    """config.pbtxt `kv_preallocate`: true, false, or auto (on a GPU only)."""
+def _on_gpu_by_default(params: dict, key: str, device: str) -> bool:
+    """A config.pbtxt switch: true, false, or auto (= on a GPU only)."""
+    setting = params.get(key, "auto")
     if setting not in ("auto", "true", "false"):
-        raise ValueError(f"kv_preallocate: must be auto, true or false, got {setting!r}")
+        raise ValueError(f"{key}: must be auto, true or false, got {setting!r}")
     return device != "cpu" if setting == "auto" else setting == "true"
 
 
