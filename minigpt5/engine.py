@@ -386,6 +386,18 @@ class DecodeEngine:
         self.rows = [self.rows[i] for i in keep]
         self._kv.compact(keep, max((row.length for row in self.rows), default=0))
 
+    @torch.inference_mode()
+    def static_step_error(self) -> float | None:
+        """max |static − dynamic| / max |dynamic| of the final-norm states of the running rows' next
+        1-token step, computed both ways without taking the step (both write the keys and values the
+        step itself will write). A check of the CUDA graphs on a real GPU; None when it cannot apply."""
+        if self._static is None or not self.rows or any(len(row.next_input) != 1 for row in self.rows):
+            return None
+        ids, lengths = [row.next_input[0] for row in self.rows], [row.length for row in self.rows]
+        static = self._static.run(ids, lengths).float()
+        dynamic = self._dynamic_step([[i] for i in ids], lengths, 1)[:, 0].float()
+        return float((static - dynamic).abs().max() / dynamic.abs().max())
+
     def drop_running(self) -> list[str]:
         """Forget every running row (after a failed step); returns their request ids."""
         dropped = [row.request_id for row in self.rows]

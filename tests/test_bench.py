@@ -66,6 +66,7 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
         # static shapes on (eagerly: no CUDA here), then the same rows timed with them off
         assert decode["static_decode"] and not decode["cuda_graphs"]
         assert decode["eager_step"]["n"] == 3 and decode["eager_ms_per_token"] > 0
+        assert 0 <= decode["static_vs_eager_error"] < 1e-5
         assert decode["speedup_vs_eager"] == pytest.approx(decode["eager_ms_per_token"] / decode["ms_per_token"],
                                                            abs=1e-3)
         floor = decode["hbm"]

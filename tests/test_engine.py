@@ -133,6 +133,20 @@ def test_static_decode_gives_the_dynamic_steps_tokens_and_voken_states(reference
             np.testing.assert_allclose(a, b, atol=STATE_TOLERANCE, rtol=0)
 
 
+def test_static_step_error_compares_the_two_steps_without_taking_one(reference_pipeline, monkeypatch):
+    engine = _engine(reference_pipeline, max_rows=8, static_decode=True)
+    assert engine.static_step_error() is None  # no rows
+    for r in _requests(reference_pipeline, 3, max_tokens=30, force_image=False):
+        engine.submit(r)
+    engine.step()
+    engine.step()
+    lengths = [row.length for row in engine.rows]
+    assert engine.static_step_error() < 1e-5
+    assert [row.length for row in engine.rows] == lengths  # no step taken
+    monkeypatch.setattr(decode_graphs, "_bucket", lambda need, buckets: 8)  # attends to 8 keys only
+    assert engine.static_step_error() > 1e-3  # a wrong static step is seen
+
+
 def test_static_decode_buckets():
     assert decode_graphs._buckets(1, 32) == [1, 2, 4, 8, 16, 32]
     assert decode_graphs._buckets(1, 24) == [1, 2, 4, 8, 16, 24]

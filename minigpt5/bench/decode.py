@@ -36,6 +36,7 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
         admit_steps, admit_ms = _admit_all(engine, device, batch)
         for _ in range(warmup):
             engine.step()
+        static_error = engine.static_step_error() if compare else None
         kv_start = _kv_valid(engine)
         samples = _timed_steps(engine, device, steps)
         kv_end = _kv_valid(engine)
@@ -54,6 +55,7 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
               "kv_positions_allocated_end": allocated, "step": timing}
     if eager:
         eager_timing = summarize(eager)
+        result["static_vs_eager_error"] = static_error
         result.update({"eager_ms_per_token": eager_timing["ms"],
                        "speedup_vs_eager": round(eager_timing["ms"] / timing["ms"], 3), "eager_step": eager_timing})
     return result
