@@ -20,6 +20,7 @@ Design (see docs/DESIGN_DECODER.md for the why):
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from .sampling import SamplingParams, sample_tokens
 from .tokenizer import StreamingDetokenizer
 
 STOP_TEXT = "###"
+
+log = logging.getLogger(__name__)
 
 
 class AdmissionError(ValueError):
@@ -106,13 +109,15 @@ class DecodeEngine:
 
     def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
                  kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
-                 run_to_completion: bool = False, preallocate_kv: bool = False, static_decode: bool = False):
+                 run_to_completion: bool = False, preallocate_kv: bool = False, static_decode: bool = False,
+                 capture_fallback: bool = False):
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
         requests are admitted only when the whole running batch has finished. `preallocate_kv`
         allocates the KV pool at its largest (max_rows × context) now instead of growing it on
         demand: on a GPU a server that cannot hold it fails at start, not under load.
         `static_decode` runs 1-token steps at bucketed static shapes (decode_graphs.py), captured as
-        CUDA graphs on a GPU (here, at start); it implies `preallocate_kv`."""
+        CUDA graphs on a GPU (here, at start); it implies `preallocate_kv`. `capture_fallback`: when
+        the capture fails, log why (`capture_error`) and decode eagerly instead of failing."""
         self.llm = llm.eval()
         self._device, self._dtype = llm.device, llm.dtype
         self._vocab_size = llm.lm_head.out_features
@@ -133,14 +138,26 @@ class DecodeEngine:
             self._static = StaticDecodeStep(
                 self._forward, llm.get_input_embeddings(), max_rows=max_rows, max_positions=self.max_positions,
                 pad_id=eos_id, device=self._device, capture=self._device.type == "cuda")
-            if self._static.capture:
-                self._static.capture_all()
+        self.capture_error = None
+        if self._static is not None and self._static.capture:
+            static_decode = self._capture(capture_fallback)
         self.static_decode = static_decode  # benchmarks switch it off to time the eager step in one run
         self._lock = threading.Lock()
         self._waiting: collections.deque[DecodeRequest] = collections.deque()
         self._aborted: set[str] = set()
         self.rows: list[_Row] = []  # row i owns KV slot i
         self._admitted_last_step = False
+
+    def _capture(self, fallback: bool) -> bool:
+        try:
+            self._static.capture_all()
+            return True
+        except RuntimeError as exc:
+            if not fallback:
+                raise
+            self._static, self.capture_error = None, f"{type(exc).__name__}: {exc}"
+            log.warning("decode CUDA graphs could not be captured, decoding eagerly: %s", self.capture_error)
+            return False
 
     # ---- called from any thread -------------------------------------------------------------
     def check_admissible(self, request: DecodeRequest) -> None:
@@ -403,6 +420,13 @@ class DecodeEngine:
         dropped = [row.request_id for row in self.rows]
         self.rows = []
         return dropped
+
+    @property
+    def decode_mode(self) -> str:
+        """How 1-token steps run: 'CUDA graphs', 'static shapes, eager' (tests) or 'eager'."""
+        if not self.static_decode or self._static is None:
+            return "eager"
+        return "CUDA graphs" if self._static.capture else "static shapes, eager"
 
     @property
     def kv_positions_in_use(self) -> int:

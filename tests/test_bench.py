@@ -64,7 +64,7 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
         assert decode["batch"] == batch and decode["method"] == "DecodeEngine.step"
         assert decode["ms_per_token"] > 0 and decode["step"]["n"] == 3
         # static shapes on (eagerly: no CUDA here), then the same rows timed with them off
-        assert decode["static_decode"] and not decode["cuda_graphs"]
+        assert decode["decode_mode"] == "static shapes, eager"
         assert decode["eager_step"]["n"] == 3 and decode["eager_ms_per_token"] > 0
         assert 0 <= decode["static_vs_eager_error"] < 1e-5
         assert decode["speedup_vs_eager"] == pytest.approx(decode["eager_ms_per_token"] / decode["ms_per_token"],
@@ -95,7 +95,7 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
     assert fp8["quantize"]["quantized_linears"] > 0 and fp8["quantize"]["skipped_linears"] == 0
     assert fp8["quantize"]["weight_bytes_after"] < fp8["quantize"]["weight_bytes_before"] / 3  # fp32 → fp8
     assert fp8["quantize"]["llm"]["read_per_step_bytes"] < data["hbm"]["read_per_step_bytes"]
-    assert fp8["b1"]["ms_per_token"] > 0 and fp8["b3"]["static_decode"]
+    assert fp8["b1"]["ms_per_token"] > 0 and fp8["b3"]["decode_mode"] == "static shapes, eager"
     assert fp8["b1"]["hbm"]["floor_weights_ms"] < data["decode"]["b1"]["hbm"]["floor_weights_ms"]
     for name in ("e2e_pndm", "e2e_dpm"):
         assert fp8[name]["completion_tokens"] == 16 and fp8[name]["images"] == 1

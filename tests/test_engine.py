@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minigpt5 import decode_graphs
+from minigpt5 import engine as engine_module
 from minigpt5.engine import AdmissionError, DecodeEngine, Finished, VokenStates
 from minigpt5.sampling import SamplingParams
 
@@ -145,6 +146,28 @@ def test_static_step_error_compares_the_two_steps_without_taking_one(reference_p
     assert [row.length for row in engine.rows] == lengths  # no step taken
     monkeypatch.setattr(decode_graphs, "_bucket", lambda need, buckets: 8)  # attends to 8 keys only
     assert engine.static_step_error() > 1e-3  # a wrong static step is seen
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_failed_graph_capture_falls_back_to_eager_or_fails_the_start(reference_pipeline, monkeypatch, fallback):
+    class FailingCapture(decode_graphs.StaticDecodeStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.capture = True  # as on a GPU
+
+        def capture_all(self):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine_module, "StaticDecodeStep", FailingCapture)
+    if not fallback:
+        with pytest.raises(RuntimeError, match="capturing"):
+            _engine(reference_pipeline, max_rows=4, static_decode=True)
+        return
+    engine = _engine(reference_pipeline, max_rows=4, static_decode=True, capture_fallback=True)
+    assert not engine.static_decode and engine.decode_mode == "eager" and "capturing" in engine.capture_error
+    requests = _requests(reference_pipeline, 2, temperature=0.0)
+    eager = {rid: result["tokens"] for rid, result in _run(_engine(reference_pipeline), requests).items()}
+    assert {rid: result["tokens"] for rid, result in _run(engine, requests).items()} == eager
 
 
 def test_static_decode_buckets():

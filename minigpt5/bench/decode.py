@@ -47,8 +47,8 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
     finally:  # leave the engine empty for the next section, also after a failure
         drain_engine(engine, ids)
     timing = summarize(samples)
-    result = {"batch": batch, "method": "DecodeEngine.step", "static_decode": compare,
-              "cuda_graphs": compare and device.type == "cuda", "prompt_positions": prompt_positions,
+    result = {"batch": batch, "method": "DecodeEngine.step", "decode_mode": engine.decode_mode,
+              "prompt_positions": prompt_positions,
               "admission_steps": admit_steps, "admission_ms": round(admit_ms, 1),
               "ms_per_token": timing["ms"], "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
               "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),

@@ -170,8 +170,9 @@ def _fp8_sections(report, args, stages: dict, modules: dict, device, gbps, promp
             torch.cuda.empty_cache()
         stats = quantize_llm_fp8(modules["llm"])
         stages["decoder"] = make_decoder(modules["llm"], stages["decoder_tokenizer"], stages["tokens"],
-                                         static_decode=report.data["settings"]["static_decode"])
-        return {**stats, "llm": llm_bytes(modules["llm"])}
+                                         static_decode=report.data["settings"]["static_decode"],
+                                         capture_fallback=True)
+        return {**stats, "llm": llm_bytes(modules["llm"]), **_decode_mode(stages["decoder"].engine)}
 
     if report.section(("fp8", "quantize"), quantize, group="fp8", estimate_s=QUANTIZE_ESTIMATE_S) is None:
         return {}
@@ -222,9 +223,16 @@ def _make_stages(into: dict, modules: dict, preset_name: str, static_decode: boo
     """VisionStage / DecoderStage / ImageStage over the built modules (bench/models.py)."""
     tokenizer = bench_tokenizer(preset_name)
     start = time.perf_counter()
-    into.update(make_stages(modules, tokenizer, static_decode=static_decode), decoder_tokenizer=tokenizer)
-    return {"tokenizer": "word-level stand-in", "vocab_size": len(tokenizer), "static_decode": static_decode,
-            "engine": "DecodeEngine defaults, EOS banned", "seconds": round(time.perf_counter() - start, 2)}
+    into.update(make_stages(modules, tokenizer, static_decode=static_decode, capture_fallback=True),
+                decoder_tokenizer=tokenizer)
+    return {"tokenizer": "word-level stand-in", "vocab_size": len(tokenizer),
+            "engine": "DecodeEngine defaults, EOS banned", "seconds": round(time.perf_counter() - start, 2),
+            **_decode_mode(into["decoder"].engine)}
+
+
+def _decode_mode(engine) -> dict:
+    """How the engine decodes; a failed graph capture is recorded (and counted) instead of ending the run."""
+    return {"decode_mode": engine.decode_mode, "capture_error": engine.capture_error}
 
 
 def _switch(setting: str, auto: bool) -> bool:

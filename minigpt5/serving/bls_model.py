@@ -67,6 +67,7 @@ class MiniGPT5Model:
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
             preallocate_kv=_on_gpu_by_default(params, "kv_preallocate", where.device),
             static_decode=_on_gpu_by_default(params, "decode_cuda_graphs", where.device),
+            capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto",
         ), observe_batch=metrics.observe_decoder_batch if metrics else None)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -77,7 +78,11 @@ class MiniGPT5Model:
         self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
                                             max_rows=IMAGE_MAX_BATCH)
-        triton_io.log_info(f"{where.describe('minigpt5')}; max {self.max_inflight} requests in flight")
+        triton_io.log_info(f"{where.describe('minigpt5')}; max {self.max_inflight} requests in flight; "
+                           f"decode: {self.decoder.engine.decode_mode}")
+        if self.decoder.engine.capture_error:
+            triton_io.log_warn(f"minigpt5: decode CUDA graphs failed, decoding eagerly (slower): "
+                               f"{self.decoder.engine.capture_error}")
 
     def execute(self, requests: list) -> None:
         for request in requests:
