@@ -231,7 +231,7 @@ def _make_stages(into: dict, modules: dict, preset_name: str, static_decode: boo
 
 
 def _decode_mode(engine) -> dict:
-    """How the engine decodes; a failed graph capture is recorded (and counted) instead of ending the run."""
+    """How the engine decodes; a failed graph capture is recorded here instead of ending the run."""
     return {"decode_mode": engine.decode_mode, "capture_error": engine.capture_error}
 
 
