@@ -60,8 +60,9 @@ class MiniGPT5Model:
         self.metrics = metrics
         self.max_inflight = int(params.get("max_inflight_requests", 64))
         self.request_timeout_s = float(params.get("request_timeout_s", 600))
+        quantization = params.get("llm_quantization", "none")
         self.decoder = DecoderHost(DecoderStage.load(
-            where.weights, where.device, where.dtype, quantization=params.get("llm_quantization", "none"),
+            where.weights, where.device, where.dtype, quantization=quantization,
             kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
             max_rows=int(params.get("max_batch_rows", 32)),
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
@@ -79,7 +80,7 @@ class MiniGPT5Model:
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
                                             max_rows=IMAGE_MAX_BATCH)
         triton_io.log_info(f"{where.describe('minigpt5')}; max {self.max_inflight} requests in flight; "
-                           f"decode: {self.decoder.engine.decode_mode}")
+                           f"decode: {self.decoder.engine.decode_mode}; LLM quantization: {quantization}")
         if self.decoder.engine.capture_error:
             triton_io.log_warn(f"minigpt5: decode CUDA graphs failed, decoding eagerly (slower): "
                                f"{self.decoder.engine.capture_error}")
