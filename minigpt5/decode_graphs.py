@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 class StaticDecodeStep:
     """`run(ids, positions)` → final-norm states [n, H] of one token per row, rows in slots 0..n-1."""
 
-    def __init__(self, forward: Callable, embed: Callable, *, max_rows: int, max_positions: int,
-                 pad_id: int, device: torch.device, capture: bool):
-        """`forward(embeds, positions, slots, keys_total, mask)` is the engine's layer loop."""
-        self._forward, self._embed = forward, embed
+    def __init__(self, forward: Callable, *, max_rows: int, max_positions: int, pad_id: int,
+                 device: torch.device, capture: bool):
+        """`forward(ids, positions, keys_total)` is the engine's step: [B, 1] ids at [B, 1] positions
+        for the rows in slots 0..B-1, attending over their first `keys_total` positions."""
+        self._forward = forward
         self.batch_buckets = _buckets(1, max_rows)
         self.key_buckets = _buckets(min(MIN_KEY_BUCKET, max_positions), max_positions)
         self.pad_id, self.device, self.capture = pad_id, device, capture
@@ -43,9 +44,9 @@ class StaticDecodeStep:
         self._pool = None
 
     @torch.inference_mode()
-    def capture_all(self) -> dict:
+    def capture_all(self) -> None:
         """Capture every (batch, keys) bucket now, while no row runs (the captures write position 0
-        of the slots they span). Returns what was captured and how long it took."""
+        of the slots they span)."""
         start = time.perf_counter()
         for batch in self.batch_buckets:
             for keys in self.key_buckets:
@@ -54,8 +55,6 @@ class StaticDecodeStep:
         seconds = time.perf_counter() - start
         log.info("captured %d decode CUDA graphs (batch %s × keys %s) in %.1f s", len(self._graphs),
                  self.batch_buckets, self.key_buckets, seconds)
-        return {"graphs": len(self._graphs), "batch_buckets": self.batch_buckets,
-                "key_buckets": self.key_buckets, "seconds": round(seconds, 2)}
 
     def run(self, ids: list[int], positions: list[int]) -> torch.Tensor:
         rows = len(ids)
@@ -73,10 +72,7 @@ class StaticDecodeStep:
         return hidden[:rows, 0]
 
     def _step(self, batch: int, keys: int) -> torch.Tensor:
-        positions = self._positions[:batch]
-        # A row's query at position p sees its keys 0..p (the dynamic step's mask, over `keys` positions).
-        mask = (torch.arange(keys, device=self.device) <= positions[..., None])[:, None]
-        return self._forward(self._embed(self._ids[:batch]), positions, slice(0, batch), keys, mask)
+        return self._forward(self._ids[:batch], self._positions[:batch], keys)
 
     def _capture(self, batch: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         current = torch.cuda.current_stream(self.device)

@@ -133,14 +133,12 @@ class DecodeEngine:
         self._kv = _KVSlots(llm, max_rows)
         if preallocate_kv or static_decode:
             self._kv.reserve(max_rows, self.max_positions)
-        self._static = None
+        self._static, self.capture_error = None, None
         if static_decode:
-            self._static = StaticDecodeStep(
-                self._forward, llm.get_input_embeddings(), max_rows=max_rows, max_positions=self.max_positions,
-                pad_id=eos_id, device=self._device, capture=self._device.type == "cuda")
-        self.capture_error = None
-        if self._static is not None and self._static.capture:
-            static_decode = self._capture(capture_fallback)
+            self._static = StaticDecodeStep(self._decode_forward, max_rows=max_rows, max_positions=self.max_positions,
+                                            pad_id=eos_id, device=self._device, capture=self._device.type == "cuda")
+            if self._static.capture:
+                static_decode = self._capture(capture_fallback)
         self.static_decode = static_decode  # benchmarks switch it off to time the eager step in one run
         self._lock = threading.Lock()
         self._waiting: collections.deque[DecodeRequest] = collections.deque()
@@ -276,10 +274,15 @@ class DecodeEngine:
         keys_total = max(lengths) + width
         self._kv.reserve(len(self.rows), keys_total)
         positions = (torch.tensor(lengths)[:, None] + torch.arange(width)).to(self._device)
+        return self._decode_forward(torch.tensor(ids, device=self._device), positions, keys_total)
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, keys_total: int) -> torch.Tensor:
+        """`ids` at `positions` [B, W] for the rows in slots 0..B-1, attending over `keys_total` positions.
+        The dynamic step and the static (CUDA-graph) step both run this."""
         # A row's query at position p sees its keys 0..p: its padding and its slot's stale tail stay hidden.
         mask = (torch.arange(keys_total, device=self._device) <= positions[..., None])[:, None]
-        embeds = self.llm.get_input_embeddings()(torch.tensor(ids, device=self._device))
-        return self._forward(embeds, positions, slice(0, len(self.rows)), keys_total, mask)
+        embeds = self.llm.get_input_embeddings()(ids)
+        return self._forward(embeds, positions, slice(0, ids.shape[0]), keys_total, mask)
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: slice, keys_total: int,
                  mask: torch.Tensor | None) -> torch.Tensor:

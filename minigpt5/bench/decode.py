@@ -86,12 +86,12 @@ def _timed_steps(engine, device, steps: int) -> list[float]:
 
 
 def _timed_steps_eager(engine, device, steps: int) -> list[float]:
-    engine.static_decode = False
+    static, engine.static_decode = engine.static_decode, False
     try:
         engine.step()  # untimed: warms the dynamic step's kernels
         return _timed_steps(engine, device, steps)
     finally:
-        engine.static_decode = True
+        engine.static_decode = static
 
 
 def drain_engine(engine, request_ids: list[str]) -> None:

@@ -128,12 +128,13 @@ def main(args) -> int:
                   group="e2e_dpm", estimate_s=estimate(args.dpm_steps, 1.2))
 
     fp8 = {}
-    if _switch(args.fp8, fp8_available(device)[0]):
+    fp8_runs, why_not = fp8_available(device)
+    if _switch(args.fp8, fp8_runs):
         holder.clear()  # the naive pipeline holds the LLM's bf16 layers no more
         fp8 = _fp8_sections(report, args, stages, modules, device, bandwidth["gbps"], prompt, image, estimate,
                             (direct_ms, _ms(prefill)))
     else:
-        report.set(("fp8",), {"skipped": "flag" if args.fp8 == "off" else fp8_available(device)[1]})
+        report.set(("fp8",), {"skipped": "flag" if args.fp8 == "off" else why_not})
 
     report.data["summary"] = summary(ours, dpm, naive, decode, fp8)
     report.data["memory"] = memory(device)
