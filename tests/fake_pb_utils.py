@@ -525,7 +525,7 @@ class InferenceRequest:
             bls_calls.append(call)
         if decoupled:
             raise TritonModelException("fake: exec(decoupled=True) is not supported: the serving code must not "
-                                       "make decoupled BLS calls (Triton 2.51 defect, serving/decoding.py)")
+                                       "make decoupled BLS calls (Triton 2.51 defect, serving/decoder_link.py)")
         with _models_lock:
             entry = _models.get(self.model_name)
         if entry is None:

@@ -227,7 +227,9 @@ def test_serving_small(tiny_weights, tmp_path):
 
     out = tmp_path / "serving.json"
     run = subprocess.run([sys.executable, "-m", "minigpt5.cli", "bench", "serving", "--weights", str(tiny_weights),
-                          "--requests", "2", "--max-tokens", "16", "--steps", "4", "--out", str(out), "--json"],
+                          "--requests", "2", "--max-tokens", "16", "--steps", "4", "--streams", "1,3",
+                          "--stream-tokens", "12", "--stream-rounds", "2", "--short-requests", "2",
+                          "--long-tokens", "300", "--decoder-threads", "1", "--out", str(out), "--json"],
                          capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads(run.stdout)
@@ -254,6 +256,23 @@ def test_serving_small(tiny_weights, tmp_path):
     assert summary["time_to_first_token_ms"] <= summary["time_to_first_image_ms"] <= summary["overlapped_ms"] + 1
     assert data["served_over_in_process_latency_ratio"] == summary["served_over_in_process_latency_ratio"]
     assert data["image_overlap_gain"] == summary["image_overlap_gain"]
+
+    streaming = data["streaming"]
+    assert sorted(streaming["levels"]) == ["1", "3"] and streaming["decoder_threads"] == 1
+    for n, level in streaming["levels"].items():
+        served, alone = level["served"], level["engine_alone"]
+        assert served["requests"] == alone["requests"] == 2 * int(n)
+        assert level["same_tokens"] and served["tokens"] == alone["tokens"] > 0  # same seeds, same tokens
+        assert served["tokens_per_s"] > 0 and level["served_over_engine"] > 0
+        # CPU seconds per 1,000 tokens of every process: tritonserver, the four stubs and the client
+        processes = set(served["cpu_s_per_1k_tokens"])
+        assert {"tritonserver", "stub minigpt5", "stub vicuna_decoder", "bench (client)"} <= processes
+        assert served["cpu_s_per_1k_tokens"]["stub vicuna_decoder"] > 0
+    assert summary["served_over_engine_tokens_per_s"] == {n: v["served_over_engine"]
+                                                          for n, v in streaming["levels"].items()}
+    short = data["short_ttft"]
+    assert len(short["alone_ms"]) == 2 and all(ms > 0 for ms in short["alone_ms"])
+    assert short["busy_samples"] == len(short["busy_ms"]) <= 2
 
 
 def test_new_benches_register():

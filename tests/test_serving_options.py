@@ -19,7 +19,7 @@ STORY = {"text_input": "Tell me a story about a red kite.", "force_image": True,
 @pytest.fixture(scope="module")
 def fast_path_server(tiny_weights, tmp_path_factory):
     server = start_server(tiny_weights, tmp_path_factory.mktemp("triton-fast-paths"), parameters={
-        "minigpt5": {"decode_cuda_graphs": "true", "llm_quantization": "fp8", "max_batch_rows": "4"}})
+        "vicuna_decoder": {"decode_cuda_graphs": "true", "llm_quantization": "fp8", "max_batch_rows": "4"}})
     yield server
     server.process.stop()
 

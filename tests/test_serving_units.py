@@ -27,8 +27,9 @@ REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
 # after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
-PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model", "bls_model")
-MODEL_DIRS = ("vision_encoder", "image_decoder", "minigpt5")
+PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model", "decoder_model",
+            "bls_model")
+MODEL_DIRS = ("vision_encoder", "image_decoder", "vicuna_decoder", "minigpt5")
 
 # Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
 # (UNet/VAE in a batch, then rounded to uint8) within 2 levels — the same bound test_serving.py uses.
@@ -90,7 +91,7 @@ def one_torch_thread():
 def serving(pb):
     """The serving modules, imported with the fake in place."""
     return types.SimpleNamespace(**{short: importlib.import_module(f"minigpt5.serving.{short}")
-                                    for short in PB_BOUND})
+                                    for short in PB_BOUND + ("decoder_link",)})
 
 
 @pytest.fixture(scope="module")
@@ -193,22 +194,42 @@ def image_model(serving, make_args):
 
 
 @pytest.fixture(scope="module")
-def decoder(tiny_weights):
-    from minigpt5.serving.decoding import DecoderHost
-    from minigpt5.stages import DecoderStage
-    from minigpt5.weights.layout import WeightsDir
-    host = DecoderHost(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
-    yield host
-    host.close()
+def decoder_model(serving, make_args):
+    model = serving.decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
+                                                     metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
+    yield model
+    model.finalize()
 
 
 @pytest.fixture(scope="module")
-def children(pb, configs, vision, image_model):
+def engine(decoder_model):
+    return decoder_model.loop.engine
+
+
+@pytest.fixture(scope="module")
+def children(pb, configs, vision, image_model, decoder_model):
     """The BLS model's child models, served in-process by the fake's exec."""
     pb.register_model("vision_encoder", vision, config=configs["vision_encoder"])
     pb.register_model("image_decoder", image_model, config=configs["image_decoder"])
+    pb.register_model("vicuna_decoder", decoder_model, config=configs["vicuna_decoder"])
     yield
     pb.clear_models()
+
+
+@pytest.fixture(scope="module")
+def decoder(serving, children):
+    """`minigpt5`'s link to `vicuna_decoder`, making the BLS calls `minigpt5` makes (through the fake)."""
+    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    yield link
+    link.close()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_weights):
+    """A decoder of its own, driven in this thread: what a lone request gives without Triton."""
+    from minigpt5.stages import DecoderStage
+    from minigpt5.weights.layout import WeightsDir
+    return DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +238,7 @@ def make_bls(serving, make_args, children):
     made = []
 
     def make(label: str, **parameters):
-        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **{"kv_cache_budget_tokens": DECODER_BUDGET,
-                                                                          **parameters}),
+        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **parameters),
                                                 metrics=serving.metrics.PublicModelMetrics(label))
         made.append(model)
         return model
@@ -294,7 +314,7 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
     assert 5.0 in pb.histogram_observations("minigpt5_image_batch_size", model="image_decoder_units")
 
 
-# ================================== the decoder host ==============================================
+# ================================== vicuna_decoder and the link ===================================
 def _sampling(**params):
     from minigpt5.sampling import SamplingParams
     return SamplingParams(**params)
@@ -312,39 +332,59 @@ def _drain(stream, timeout: float = WAIT_S) -> list:
     return events
 
 
-def test_decoder_streams_text_voken_states_then_one_finished(decoder, hidden):
-    from minigpt5.engine import TextDelta, VokenStates
-    text_only = decoder.open("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3))
-    with_image = decoder.open("units-image", PROMPT, None, _sampling(max_tokens=16, seed=4, force_image=True))
-    for stream, max_tokens in ((text_only, 24), (with_image, 16)):
+def _alone(stage, request_id: str, prompt_ids: list[int], sampling, image_embeds=None) -> list:
+    """The events of one request decoded alone, in process."""
+    import torch
+    embeds = None if image_embeds is None else torch.from_numpy(image_embeds)
+    stage.engine.submit(stage.make_request(request_id, prompt_ids, embeds, sampling))
+    events = []
+    while stage.engine.has_work:
+        events += stage.engine.step()
+    return events
+
+
+def _text(events: list) -> str:
+    return "".join(e.text for e in events if type(e).__name__ == "TextDelta")
+
+
+def test_link_streams_what_the_decoder_alone_gives(decoder, reference_engine, hidden, tiny_weights):
+    """Text, voken states and counts through minigpt5's link and vicuna_decoder (BLS) equal a lone
+    in-process decode: with and without image embeddings, two requests in flight at once."""
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+    placeholder = json.loads((Path(tiny_weights) / "manifest.json").read_text())["tokens"]["image_placeholder"]
+    image = np.random.default_rng(0).standard_normal((1, 32, hidden)).astype(np.float32)
+    cases = [("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3)),
+             ("units-image", PROMPT[:1] + [placeholder] + PROMPT[1:], image,
+              _sampling(max_tokens=16, seed=4, force_image=True))]
+    streams = [decoder.open(rid, ids, embeds, sampling) for rid, ids, embeds, sampling in cases]
+    for stream, (rid, ids, embeds, sampling) in zip(streams, cases):
         events = _drain(stream)
         body, final = events[:-1], events[-1]
+        alone = _alone(reference_engine, rid, ids, sampling, embeds)
+        expected = next(e for e in alone if isinstance(e, Finished))
         assert all(isinstance(e, (TextDelta, VokenStates)) for e in body), body
-        assert final.reason in ("stop", "length")
-        assert 0 < final.completion_tokens <= max_tokens + 7  # a voken block may overshoot by 7 positions
-        assert len(final.token_ids) == final.completion_tokens
+        assert (final.reason, final.completion_tokens, final.vokens, final.images) == \
+            (expected.reason, expected.completion_tokens, expected.vokens, expected.images)
+        assert _text(body) == _text(alone) == expected.text
         vokens = [e for e in body if isinstance(e, VokenStates)]
-        text = "".join(e.text for e in body if isinstance(e, TextDelta))
-        assert text == final.text
-        if stream is with_image:
-            assert len(vokens) == 1 and tuple(vokens[0].states.shape) == (8, hidden)
-            at = body.index(vokens[0])
-            assert vokens[0].text_offset == len("".join(e.text for e in body[:at] if isinstance(e, TextDelta)))
-        else:
-            assert vokens == [] and text
+        alone_vokens = [e for e in alone if isinstance(e, VokenStates)]
+        assert len(vokens) == len(alone_vokens) == (1 if embeds is not None else 0)
+        for got, want in zip(vokens, alone_vokens):
+            assert got.states.shape == (8, hidden) and got.text_offset == want.text_offset
+            np.testing.assert_allclose(got.states, want.states.numpy(), atol=1e-5)
         assert stream.next_event(timeout=0.05) is None  # nothing after Finished
+    assert decoder.open_streams == 0
 
 
 def test_queued_text_deltas_come_out_as_one_in_order():
     """A request thread that fell behind gets the text queued so far in one event; nothing is
     reordered across an image's voken states, and a step failure is still raised in its place."""
-    import torch
     from minigpt5.engine import Finished, TextDelta, VokenStates
-    from minigpt5.serving.decoding import DecodeStream
-    stream = DecodeStream(host=None, request_id="r")
-    states = VokenStates("r", torch.zeros(8, 4), 6)
+    from minigpt5.serving.decoder_link import DecodeStream
+    stream = DecodeStream(link=None, request_id="r")
+    states = VokenStates("r", np.zeros((8, 4), np.float32), 6)
     for event in (TextDelta("r", "Once "), TextDelta("r", "upon"), states, TextDelta("r", " a"),
-                  TextDelta("r", " time."), Finished("r", "stop", 5, 8, 1, "Once upon a time.")):
+                  TextDelta("r", " time."), Finished("r", "stop", 5, 8, 1, "")):
         stream.put(event)
     received = [stream.next_event(timeout=1.0) for _ in range(4)]
     assert received[0] == TextDelta("r", "Once upon") and received[1] is states
@@ -357,54 +397,151 @@ def test_queued_text_deltas_come_out_as_one_in_order():
         stream.next_event(timeout=1.0)
 
 
+def test_wire_merges_a_requests_text_and_keeps_every_event_in_order():
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+    from minigpt5.errors import InvalidRequest
+    from minigpt5.serving.decoder_wire import Failure, decode_events, encode_events
+    states = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
+    events = [TextDelta("a", "Once"), TextDelta("b", "Hi"), TextDelta("a", " upon"), VokenStates("a", states, 9),
+              TextDelta("a", " a"), Finished("a", "length", 12, 8, 1, "Once upon a"),
+              Failure("c", InvalidRequest("kv_cache_budget_tokens: too long"))]
+    got = decode_events(*encode_events(events))
+    assert got[:2] == [TextDelta("a", "Once upon"), TextDelta("b", "Hi")]
+    assert got[2].request_id == "a" and got[2].text_offset == 9 and np.array_equal(got[2].states, states)
+    assert got[3] == TextDelta("a", " a")
+    assert (got[4].request_id, got[4].reason, got[4].completion_tokens, got[4].vokens) == ("a", "length", 12, 8)
+    assert isinstance(got[5].error, InvalidRequest) and "kv_cache_budget_tokens" in str(got[5].error)
+
+
 def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
     from minigpt5.errors import InvalidRequest
     first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))
-    with pytest.raises(InvalidRequest, match=f"kv_cache_budget_tokens.*|.*{DECODER_BUDGET}"):
-        decoder.open("units-oversize", PROMPT, None, _sampling(max_tokens=990, seed=6))  # 21+990+7 > 1000
+    oversize = decoder.open("units-oversize", PROMPT, None, _sampling(max_tokens=990, seed=6))  # 21+990+7 > 1000
     last = decoder.open("units-ok-2", PROMPT, None, _sampling(max_tokens=12, seed=7))
+    with pytest.raises(InvalidRequest, match=f"kv_cache_budget_tokens.*|.*{DECODER_BUDGET}"):
+        _drain(oversize)
     for stream in (first, last):
         assert _drain(stream)[-1].reason in ("stop", "length")
 
 
-def test_decoder_abort_frees_the_row_and_sends_nothing_more(decoder):
+def test_decoder_abort_frees_the_row_and_sends_nothing_more(decoder, engine):
     stream = decoder.open("units-long", PROMPT, None, _sampling(seed=1, **LONG))
     assert stream.next_event(timeout=WAIT_S) is not None, "no first token"
     stream.abort()
-    assert wait_until(lambda: not decoder.engine.has_work), "the aborted row is still in the batch"
-    assert decoder.engine.kv_positions_in_use == 0
-    while (event := stream.next_event(timeout=0.2)) is not None:  # what the last step made before the abort
+    assert wait_until(lambda: not engine.has_work), "the aborted row is still in the batch"
+    assert engine.kv_positions_in_use == 0
+    while (event := stream.next_event(timeout=0.2)) is not None:  # what the last call carried before the abort
         assert type(event).__name__ == "TextDelta", event
     after = decoder.open("units-after", PROMPT, None, _sampling(max_tokens=4, seed=2))
     assert _drain(after)[-1].reason in ("stop", "length")
 
 
-def test_decoder_close_ends_open_streams_and_joins_its_thread(tiny_weights):
+def test_abort_before_the_request_was_sent_never_reaches_the_decoder(serving):
+    calls = []
+    link = serving.decoder_link.DecoderLink(lambda *call: calls.append(call) or ("[]", None))
+    try:
+        link._state.acquire()  # hold the link thread back while the request comes and goes
+        try:
+            stream = link.open("units-never", PROMPT, None, _sampling(max_tokens=4))
+            stream.abort()
+        finally:
+            link._state.release()
+        time.sleep(0.2)
+        assert calls == [] and link.open_streams == 0
+    finally:
+        link.close()
+
+
+def test_engine_loop_close_ends_open_requests_and_joins_its_thread(tiny_weights):
     from minigpt5.errors import Overloaded
-    from minigpt5.serving.decoding import DecoderHost
+    from minigpt5.serving.decoder_wire import Failure, NewRequest
     from minigpt5.stages import DecoderStage
     from minigpt5.weights.layout import WeightsDir
+    decoder_model = importlib.import_module("minigpt5.serving.decoder_model")
     before = set(threading.enumerate())
-    host = DecoderHost(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
+    loop = decoder_model.EngineLoop(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
     assert len(new_threads(before, "minigpt5-engine")) == 1
-    stream = host.open("units-unload", PROMPT, None, _sampling(seed=1, **LONG))
-    assert stream.next_event(timeout=WAIT_S) is not None
+    loop.submit("link-a", NewRequest("units-unload", PROMPT, _sampling(seed=1, **LONG)))
+    assert loop.collect("link-a", WAIT_S), "no first events"
     started = time.monotonic()
-    host.close()
+    loop.close()
     assert time.monotonic() - started < 30
     assert new_threads(before, "minigpt5-engine") == []  # clean unload
+    left = loop.collect("link-a", 0.0)
+    assert isinstance(left[-1], Failure) and isinstance(left[-1].error, Overloaded)
+    loop.submit("link-a", NewRequest("units-late", PROMPT, _sampling(max_tokens=4)))
+    (late,) = loop.collect("link-a", 0.0)
+    assert isinstance(late.error, Overloaded) and "unloading" in str(late.error)
+
+
+def test_held_text_is_gathered_until_due_unless_another_event_comes():
+    """The stream interval: text after a text response waits until `hold_text_until` and goes out as
+    one delta; an image's voken states (or the end) cut the wait short, in order."""
+    from minigpt5.engine import TextDelta, VokenStates
+    from minigpt5.serving.decoder_link import DecodeStream
+    stream = DecodeStream(link=None, request_id="r")
+    interval = 1.0
+    stream.put(TextDelta("r", " upon"))
+    threading.Timer(0.2, stream.put, args=(TextDelta("r", " a"),)).start()
+    started = time.monotonic()
+    assert stream.next_event(5.0, hold_text_until=started + interval) == TextDelta("r", " upon a")
+    assert time.monotonic() - started >= interval * 0.9
+    states = VokenStates("r", np.zeros((8, 4), np.float32), 9)
+    stream.put(TextDelta("r", " time"))
+    threading.Timer(0.2, stream.put, args=(states,)).start()
+    started = time.monotonic()
+    assert stream.next_event(5.0, hold_text_until=started + interval) == TextDelta("r", " time")
+    assert time.monotonic() - started < interval * 0.9  # cut short by the voken states
+    assert stream.next_event(5.0, hold_text_until=time.monotonic() + interval) is states
+
+
+def test_link_close_ends_open_streams_and_joins_its_thread(serving, children):
+    from minigpt5.errors import Overloaded
+    before = set(threading.enumerate())
+    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    assert len(new_threads(before, "minigpt5-decoder-link")) == 1
+    stream = link.open("units-link-close", PROMPT, None, _sampling(seed=1, **LONG))
+    assert stream.next_event(timeout=WAIT_S) is not None
+    link.close()
+    assert new_threads(before, "minigpt5-decoder-link") == []
     with pytest.raises(Overloaded, match="unloading"):
         while stream.next_event(timeout=1.0) is not None:
             pass
     with pytest.raises(Overloaded, match="unloading"):
-        host.open("units-late", PROMPT, None, _sampling(max_tokens=4))
+        link.open("units-late", PROMPT, None, _sampling(max_tokens=4))
+    stream.abort()  # what minigpt5 does next; the decoder drops the row
+
+
+def test_a_failed_call_fails_the_open_streams_and_the_link_goes_on(serving):
+    from minigpt5.engine import Finished
+    replies = [RuntimeError("vicuna_decoder is not ready"),
+               ('[{"id": "units-2", "type": "finished", "reason": "stop", "completion_tokens": 1, '
+                '"vokens": 0, "images": 0}]', None)]
+    calls = []
+
+    def call(*args):
+        calls.append(args)
+        reply = replies.pop(0) if replies else ("[]", None)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+    link = serving.decoder_link.DecoderLink(call)
+    try:
+        first = link.open("units-1", PROMPT, None, _sampling(max_tokens=4))
+        with pytest.raises(RuntimeError, match="not ready"):
+            first.next_event(timeout=WAIT_S)
+        second = link.open("units-2", PROMPT, None, _sampling(max_tokens=4))
+        assert isinstance(second.next_event(timeout=WAIT_S), Finished)
+        assert any('"units-1"' in c[1] and '"abort"' in c[1] for c in calls[1:]), "the failed request was not aborted"
+    finally:
+        link.close()
 
 
 # ================================== minigpt5 (BLS) ================================================
 @pytest.fixture(scope="module")
 def streamed(pb, bls, configs):
     """One streaming request on `bls` (seeded): its events, its sender, the child calls it made."""
-    calls_before = {name: len(pb.calls_to(name)) for name in ("vision_encoder", "image_decoder")}
+    calls_before = {name: len(pb.calls_to(name)) for name in ("vision_encoder", "image_decoder", "vicuna_decoder")}
     request = public_request(configs, "units-stream", stream=True, **STORY)
     bls.execute([request])
     sender = request.get_response_sender()
@@ -440,10 +577,12 @@ def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
 
 
 def test_bls_child_calls_are_unary(pb, streamed):
-    """Triton 2.51 hangs or crashes under concurrent decoupled BLS streams (decoding.py): the BLS model
-    makes none; its only child call here is one unary image_decoder request (no input image)."""
-    assert [(c.model_name, c.decoupled) for c in streamed.child_calls] == [("image_decoder", False)]
-    assert not streamed.child_calls[0].responses[-1].has_error()
+    """Triton 2.51 hangs or crashes under concurrent decoupled BLS streams (docs/RELIABILITY.md): the
+    BLS model makes none. Here (no input image): unary vicuna_decoder link calls and one image_decoder call."""
+    assert {c.decoupled for c in streamed.child_calls} == {False}
+    models = [c.model_name for c in streamed.child_calls]
+    assert models.count("image_decoder") == 1 and set(models) == {"image_decoder", "vicuna_decoder"}
+    assert not any(c.responses[-1].has_error() for c in streamed.child_calls)
 
 
 def test_bls_metrics_after_a_request(pb, bls, streamed):
@@ -511,10 +650,10 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
 @pytest.mark.parametrize("key", ["kv_preallocate", "decode_cuda_graphs"])
 def test_gpu_default_switches(serving, key):
     def choose(setting, device):
-        return serving.bls_model._on_gpu_by_default({key: setting}, key, device)
+        return serving.decoder_model.on_gpu_by_default({key: setting}, key, device)
     assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
         (False, True, True, False)
-    assert serving.bls_model._on_gpu_by_default({}, key, "cuda:0")  # absent = auto
+    assert serving.decoder_model.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
     with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
 
@@ -540,29 +679,29 @@ def test_bls_refuses_beyond_max_inflight_with_unavailable(pb, make_bls, configs)
 
 # ---- client cancellation --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cancelled_run(pb, serving, make_bls, configs):
+def cancelled_run(pb, serving, make_bls, configs, engine):
     """A long streaming request whose client goes away after its first text event."""
     label = "minigpt5_units_cancel"
     bls = make_bls(label)
     aborted = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
-        real_abort = bls.decoder.engine.abort
-        mp.setattr(bls.decoder.engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
+        real_abort = engine.abort
+        mp.setattr(engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
         request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
                                  random_seed=3, num_inference_steps=1, **LONG)
         sender = request.get_response_sender()
         sender.cancel_when(lambda s: len(s.sent) >= 1)  # the client is gone once it got something
         bls.execute([request])
         assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "request never ended"
-        assert wait_until(lambda: not bls.decoder.engine.has_work), "the decoder row was not freed"
+        assert wait_until(lambda: not engine.has_work), "the decoder row was not freed"
     return types.SimpleNamespace(sender=sender, aborted=aborted, label=label, bls=bls)
 
 
-def test_client_cancel_aborts_the_decoder_and_sends_no_image(pb, configs, cancelled_run):
+def test_client_cancel_aborts_the_decoder_and_sends_no_image(pb, configs, cancelled_run, engine):
     (request_id,) = cancelled_run.aborted
     assert request_id.startswith("minigpt5-")
-    assert cancelled_run.bls.decoder.engine.kv_positions_in_use == 0
+    assert engine.kv_positions_in_use == 0
     kinds = [values(r)["event_type"][0] for r in cancelled_run.sender.responses]
     assert "text" in kinds and "image_start" not in kinds and "image" not in kinds and "final" not in kinds
     assert _metric("minigpt5_requests_total", cancelled_run.label, outcome="cancelled") == 1
@@ -603,9 +742,9 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
-             "minigpt5-engine")
+             "minigpt5-decoder-link")
     before = set(threading.enumerate())
-    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", kv_cache_budget_tokens=DECODER_BUDGET),
+    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
     request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
                              num_inference_steps=1)
@@ -649,6 +788,9 @@ def _model_py_requests(name: str, configs, hidden):
         return [fake_pb_utils.make_request({"images": np.zeros((2, 224, 224, 3), np.uint8)}, config=config)]
     if name == "image_decoder":
         return [_image_request(config, np.zeros((1, 8, hidden), np.float32), [1], [7.5], [1], [0])]
+    if name == "vicuna_decoder":  # a link call with nothing to do: empty events after link_wait_ms
+        return [fake_pb_utils.make_request({"link_id": ["units-link"], "commands": ['{"submit": [], "abort": []}']},
+                                           config=config)]
     return [public_request(configs, "units-model-py", text_input=" ")]  # refused at once: INVALID_ARG
 
 
@@ -656,11 +798,12 @@ def _model_py_requests(name: str, configs, hidden):
 def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
     expected = {"vision_encoder": serving.vision_model.VisionEncoder,
                 "image_decoder": serving.image_model.ImageDecoderModel,
+                "vicuna_decoder": serving.decoder_model.VicunaDecoderModel,
                 "minigpt5": serving.bls_model.MiniGPT5Model}[name]
     module = _load_model_py(name)
     before = set(threading.enumerate())
     triton_model = module.TritonPythonModel()
-    args = make_args(name, **({"kv_cache_budget_tokens": DECODER_BUDGET} if name == "minigpt5" else {}))
+    args = make_args(name, **({"kv_cache_budget_tokens": DECODER_BUDGET} if name == "vicuna_decoder" else {}))
     triton_model.initialize(args)
     assert type(triton_model.model) is expected
     try:
@@ -685,5 +828,5 @@ def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs
             assert finalize.calls == [()]
             left = lambda: new_threads(before, "minigpt5-")  # noqa: E731
             assert wait_until(lambda: not left(), timeout=5.0), left()
-    if name == "minigpt5":  # the model that owns threads has finalize
+    if name in ("minigpt5", "vicuna_decoder"):  # the models that own threads have finalize
         assert hasattr(module.TritonPythonModel, "finalize")

@@ -141,14 +141,17 @@ def _add_batching(sub) -> None:
 
 
 def _add_serving(sub) -> None:
-    p = sub.add_parser("serving", help="served vs in-process latency and the image-overlap gain (issue 3)",
+    p = sub.add_parser("serving", help="served vs in-process latency, image-overlap gain, streamed tokens/s vs the engine alone",
                        description="Start the real tritonserver (free ports, the built-in tiny weights by "
                                    "default) and measure, for lone requests with fixed seeds: served (gRPC "
                                    "streaming) over in-process (MiniGPT5Pipeline) end-to-end latency of a "
                                    "force_image request, the gain of decoding the image while the text goes "
                                    "on (the decoder alone in process + image_decoder alone through Triton, "
-                                   "over the served end to end), and the served time to first token and image. The "
-                                   "server is always stopped at the end. Prints one JSON object.")
+                                   "over the served end to end), the served time to first token and image, streamed "
+                                   "tokens/s at several concurrent text streams next to the engine alone (and "
+                                   "the CPU seconds of every process per 1,000 tokens), and the TTFT of short "
+                                   "requests under 4 long ones. The server is always stopped at the end. Prints "
+                                   "one JSON object.")
     p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the server's models and the pipeline")
     p.add_argument("--requests", type=int, default=5, help="timed runs of each measurement (medians)")
@@ -157,6 +160,18 @@ def _add_serving(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed of the searches for the two requests")
     p.add_argument("--search-seeds", type=int, default=2000,
                    help="seeds tried at most for each request (the overlap one needs [IMG0] sampled early)")
+    p.add_argument("--streams", default="1,8,32",
+                   help="concurrent text streams of the throughput section, comma-separated ('' skips it)")
+    p.add_argument("--stream-tokens", type=int, default=64, help="max_tokens of each throughput request")
+    p.add_argument("--stream-rounds", type=int, default=3, help="requests each stream sends, one after another")
+    p.add_argument("--short-requests", type=int, default=8,
+                   help="short requests of the TTFT section, alone and under 4 long ones (0 skips it)")
+    p.add_argument("--short-tokens", type=int, default=16, help="max_tokens of the short requests")
+    p.add_argument("--decoder-threads", type=int, default=0,
+                   help="torch threads of the served decoder (vicuna_decoder's cpu_threads) and of the in-process "
+                        "engine it is compared with; 0 = torch's default")
+    p.add_argument("--long-tokens", type=int, default=900,
+                   help="max_tokens of the 4 long requests (greedy, so that they run to the end)")
     p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
 

@@ -892,18 +892,22 @@ def probe_soak(server, *, duration_s: float, clients: int, warmup_s: float, samp
 
 
 # ---- crash ------------------------------------------------------------------------------------------
-# Busy in every model when a stub is killed: once `image_start` came, the request waits in `minigpt5`
-# (where the decoder also runs) for `image_decoder`, which works on its 200 steps for seconds. (A long
-# text alone is over too soon: the decoder writes 900 tokens in about a second here.)
+# Busy in the killed model when its stub is killed. For `vicuna_decoder`: a long text, killed at its
+# first text event (900 tokens take about a second here, far longer than the kill). For the others:
+# once `image_start` came, the request waits in `minigpt5` for `image_decoder`, which works on its
+# 200 steps for seconds.
 CRASH_REQUEST = {"text_input": "Draw a cat.", "max_tokens": 8, "force_image": True, "num_inference_steps": 200,
                  "random_seed": 1, "stream": True}
 CRASH_BUSY_EVENT = "image_start"
+CRASH_DECODER_REQUEST = {**LONG, "stream": True}
 
 
 def probe_crash(server, model: str = "minigpt5", *, inflight: int = 2, client_timeout: float = 120.0,
                 bound_s: float = 60.0) -> dict:
     """kill -9 of `model`'s stub while `inflight` requests are in it. Every client call has a timeout;
     reports how each in-flight request ended, readiness, and whether/when the server went away."""
+    request, busy_event = ((CRASH_DECODER_REQUEST, "text") if model == "vicuna_decoder"
+                           else (CRASH_REQUEST, CRASH_BUSY_EVENT))
     busy = threading.Semaphore(0)
     ended: dict[int, tuple[Outcome, float]] = {}
     lock = threading.Lock()
@@ -912,10 +916,10 @@ def probe_crash(server, model: str = "minigpt5", *, inflight: int = 2, client_ti
         flagged = []
 
         def on_event(outcome: Outcome) -> None:
-            if not flagged and CRASH_BUSY_EVENT in outcome.event_types:
+            if not flagged and busy_event in outcome.event_types:
                 flagged.append(True)
                 busy.release()
-        outcome = grpc_request(server.grpc_url, grpc_tensors({**CRASH_REQUEST, "random_seed": index}),
+        outcome = grpc_request(server.grpc_url, grpc_tensors({**request, "random_seed": index}),
                                on_event=on_event, timeout=client_timeout)
         with lock:
             ended[index] = (outcome, time.monotonic())
@@ -1095,7 +1099,7 @@ class BenchServer:
 
 # ---- the command ------------------------------------------------------------------------------------
 SECTIONS = ("inputs", "security", "overload", "timeout", "disconnect", "soak", "crash", "http_body")
-MODELS = ("minigpt5", "vision_encoder", "image_decoder")
+MODELS = ("minigpt5", "vision_encoder", "vicuna_decoder", "image_decoder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1114,7 +1118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-s", type=float, default=60.0, help="soak duration in seconds")
     p.add_argument("--soak-clients", type=int, default=2, help="soak clients (at most --limit: no refusals)")
     p.add_argument("--soak-warmup-s", type=float, default=15.0, help="RSS growth is measured from this point")
-    p.add_argument("--crash-models", type=name_list, default=["minigpt5", "image_decoder"],
+    p.add_argument("--crash-models", type=name_list, default=["minigpt5", "vicuna_decoder", "image_decoder"],
                    help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})")
     p.add_argument("--skip", type=name_list, default=[],
                    help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")

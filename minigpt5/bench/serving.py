@@ -1,4 +1,5 @@
-"""`minigpt5 bench serving`: issue 3, what Triton costs and what overlapping the image decode gains.
+"""`minigpt5 bench serving`: what Triton costs, what overlapping the image decode gains, and how many
+streamed tokens the served path pushes next to the engine alone (streaming.py).
 
 Starts the real tritonserver (TritonProcess, free ports, the built-in tiny weights by default) and,
 in this process, the in-process reference pipeline (`MiniGPT5Pipeline`) over the same weights. Two
@@ -13,8 +14,9 @@ requests, both with fixed seeds, each measured --requests times, interleaved:
                         own early (within the first quarter of the text budget) and then keeps writing
                         to max_tokens. Served, the image is decoded while the text goes on.
                         Sequential baseline: the decoder alone in this process (the same prompt ids
-                        and sampling, so the same tokens and voken states; served, it runs inside
-                        `minigpt5`), then `image_decoder` alone over HTTP with those voken states.
+                        and sampling, so the same tokens and voken states; `vicuna_decoder` is
+                        reached only through `minigpt5`'s link), then `image_decoder` alone over HTTP
+                        with those voken states.
                         image_overlap_gain = (decoder-only + image-decoder-only) / served end to end.
 
 Random weights never pick [IMG0] on purpose, so with force_image alone the image always comes last
@@ -43,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from . import streaming  # noqa: E402
 from .report import Report  # noqa: E402
 from .timing import log  # noqa: E402
 
@@ -205,9 +208,9 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
 
 
 def decoder_only(pipeline, args, seed: int, force_image: bool) -> dict:
-    """The decoder alone, in this process (it runs inside the `minigpt5` model when served, so Triton
-    cannot serve it alone): the prompt ids and sampling the served request gets, hence the same tokens
-    and voken states."""
+    """The decoder alone, in this process (`vicuna_decoder` speaks only the link protocol of `minigpt5`,
+    decoder_wire.py): the prompt ids and sampling the served request gets, hence the same tokens and
+    voken states."""
     from ..engine import Finished, TextDelta, VokenStates
 
     request = pipeline.request(PROMPT, **request_params(args, seed, force_image))
@@ -316,13 +319,15 @@ def main(args) -> int:
                                      "seed": args.seed, "search_seeds": args.search_seeds}})
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-serving-"))
     log_path = workdir / "tritonserver.log"
+    parameters = {"vicuna_decoder": {"cpu_threads": str(args.decoder_threads)}} if args.decoder_threads else None
     server = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                           host="127.0.0.1", device=args.device, workdir=workdir, log_file=log_path)
+                           host="127.0.0.1", device=args.device, workdir=workdir, log_file=log_path,
+                           parameters=parameters)
     report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "http": f"127.0.0.1:{server.http_port}",
                              "log": str(log_path)}
     started = time.perf_counter()
     try:
-        def start():  # the server loads its three models while this process loads the pipeline and searches seeds
+        def start():  # the server loads its four models while this process loads the pipeline and searches seeds
             server.start()
             return {"pid": server.process.pid}
         report.section(("server", "start"), start, required=True)
@@ -371,6 +376,12 @@ def _measure(report: Report, server, args, weights: Path, started: float) -> Non
         if "seed" in seeds.get("overlap", {}):
             report.section(("overlap",), lambda: measure_overlap(ctx["pipeline"], grpc_url, http_url, args,
                                                                  seeds["overlap"]), required=True)
+        if args.streams:
+            report.section(("streaming",), lambda: streaming.measure_throughput(
+                ctx["pipeline"], server, grpc_url, args, PROMPT), required=True)
+        if args.short_requests:
+            report.section(("short_ttft",), lambda: streaming.measure_short_ttft(grpc_url, args, PROMPT),
+                           required=True)
 
 
 def measure_latency(pipeline, url: str, args, seed_info: dict) -> dict:
@@ -465,9 +476,17 @@ def summarize(data: dict) -> None:
         "force_image_time_to_first_token_ms": latency.get("served_ttft_ms"),
         "force_image_time_to_first_image_ms": latency.get("served_ttfi_ms"),
     }
+    levels = (data.get("streaming") or {}).get("levels") or {}
+    data["summary"].update({
+        "served_over_engine_tokens_per_s": {n: level["served_over_engine"] for n, level in levels.items()},
+        "served_tokens_per_s": {n: level["served"]["tokens_per_s"] for n, level in levels.items()},
+        "engine_alone_tokens_per_s": {n: level["engine_alone"]["tokens_per_s"] for n, level in levels.items()},
+        "short_ttft_p95_ratio": (data.get("short_ttft") or {}).get("short_ttft_p95_ratio"),
+    })
     data.update({k: data["summary"][k] for k in ("served_over_in_process_latency_ratio", "image_overlap_gain")})
     s = data["summary"]
     log(f"served / in-process: {s['served_latency_ms']} / {s['in_process_latency_ms']} ms = "
         f"{s['served_over_in_process_latency_ratio']}; overlap: sequential {s['sequential_ms']} / overlapped "
         f"{s['overlapped_ms']} ms = {s['image_overlap_gain']} (ideal {s['ideal_overlap_gain']}); "
-        f"TTFT {s['time_to_first_token_ms']} ms, TTFI {s['time_to_first_image_ms']} ms")
+        f"TTFT {s['time_to_first_token_ms']} ms, TTFI {s['time_to_first_image_ms']} ms; served / engine alone "
+        f"tokens/s by streams {s['served_over_engine_tokens_per_s']}; short TTFT p95 ratio {s['short_ttft_p95_ratio']}")

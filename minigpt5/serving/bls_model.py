@@ -1,10 +1,11 @@
 """`minigpt5`: the public model. Decoupled; streams text deltas and images in one answer.
 
 Per request (in a worker thread, so `execute` returns at once and requests run concurrently):
-validate → prompt ids → `vision_encoder` (BLS, if images) → the continuous-batching decoder, which
-runs in this process (decoding.py explains why); text deltas go out as they come; each voken block
-queues an `image_decoder` job (BLS) while text keeps streaming; when the decoder ends, the remaining
-images are awaited and the final event (usage) sent.
+validate → prompt ids → `vision_encoder` (BLS, if images) → `vicuna_decoder`, the continuous-batching
+decoder, reached through the decoder link (decoder_link.py: one unary BLS call per engine step for
+all requests); text deltas go out as they come; each voken block queues an `image_decoder` job (BLS)
+while text keeps streaming; when the decoder ends, the remaining images are awaited and the final
+event (usage) sent. Every child call is unary: Triton 2.51 breaks under concurrent decoupled BLS.
 Calls to the batched stages and all responses go through single threads (dispatch.py): that
 batches the stages across requests and keeps the stub's IPC orderly.
 
@@ -23,17 +24,16 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
 from ..prompt import parse_history
 from ..request import LIMITS, InvalidRequest, build_request
-from ..stages import DecoderStage, PromptBuilder
+from ..stages import PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
-from .decoding import DecodeStream, DecoderHost
+from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
@@ -53,23 +53,15 @@ class ImageRequest:
 
 class MiniGPT5Model:
     def __init__(self, args: dict, metrics=None):
-        where = runtime.placement(args, gpu_dtype="bf16")
-        params = where.params
-        self.prompts = PromptBuilder(where.weights)
-        self.defaults = where.weights.defaults
+        params = runtime.model_parameters(args)
+        weights = runtime.open_weights(params)
+        self.prompts = PromptBuilder(weights)
+        self.defaults = weights.defaults
         self.metrics = metrics
         self.max_inflight = int(params.get("max_inflight_requests", 64))
         self.request_timeout_s = float(params.get("request_timeout_s", 600))
-        quantization = params.get("llm_quantization", "none")
-        self.decoder = DecoderHost(DecoderStage.load(
-            where.weights, where.device, where.dtype, quantization=quantization,
-            kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
-            max_rows=int(params.get("max_batch_rows", 32)),
-            max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
-            preallocate_kv=_on_gpu_by_default(params, "kv_preallocate", where.device),
-            static_decode=_on_gpu_by_default(params, "decode_cuda_graphs", where.device),
-            capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto",
-        ), observe_batch=metrics.observe_decoder_batch if metrics else None)
+        self.stream_interval_s = float(params.get("stream_interval_ms", 20)) / 1000
+        self.decoder = DecoderLink(self._call_decoder)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
@@ -79,11 +71,8 @@ class MiniGPT5Model:
         self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
                                             max_rows=IMAGE_MAX_BATCH)
-        triton_io.log_info(f"{where.describe('minigpt5')}; max {self.max_inflight} requests in flight; "
-                           f"decode: {self.decoder.engine.decode_mode}; LLM quantization: {quantization}")
-        if self.decoder.engine.capture_error:
-            triton_io.log_warn(f"minigpt5: decode CUDA graphs failed, decoding eagerly (slower): "
-                               f"{self.decoder.engine.capture_error}")
+        triton_io.log_info(f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
+                           f"request timeout {self.request_timeout_s:g} s")
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -208,9 +197,7 @@ class MiniGPT5Model:
 
     def _generate(self, generation, prompt_ids, image_embeds, answer: AnswerStream, sender, arrived) -> str:
         deadline = arrived + self.request_timeout_s
-        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids,
-                                   None if image_embeds is None else torch.from_numpy(image_embeds),
-                                   generation.sampling)
+        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids, image_embeds, generation.sampling)
         images: list[concurrent.futures.Future] = []  # each ends once its image was sent
         try:
             finished = self._relay(stream, generation, answer, images, sender, arrived, deadline)
@@ -240,7 +227,7 @@ class MiniGPT5Model:
         """Decoder events → answer events, until the decoder's Finished (returned) or the client is
         gone (None). Raises Overloaded at the request's deadline."""
         next_check = arrived + CANCEL_CHECK_S
-        first_text = True
+        first_text, hold_text_until = True, 0.0  # the first text goes out at once
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -249,7 +236,7 @@ class MiniGPT5Model:
                 next_check = now + CANCEL_CHECK_S
                 if sender.is_cancelled():
                     return None
-            event = stream.next_event(timeout=min(next_check, deadline) - now)
+            event = stream.next_event(min(next_check, deadline) - now, min(hold_text_until, next_check, deadline))
             if isinstance(event, Finished):
                 return event
             if isinstance(event, TextDelta) and event.text:
@@ -257,9 +244,10 @@ class MiniGPT5Model:
                     self.metrics.time_to_first_token.observe(time.monotonic() - arrived)
                 first_text = False
                 answer.text_delta(event.text)
+                hold_text_until = time.monotonic() + self.stream_interval_s
             elif isinstance(event, VokenStates):
                 answer.image_start(event.text_offset)
-                job = ImageRequest(event.states.numpy(), image_seed(generation.seed, len(images)),
+                job = ImageRequest(np.asarray(event.states), image_seed(generation.seed, len(images)),
                                    generation.guidance_scale, generation.num_inference_steps,
                                    SCHEDULERS.index(generation.scheduler))
                 images.append(self._image_sent(job, answer, event.text_offset, arrived, first=not images))
@@ -294,6 +282,19 @@ class MiniGPT5Model:
         return sent
 
     @staticmethod
+    def _call_decoder(link_id: str, commands: str, image_embeds: np.ndarray | None) -> tuple[str, np.ndarray | None]:
+        """One link call to `vicuna_decoder` (decoder_wire.py): new requests and aborts in, events out."""
+        inputs = [triton_io.string_tensor("link_id", link_id), triton_io.string_tensor("commands", commands)]
+        if image_embeds is not None:
+            inputs.append(triton_io.tensor("image_embeds", image_embeds))
+        child = pb_utils.InferenceRequest(model_name="vicuna_decoder", inputs=inputs,
+                                          requested_output_names=["events", "voken_states"])
+        reply = child.exec()
+        triton_io.raise_if_error(reply)
+        events = triton_io.output_array(reply, "events").reshape(-1)[0]
+        return triton_io.decode_text("events", events), triton_io.output_array(reply, "voken_states")
+
+    @staticmethod
     def _call_image_decoder(jobs: list["ImageRequest"]) -> list[np.ndarray]:
         """One batched `image_decoder` request for the images of several requests."""
         child = pb_utils.InferenceRequest(model_name="image_decoder", requested_output_names=["image"], inputs=[
@@ -321,14 +322,6 @@ def _stop(stream: DecodeStream, images: list[concurrent.futures.Future]) -> None
     stream.abort()
     for future in images:
         future.cancel()
-
-
-def _on_gpu_by_default(params: dict, key: str, device: str) -> bool:
-    """A config.pbtxt switch: true, false, or auto (= on a GPU only)."""
-    setting = params.get(key, "auto")
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"{key}: must be auto, true or false, got {setting!r}")
-    return device != "cpu" if setting == "auto" else setting == "true"
 
 
 def _image_bytes(data: bytes, index: int) -> bytes:

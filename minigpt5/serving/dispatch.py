@@ -7,7 +7,7 @@ our tests) and lets the batched stages see real batches:
 - `BatchDispatcher`: calls to `vision_encoder` / `image_decoder`; jobs queued by any request
   thread go out together as one batched request (one call in flight per stage), which is also
   how the stages get real batches.
-Each request thread reads its own decoder events (decoding.py) and hands what it answers to the writer.
+Each request thread reads its own decoder events (decoder_link.py) and hands what it answers to the writer.
 """
 from __future__ import annotations
 

@@ -45,8 +45,7 @@ def _histogram(name: str, description: str, model: str, buckets: list):
 
 
 class PublicModelMetrics:
-    """Owned by `minigpt5`: tokens, images, outcomes, in-flight, time to first token / image, and the
-    rows of each decoder step (the decoder runs in that model's process)."""
+    """Owned by `minigpt5`: tokens, images, outcomes, in-flight, time to first token / image."""
 
     def __init__(self, model: str = "minigpt5"):
         labels = {"model": model}
@@ -67,9 +66,7 @@ class PublicModelMetrics:
             "minigpt5_time_to_first_token_seconds", "Request arrival to first text delta", model, LATENCY_BUCKETS)
         ttfi_family, self.time_to_first_image = _histogram(
             "minigpt5_time_to_first_image_seconds", "Request arrival to first image", model, LATENCY_BUCKETS)
-        batch_family, self.decoder_batch_size = _histogram(
-            "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
-        self._families += [ttft_family, ttfi_family, batch_family]
+        self._families += [ttft_family, ttfi_family]
 
     def count_tokens(self, text_tokens: int, vokens: int, images: int) -> None:
         self.tokens.increment(max(text_tokens, 0))
@@ -79,8 +76,17 @@ class PublicModelMetrics:
     def count_request(self, outcome: str) -> None:
         self.requests[outcome].increment(1)
 
+
+
+class DecoderMetrics:
+    """Owned by `vicuna_decoder`: the rows of each engine step."""
+
+    def __init__(self, model: str = "vicuna_decoder"):
+        self._family, self.batch_size = _histogram(
+            "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
+
     def observe_decoder_batch(self, rows: int) -> None:
-        self.decoder_batch_size.observe(rows)
+        self.batch_size.observe(rows)
 
 
 class ImageMetrics:

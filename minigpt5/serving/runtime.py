@@ -57,4 +57,16 @@ class Placement:
 def placement(args: dict, gpu_dtype: str) -> Placement:
     params = model_parameters(args)
     device = device_for(args, params)
+    set_cpu_threads(params)
     return Placement(params, open_weights(params), device, dtype_for(params, "dtype", device, gpu_dtype))
+
+
+def set_cpu_threads(params: dict) -> None:
+    """`cpu_threads` (where a config declares it): torch's intra-op threads in this stub; 0 or absent =
+    torch's default (one per core). Every stub defaults to all cores, so on a small CPU host the
+    stubs' threads compete; one thread for the decoder leaves the other cores to the serving work."""
+    threads = int(params.get("cpu_threads") or 0)
+    if threads < 0:
+        raise ValueError(f"cpu_threads: must be 0 (torch's default) or more, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
