@@ -39,6 +39,7 @@ class DecodeStream:
         self._link = link
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._held = None  # an event taken from the queue while merging text, not yet handed out
+        self._not_text = threading.Event()  # set when an event other than text is put
 
     def next_event(self, timeout: float, hold_text_until: float = 0.0):
         """The next event, or None if none came within `timeout` seconds. Raises the request's error.
@@ -55,18 +56,28 @@ class DecodeStream:
         return self._merge_text(event, hold_text_until) if isinstance(event, TextDelta) else event
 
     def _merge_text(self, delta: TextDelta, hold_until: float) -> TextDelta:
+        """`delta` and the text after it, until another event or `hold_until`. While holding, the thread
+        sleeps until then or until a non-text event arrives, not once per token."""
         pieces = [delta.text]
+        self._not_text.clear()  # anything put before this is found by the drain below
+        self._drain_text(pieces)
+        wait = hold_until - time.monotonic()
+        if self._held is None and wait > 0:
+            self._not_text.wait(wait)
+            self._drain_text(pieces)
+        return delta if len(pieces) == 1 else TextDelta(delta.request_id, "".join(pieces))
+
+    def _drain_text(self, pieces: list[str]) -> None:
+        """Queued text onto `pieces`, up to the first other event (held for the next call)."""
         while self._held is None:
-            wait = hold_until - time.monotonic()
             try:
-                event = self._events.get(timeout=wait) if wait > 0 else self._events.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
-                break
+                return
             if isinstance(event, TextDelta):
                 pieces.append(event.text)
             else:
                 self._held = event
-        return delta if len(pieces) == 1 else TextDelta(delta.request_id, "".join(pieces))
 
     def abort(self) -> None:
         """Stop decoding this request: its row leaves the batch (and frees its KV cache) within a step or two."""
@@ -74,6 +85,8 @@ class DecodeStream:
 
     def put(self, event) -> None:
         self._events.put(event)
+        if not isinstance(event, TextDelta):
+            self._not_text.set()
 
 
 class DecoderLink:

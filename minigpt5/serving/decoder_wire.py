@@ -26,8 +26,7 @@ from ..engine import Finished, TextDelta, VokenStates
 from ..errors import InvalidRequest, Overloaded
 from ..sampling import SamplingParams
 
-LINK_INPUTS = ("link_id", "commands", "image_embeds")
-LINK_OUTPUTS = ("events", "voken_states")
+FINISHED_LEFT_OUT = ("request_id", "text", "token_ids")  # Finished fields that do not cross the link
 
 
 @dataclass
@@ -92,10 +91,9 @@ def encode_events(events: list) -> tuple[str, np.ndarray | None]:
         elif isinstance(event, VokenStates):
             items.append({"id": event.request_id, "type": "vokens", "offset": event.text_offset})
             states.append(np.asarray(event.states, dtype=np.float32))
-        elif isinstance(event, Finished):
-            items.append({"id": event.request_id, "type": "finished", "reason": event.reason,
-                          "completion_tokens": event.completion_tokens, "vokens": event.vokens,
-                          "images": event.images})
+        elif isinstance(event, Finished):  # every count; the whole text and the ids the link does not need
+            counts = {k: v for k, v in dataclasses.asdict(event).items() if k not in FINISHED_LEFT_OUT}
+            items.append({"id": event.request_id, "type": "finished", **counts})
         else:
             items.append({"id": event.request_id, "type": _failure_kind(event.error), "message": str(event.error)})
     return json.dumps(items), np.stack(states) if states else None
@@ -113,8 +111,8 @@ def decode_events(text: str, voken_states: np.ndarray | None) -> list:
             events.append(VokenStates(request_id, voken_states[state], item["offset"]))
             state += 1
         elif kind == "finished":
-            events.append(Finished(request_id, item["reason"], item["completion_tokens"], item["vokens"],
-                                   item["images"], ""))
+            counts = {k: v for k, v in item.items() if k not in ("id", "type")}
+            events.append(Finished(request_id=request_id, text="", **counts))
         else:
             error = {"refused": InvalidRequest, "unavailable": Overloaded, "failed": RuntimeError}[kind]
             events.append(Failure(request_id, error(item["message"])))
