@@ -87,7 +87,9 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
     overlap: [IMG0] sampled (not forced) at token index <= overlap_window(max_tokens) and the text then
     runs to max_tokens. The prefix of a request without force_image does not depend on max_tokens, so
     candidates are first decoded only up to that index.
-    force_image (mode end): [IMG0] placed at the last chance, the last sampled id (index max_tokens - 1).
+    force_image (mode end): [IMG0] placed at the last chance, index max_tokens - 8.
+    --max-tokens counts generated positions, vokens included (as the figures were measured); the
+    requests ask for that less the 7 forced vokens in sampled ids (`sampled_budget`): the same answers.
     """
     from ..config import NUM_VOKENS
 
@@ -95,15 +97,15 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
     window = overlap_window(args.max_tokens)
     for seed in range(args.seed, args.seed + args.search_seeds):
         if kind == "force_image":
-            tokens, reason = _decode_only(pipeline, seed, args.max_tokens, force_image=True)
-            if img0 in tokens and tokens.index(img0) == args.max_tokens - 1:
+            tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=True)
+            if img0 in tokens and tokens.index(img0) == args.max_tokens - NUM_VOKENS:
                 return {"seed": seed, "image_token_index": tokens.index(img0), "completion_tokens": len(tokens),
                         "finish_reason": reason, "tried": seed - args.seed + 1}
             continue
         prefix, _ = _decode_only(pipeline, seed, window + 1, force_image=False)
         if img0 not in prefix:
             continue
-        tokens, reason = _decode_only(pipeline, seed, args.max_tokens, force_image=False)
+        tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=False)
         if reason == "length" and tokens.index(img0) <= window:
             index = tokens.index(img0)
             return {"seed": seed, "image_token_index": index, "completion_tokens": len(tokens),
@@ -111,6 +113,12 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
                     "tried": seed - args.seed + 1}
     raise RuntimeError(f"no {kind} seed in [{args.seed}, {args.seed + args.search_seeds}) "
                        f"(raise --search-seeds or --max-tokens)")
+
+
+def sampled_budget(max_tokens: int) -> int:
+    """The request's max_tokens (sampled ids) for an answer of `max_tokens` positions with one image."""
+    from ..config import NUM_VOKENS
+    return max_tokens - (NUM_VOKENS - 1)
 
 
 def overlap_window(max_tokens: int) -> int:
@@ -138,7 +146,7 @@ def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> 
 
 
 def request_params(args, seed: int, force_image: bool) -> dict:
-    return {"max_tokens": args.max_tokens, "random_seed": seed, "force_image": force_image,
+    return {"max_tokens": sampled_budget(args.max_tokens), "random_seed": seed, "force_image": force_image,
             "force_image_mode": "end", "num_inference_steps": args.steps}
 
 
@@ -184,7 +192,7 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
     """The public model over gRPC streaming: end to end, first text, image_start, image."""
     inputs = [_grpc_tensor("text_input", np.array([PROMPT.encode()], dtype=np.object_)),
               _grpc_tensor("stream", np.array([True])),
-              _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
+              _grpc_tensor("max_tokens", np.array([sampled_budget(args.max_tokens)], dtype=np.int32)),
               _grpc_tensor("random_seed", np.array([seed], dtype=np.uint64)),
               _grpc_tensor("force_image", np.array([force_image])),
               _grpc_tensor("force_image_mode", np.array([b"end"], dtype=np.object_)),
