@@ -1,7 +1,7 @@
 """Synthetic upstream-format files at tiny dims, for the converter tests.
 
 No real MiniGPT-5 checkpoint exists on our machines, so these files are written with the upstream key names
-as read from upstream code (MINIGPT5.md §6; LAVIS eva_vit.py / blip2; transformers' BLIP-2 conversion
+as read from upstream code (MiniGPT-5 model.py / mini_gpt5.py; LAVIS eva_vit.py / blip2; transformers' BLIP-2 conversion
 script; PEFT's naming), from reference modules whose outputs the converted weights must reproduce:
 
     vicuna/           LlamaForCausalLM.save_pretrained + the tiny tokenizer without the MiniGPT-5 tokens

@@ -50,8 +50,8 @@ from .args import name_list
 MODEL = "minigpt5"
 # Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
 STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes", "force_image_mode"}
-DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
-          "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
+DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32,
+          "random_seed": np.uint64, "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
           "guidance_scale": np.float32, "force_image": bool, "stream": bool}
 
 SHORT = {"text_input": "Hello there.", "max_tokens": 4, "random_seed": 1}

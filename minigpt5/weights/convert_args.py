@@ -39,7 +39,7 @@ def add_convert_arguments(parser) -> None:
                           "(default: mmdialog if the --stage2 file name contains 'mmdialog', else vist)")
     out.add_argument("--bos", choices=["<s>", "</s>"], default=None,
                      help="BOS the prompts start with (default: the one the checkpoint was trained with, "
-                          "</s> for vist, <s> for mmdialog; docs/CONVERT.md, \"BOS\")")
+                          "</s> for vist, <s> for mmdialog; docs/CONVERT.md, \"BOS and prompt format\")")
     out.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored dtype (default fp16)")
     out.add_argument("--preset", choices=["full", "tiny"], default="full",
                      help="architecture of the parts without a config file (LAVIS vision + Q-Former, mapper); "
