@@ -81,7 +81,9 @@ class DecoderStage:
         self.tokenizer = tokenizer
         self.llm = llm
         self.placeholder_id = tokens["image_placeholder"]
-        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.unk_token_id]
+        # Never sampled: the placeholder, BOS (`</s>` for VIST checkpoints is EOS itself and stays allowed;
+        # the tokenizer's own `<s>` is banned either way) and UNK.
+        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.bos_token_id, tokenizer.unk_token_id]
         self.engine = DecodeEngine(llm, tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
                                    banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
                                    **engine_options)
