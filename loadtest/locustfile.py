@@ -81,7 +81,7 @@ def _add_options(parser):
     option("grpc-url", default="", help="gRPC address HOST:PORT of the server (default: --host's host, port 8001)")
     option("mix", default=DEFAULT_MIX,
            help=f"relative weights of the request kinds {', '.join(KINDS)} (default {DEFAULT_MIX})")
-    option("max-tokens", type=int, default=256, help="max_tokens per request, vokens included (default 256)")
+    option("max-tokens", type=int, default=256, help="max_tokens per request: sampled ids, an image's 7 forced vokens come on top (default 256)")
     option("steps", type=int, default=0, help="num_inference_steps of the image decoder (default 0: the server's, 50)")
     option("scheduler", default="", choices=["", "pndm", "dpm"], help="diffusion scheduler (default: the server's)")
     option("image", default="", help="image file sent by image_in requests (default: a built-in 224x224 picture)")

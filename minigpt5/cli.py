@@ -64,7 +64,11 @@ def _add_run(commands) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="input image path or URL (repeatable, in order)")
     p.add_argument("--crop", action="store_true", help="centre-crop input images instead of padding them to a square")
-    p.add_argument("--force-image", action="store_true", help="make sure the answer contains an image")
+    p.add_argument("--force-image", action="store_true",
+                   help="make sure the answer contains --max-images images (default one)")
+    p.add_argument("--force-image-mode", choices=["first", "end"],
+                   help="where a forced image goes: first (before the text, upstream's default) or end")
+    p.add_argument("--max-images", type=int, help="images per answer (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
@@ -76,6 +80,8 @@ def _add_run(commands) -> None:
     p.add_argument("--scheduler", choices=["pndm", "dpm"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (LLM side)")
+    p.add_argument("--vision-dtype", default="auto",
+                   help="auto (fp16 on a GPU, as upstream runs the ViT; fp32 on a CPU), fp32, bf16 or fp16")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
 
     def handler(args):

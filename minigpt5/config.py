@@ -1,4 +1,4 @@
-"""Architecture presets: `full` (the real MiniGPT-5 dims, MINIGPT5.md) and `tiny` (seconds on a CPU).
+"""Architecture presets: `full` (the real MiniGPT-5 dims) and `tiny` (seconds on a CPU).
 
 A preset is plain JSON-able data: it is written into every weights manifest, so a weights directory
 fully describes the modules to build. Each component dict holds the keyword arguments of the
@@ -8,38 +8,54 @@ from __future__ import annotations
 
 import copy
 
-# Special tokens added to the Vicuna vocabulary (MINIGPT5.md §2).
+# Special tokens added to the Vicuna vocabulary (upstream eric-ai-lab/MiniGPT-5 constants.py:15-17, mini_gpt5.py:48).
 VOKEN_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
 IMAGE_PLACEHOLDER = "<ImageHere>"
 NUM_VOKENS = len(VOKEN_TOKENS)
 NUM_QUERY_TOKENS = 32
 NUM_T2I_QUERIES = 77  # SD's text-encoder sequence length
 
-# CLIP normalisation used by BLIP-2's image processor (MINIGPT5.md §1).
+# CLIP normalisation used by BLIP-2's image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_IMAGE_SIZE = 224
 
-SYSTEM_PROMPT = (
-    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
-    "once I provide it to you. Please understanding images and generate story."
-)
+# BLIP-2's `ln_vision` is a plain torch LayerNorm (default eps 1e-5), unlike the ViT's own norms (1e-6):
+# upstream minigpt4/models/blip2.py:69 `LayerNorm(visual_encoder.num_features)`.
+LN_VISION_EPS = 1e-5
 
-# Upstream `generate` defaults (MINIGPT5.md §2 and §5).
+# The two training formats of upstream's stage 2 and their system prompts, verbatim from upstream
+# eric-ai-lab/MiniGPT-5 dataloader.py (VIST: lines 236-237; MMDialog: lines 318-319). prompt.py renders them.
+PROMPT_FORMATS = {
+    "vist": ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+             "once I provide it to you. Please understanding images and generate story."),
+    "mmdialog": ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
+                 "images once I provide it to you. Please generate conversations with appropriate images."),
+}
+SYSTEM_PROMPT = PROMPT_FORMATS["vist"]
+
+# BOS each checkpoint was trained with (docs/CONVERT.md, "BOS"): the stage-1 and VIST checkpoints come from
+# upstream's first release, whose mini_gpt5.py:25 sets DEFAULT_BOS_TOKEN = "</s>" (added at lines 52-53 and
+# prepended by input_warp, lines 182-184); the MMDialog checkpoint was re-released on 2024-03-18 (commit
+# 2121c74), four days after commit 21308c1 commented that override out, so it was trained with "<s>".
+DEFAULT_BOS = {"vist": "</s>", "mmdialog": "<s>"}
+
+# Upstream's effective generation defaults; docs/API.md lists each with its upstream source.
 DEFAULT_GENERATION = {
-    "max_tokens": 256,
-    "temperature": 1.0,
-    "top_p": 0.9,
-    "top_k": 0,
-    "repetition_penalty": 2.0,
-    "force_image": False,
-    "max_images": 1,  # one voken block per turn: what the model was trained for
-    "guidance_scale": 7.5,
-    "num_inference_steps": 50,
-    "scheduler": "pndm",
+    "max_tokens": 256,  # model.py:302 max_new_tokens=256 (sampled ids: the 7 forced vokens do not count)
+    "temperature": 1.0,  # model.py:307
+    "top_p": 0.9,  # mini_gpt5.py:287
+    "top_k": 50,  # not passed: transformers 4.31's GenerationConfig default (requirements.txt pins 4.31.0)
+    "repetition_penalty": 2.0,  # model.py:307
+    "force_image": False,  # model.py:302 force_generation=False
+    "force_image_mode": "first",  # generation_helper.py:208-211: [IMG0] as soon as none was generated
+    "max_images": 1,  # model.py:316-317 renders the first voken block only
+    "guidance_scale": 7.5,  # model.py:302
+    "num_inference_steps": 50,  # diffusers StableDiffusionPipeline's default (model.py:328 passes none)
+    "scheduler": "pndm",  # SD 2.1-base's scheduler_config (PNDMScheduler)
 }
 
-# Stable Diffusion's PNDM setup (MINIGPT5.md §5); DPM-Solver++ shares the betas.
+# Stable Diffusion 2.1-base's PNDM setup (its scheduler_config.json); DPM-Solver++ shares the betas.
 SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

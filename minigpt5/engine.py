@@ -13,7 +13,10 @@ Design (see docs/DESIGN_DECODER.md for the why):
   each row's length. Finished and aborted rows are compacted out of the slots after the step.
 - `[IMG0]` sampled ⇒ that row feeds `[IMG0]`…`[IMG7]` in the next step (the step is 8 wide; the
   other rows' 7 extra positions are masked out). Its 8 voken states are the final-norm states that
-  predicted `[IMG0]`…`[IMG7]` (MINIGPT5.md §3): the state that sampled `[IMG0]`, then `[IMG0]`…`[IMG6]`.
+  predicted `[IMG0]`…`[IMG7]`: the state that sampled `[IMG0]`, then `[IMG0]`…`[IMG6]` (upstream
+  eric-ai-lab/MiniGPT-5 model.py:317-321). Each voken block is one image, up to `max_images`.
+- `max_tokens` counts sampled ids, `[IMG0]` included; the 7 forced vokens of a block do not count
+  (upstream's max_new_tokens: its `input_ids` hold the sampled ids only, mini_gpt5.py:321-338).
 - Sampling is per row, batched on the model's device, with the row's own generator (sampling.py): a
   request's output does not depend on its batch company beyond float rounding in the batched matmuls.
 """
@@ -51,8 +54,8 @@ class DecodeRequest:
 
     @property
     def reserved_tokens(self) -> int:
-        """KV positions this request may occupy: prompt + generation + a voken block's overshoot."""
-        return self.prompt_embeds.shape[0] + self.params.max_tokens + NUM_VOKENS - 1
+        """KV positions this request may occupy: prompt + sampled ids + the 7 forced vokens of each image."""
+        return self.prompt_embeds.shape[0] + self.params.max_tokens + (NUM_VOKENS - 1) * self.params.max_images
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Finished:
     images: int
     text: str
     token_ids: list[int] = field(default_factory=list)  # sampled and forced, in order
+    sampled_tokens: int = 0  # ids the model sampled (what max_tokens counts): completion_tokens - 7 per image
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _Row:
     seen: torch.Tensor  # [V] bool: the ids in `generated` (repetition penalty)
     next_input: list[int] = field(default_factory=list)  # ids to feed in the next step
     generated: list[int] = field(default_factory=list)  # sampled and forced ids
+    sampled: int = 0  # sampled ids among them ([IMG0] included): what max_tokens bounds
     text: str = ""  # answer text released so far
     held: str = ""  # text held back: it could be the start of "###"
     voken_source_state: torch.Tensor | None = None  # the state that sampled [IMG0]
@@ -164,8 +169,8 @@ class DecodeEngine:
         if needed > self.max_positions:
             raise AdmissionError(
                 f"prompt ({request.prompt_embeds.shape[0]} positions incl. images) + max_tokens "
-                f"({request.params.max_tokens}) + {NUM_VOKENS - 1} exceeds the context of "
-                f"{self.max_positions} positions")
+                f"({request.params.max_tokens}) + {NUM_VOKENS - 1} per image (max_images="
+                f"{request.params.max_images}) exceeds the context of {self.max_positions} positions")
         if needed > self.kv_budget_tokens:
             raise AdmissionError(f"request needs {needed} KV positions, more than the KV-cache budget "
                                  f"of {self.kv_budget_tokens} (kv_cache_budget_tokens)")
@@ -322,7 +327,7 @@ class DecodeEngine:
         live = []
         for index, row in enumerate(rows):
             row.next_input = []
-            if len(row.generated) >= row.request.params.max_tokens:
+            if row.sampled >= row.request.params.max_tokens:
                 self._finish(row, "length", events)  # e.g. right after a voken block
             else:
                 live.append(index)
@@ -340,12 +345,18 @@ class DecodeEngine:
             self._advance(row, self._force_image(row, token), state, events)
 
     def _force_image(self, row: _Row, token: int) -> int:
-        """force_image (upstream force_generation): the turn may not end before its image, and the
-        image is forced at the last position where its 8 vokens still fit."""
+        """force_image: the answer holds `max_images` images. Mode `first` (upstream's force_generation,
+        generation_helper.py:208-211: [IMG0] while none was generated) makes [IMG0] the first sampled
+        id, so the first image is conditioned on the prompt alone. The images still missing (all of
+        them in mode `end`) are forced where the answer would end: at EOS, at `###`, or in its last
+        sampled slots (one per missing image: a block's 7 forced vokens do not count)."""
         params = row.request.params
-        if not params.force_image or row.images > 0:
+        missing = params.max_images - row.images if params.force_image else 0
+        if missing <= 0:
             return token
-        if params.max_tokens - len(row.generated) <= NUM_VOKENS:
+        if params.force_image_mode == "first" and row.images == 0:
+            return self.voken_ids[0]
+        if params.max_tokens - row.sampled <= missing:
             return self.voken_ids[0]
         if token == self.eos_id or STOP_TEXT in row.held + row.detokenizer.peek(token):
             return self.voken_ids[0]
@@ -353,6 +364,7 @@ class DecodeEngine:
 
     def _advance(self, row: _Row, token: int, state: torch.Tensor, events: list) -> None:
         row.record([token])
+        row.sampled += 1
         if token == self.voken_ids[0]:
             self._flush_text(row, events)
             row.voken_source_state = state.clone()
@@ -362,7 +374,7 @@ class DecodeEngine:
             return self._finish(row, "stop", events)
         if self._push_text(row, token, events):
             return self._finish(row, "stop", events)
-        if len(row.generated) >= row.request.params.max_tokens:
+        if row.sampled >= row.request.params.max_tokens:
             return self._finish(row, "length", events)
         row.next_input = [token]
 
@@ -400,7 +412,7 @@ class DecodeEngine:
             if row.finish_reason is not None:
                 vokens = row.images * NUM_VOKENS
                 events.append(Finished(row.request_id, row.finish_reason, len(row.generated), vokens,
-                                       row.images, row.text, row.generated))
+                                       row.images, row.text, row.generated, row.sampled))
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]

@@ -1,5 +1,9 @@
 """Image decoder: voken states → feature mapper → SD UNet with classifier-free guidance → VAE → image.
 
+Classifier-free guidance runs only when guidance_scale > 1, as diffusers' StableDiffusionPipeline
+(`do_classifier_free_guidance`): at ≤ 1 the UNet sees the conditional batch alone (half the work)
+and its prediction is used as it is.
+
 Requests can share a batch: each has its own seed (initial noise drawn on CPU from its own
 generator) and guidance scale, and every operation is per sample, so a request's image does not
 depend on its batch company beyond float rounding. Requests in one batch share the scheduler and the
@@ -42,8 +46,13 @@ class ImageJob:
     scheduler: str = "pndm"
 
     @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (diffusers: guidance_scale > 1)."""
+        return self.guidance_scale > 1.0
+
+    @property
     def batch_key(self) -> tuple:
-        return (self.scheduler, self.num_inference_steps)
+        return (self.scheduler, self.num_inference_steps, self.guided)
 
 
 class ImageDecoder:
@@ -54,7 +63,7 @@ class ImageDecoder:
         self.scheduler_config = scheduler_config
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         llm_hidden = mapper.fc[0].in_features
-        # The unconditional branch: mapper(zeros), a constant of the checkpoint (MINIGPT5.md §5).
+        # The unconditional branch: mapper(fc(zeros)), a constant of the checkpoint (upstream model.py:326-327).
         zeros = torch.zeros(1, NUM_VOKENS, llm_hidden, device=self.device, dtype=self.mapper_dtype)
         self.negative_embeds = self.mapper(zeros)
 
@@ -78,22 +87,24 @@ class ImageDecoder:
     def decode(self, jobs: list[ImageJob], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Images for jobs sharing one `batch_key`, as uint8 [B, size, size, 3]."""
         if len({job.batch_key for job in jobs}) != 1:
-            raise ValueError("jobs in one decode call must share scheduler and num_inference_steps")
+            raise ValueError("jobs in one decode call must share scheduler, num_inference_steps and guidance on/off")
+        guided = jobs[0].guided
         scheduler = make_scheduler(jobs[0].scheduler, self.scheduler_config)
         scheduler.set_timesteps(jobs[0].num_inference_steps, device=self.device)
         states = torch.stack([job.voken_states for job in jobs]).to(self.device, self.mapper_dtype)
         cond = self.mapper(states).to(self.unet.dtype)
         uncond = self.negative_embeds.to(self.unet.dtype).expand_as(cond)
-        prompt_embeds = torch.cat([uncond, cond])
+        prompt_embeds = torch.cat([uncond, cond]) if guided else cond
         scale = torch.tensor([job.guidance_scale for job in jobs], device=self.device,
                              dtype=torch.float32).view(-1, 1, 1, 1)
         latents = torch.cat([self.initial_latents(job.seed) for job in jobs]).to(self.device, torch.float32)
         latents = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = self.unet(model_input.to(self.unet.dtype), t, encoder_hidden_states=prompt_embeds).sample
-            noise_uncond, noise_cond = noise.float().chunk(2)
-            noise = noise_uncond + scale * (noise_cond - noise_uncond)
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+            noise = self.unet(model_input.to(self.unet.dtype), t, encoder_hidden_states=prompt_embeds).sample.float()
+            if guided:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + scale * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents).prev_sample
             if progress:
                 progress(i + 1, len(scheduler.timesteps))

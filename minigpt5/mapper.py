@@ -1,4 +1,5 @@
-"""Feature mapper: 8 voken states → 77 × d conditioning for Stable Diffusion (MINIGPT5.md §4).
+"""Feature mapper: 8 voken states → 77 × d conditioning for Stable Diffusion (upstream MiniGPT-5
+model.py:88-108: `fc`, `llm_to_t2i_mapping`, `t2i_decoder_prompt`).
 
 Parameter names follow upstream (`fc.0`, `fc.2`, `llm_to_t2i_mapping.*`, `t2i_decoder_prompt`) so
 converted checkpoints load without renaming.

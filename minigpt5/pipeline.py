@@ -35,6 +35,7 @@ class Usage:
     vokens: int
     images: int
     seed: int
+    sampled_tokens: int = 0  # what max_tokens counts: completion_tokens less the 7 forced vokens per image
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -59,13 +60,16 @@ class Result:
 
 
 class MiniGPT5Pipeline:
-    def __init__(self, weights_dir, device: str | None = None, dtype: str | None = None):
+    def __init__(self, weights_dir, device: str | None = None, dtype: str | None = None,
+                 vision_dtype: str | None = None):
         self.weights = WeightsDir(weights_dir)
         self.device = resolve_device(device)
         llm_dtype = resolve_dtype(dtype, self.device)
         image_dtype = torch.float32 if self.device == "cpu" else torch.float16
         self.prompts = PromptBuilder(self.weights)
-        self.vision = VisionStage.load(self.weights, self.device, llm_dtype)
+        # The vision tower in fp16 on a GPU, as upstream runs it (vit_precision fp16, autocast).
+        self.vision = VisionStage.load(self.weights, self.device, resolve_dtype(vision_dtype, self.device,
+                                                                                 gpu_default="fp16"))
         self.decoder = DecoderStage.load(self.weights, self.device, llm_dtype)
         self.images = ImageStage.load(self.weights, self.device, image_dtype)
         self._ids = itertools.count()
@@ -93,7 +97,8 @@ class MiniGPT5Pipeline:
                     yield ImageReady(self.images.decode([job])[0], event.text_offset, event.states.numpy())
                 elif isinstance(event, Finished):
                     usage = Usage(decode_request.prompt_tokens, decode_request.image_tokens,
-                                  event.completion_tokens, event.vokens, event.images, request.seed)
+                                  event.completion_tokens, event.vokens, event.images, request.seed,
+                                  sampled_tokens=event.sampled_tokens)
                     yield Done(event.reason, usage, event.token_ids)
 
     def run(self, prompt: str, images=None, history: list[Turn] = (), on_text=None, **params) -> Result:

@@ -15,8 +15,8 @@ import numpy as np
 from .config import VISION_IMAGE_SIZE
 from .errors import InvalidRequest
 from .image_decoder import SCHEDULERS
-from .prompt import Turn
-from .sampling import SamplingParams
+from .prompt import Turn, check_markers
+from .sampling import FORCE_IMAGE_MODES, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Limits:
     max_history_turns: int = 32
     max_history_chars: int = 64_000
     max_images: int = 8  # input images per request, all turns together
+    max_output_images: int = 8  # `max_images`: images generated in one answer
     max_image_bytes: int = 20 * 1024 * 1024  # one encoded image
     max_image_pixels: int = 40_000_000  # declared width × height of an encoded image
     max_tokens: int = 1024
@@ -81,8 +82,8 @@ def _in_range(name: str, value, low, high, *, low_open: bool = False):
 
 def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Limits = LIMITS,
                   max_tokens=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-                  random_seed=None, force_image=None, guidance_scale=None, num_inference_steps=None,
-                  scheduler=None, stream=None) -> GenerationRequest:
+                  random_seed=None, force_image=None, force_image_mode=None, max_images=None, guidance_scale=None,
+                  num_inference_steps=None, scheduler=None, stream=None) -> GenerationRequest:
     """Validate user values (None = default) into a GenerationRequest, or raise InvalidRequest."""
     def pick(value, key):
         return defaults[key] if value is None else value
@@ -106,9 +107,17 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
 
     max_tokens = _in_range("max_tokens", _number("max_tokens", pick(max_tokens, "max_tokens"), int),
                            1, limits.max_tokens)
+    max_images = _in_range("max_images", _number("max_images", pick(max_images, "max_images"), int),
+                           0, limits.max_output_images)
     force_image = bool(pick(force_image, "force_image"))
-    if force_image and max_tokens < 8:
-        raise InvalidRequest("max_tokens: must be >= 8 with force_image (an image takes 8 voken positions)")
+    force_image_mode = pick(force_image_mode, "force_image_mode")
+    if force_image_mode not in FORCE_IMAGE_MODES:
+        raise InvalidRequest(f"force_image_mode: must be one of {list(FORCE_IMAGE_MODES)}, got {force_image_mode!r}")
+    if force_image and max_images < 1:
+        raise InvalidRequest("max_images: must be >= 1 with force_image")
+    if force_image and max_tokens < max_images:
+        raise InvalidRequest(f"max_tokens: must be >= max_images ({max_images}) with force_image "
+                             f"(each image's [IMG0] is one sampled token)")
     seed = secrets.randbits(63) if random_seed is None else _number("random_seed", random_seed, int)
     if seed < 0:
         raise InvalidRequest(f"random_seed: must be >= 0, got {seed}")
@@ -122,12 +131,13 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
             "repetition_penalty", pick(repetition_penalty, "repetition_penalty")), *limits.repetition_penalty),
         seed=seed % (2**63),
         force_image=force_image,
-        max_images=int(defaults["max_images"]),
+        force_image_mode=force_image_mode,
+        max_images=max_images,
     )
     scheduler = pick(scheduler, "scheduler")
     if scheduler not in SCHEDULERS:
         raise InvalidRequest(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=prompt, images=images, history=history, sampling=sampling,
         guidance_scale=_in_range("guidance_scale", _number(
             "guidance_scale", pick(guidance_scale, "guidance_scale")), *limits.guidance_scale),
@@ -137,6 +147,8 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
         scheduler=scheduler,
         stream=bool(stream) if stream is not None else False,
     )
+    check_markers(request.turns)  # one <image> marker per image of a turn that uses them
+    return request
 
 
 def _check_images(images, limits: Limits) -> np.ndarray:

@@ -18,10 +18,11 @@ def run(args) -> int:
 
     try:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
-        pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype)
+        pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype,
+                                    vision_dtype=args.vision_dtype)
         params = {name: getattr(args, name) for name in (
-            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "guidance_scale",
-            "num_inference_steps", "scheduler")}
+            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "force_image_mode", "max_images",
+            "guidance_scale", "num_inference_steps", "scheduler")}
         result = pipeline.run(args.prompt, images, random_seed=args.seed, force_image=args.force_image or None,
                               on_text=_print_now, **params)
     except (InvalidRequest, ImageError) as exc:
@@ -34,7 +35,8 @@ def run(args) -> int:
         path = document.save(args.out, fmt)
         print(f"wrote {path}", file=sys.stderr)
     usage = result.usage
-    print(f"{usage.completion_tokens} tokens ({usage.vokens} vokens), {usage.images} image(s), "
+    print(f"{usage.completion_tokens} tokens ({usage.sampled_tokens} sampled, {usage.vokens} vokens), "
+          f"{usage.images} image(s), "
           f"finish: {result.finish_reason}, seed {usage.seed}", file=sys.stderr)
     return 0
 

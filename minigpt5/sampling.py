@@ -13,16 +13,22 @@ import numpy as np
 import torch
 
 
+FORCE_IMAGE_MODES = ("first", "end")
+
+
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
+    """Plain JSON-able values only: a request's parameters cross process boundaries as they are.
+    The defaults are upstream's effective ones (config.DEFAULT_GENERATION, docs/API.md)."""
+    max_tokens: int = 256  # sampled ids; the 7 forced vokens of each image do not count (upstream's max_new_tokens)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 0.9
-    top_k: int = 0  # 0 = off
+    top_k: int = 50  # 0 = off
     repetition_penalty: float = 2.0
     seed: int | None = None
-    force_image: bool = False
-    max_images: int = 1
+    force_image: bool = False  # the answer holds max_images images
+    force_image_mode: str = "first"  # first: [IMG0] is the first sampled id (upstream); end: where the answer would end
+    max_images: int = 1  # voken blocks per answer; [IMG0] is banned once they are there
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator(device="cpu")

@@ -24,10 +24,10 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """fp32 on CPU; bf16 for the LLM side on GPU unless told otherwise."""
+def resolve_dtype(dtype: str | None, device: str, gpu_default: str = "bf16") -> torch.dtype:
+    """fp32 on CPU; on a GPU `gpu_default` (bf16 for the LLM side, fp16 for the vision tower) unless told otherwise."""
     if dtype in (None, "auto"):
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        dtype = "fp32" if device == "cpu" else gpu_default
     return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
 
@@ -37,16 +37,19 @@ class PromptBuilder:
 
     def __init__(self, weights: WeightsDir, tokenizer=None):
         self.tokenizer = tokenizer or weights.tokenizer()
-        self.system = weights.manifest["prompt"]["system"]
+        self.format, self.system = weights.prompt_format
         self.bos_id = weights.tokens["bos_id"]
         self.placeholder_id = weights.tokens["image_placeholder"]
         self.max_positions = weights.arch["llm"]["max_position_embeddings"]
 
+    def pieces(self, request: GenerationRequest) -> list[str | None]:
+        """The prompt as text pieces and image slots (prompt.py)."""
+        return render_pieces(self.format, self.system, request.turns)
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        ids = prompt_token_ids(self.tokenizer, render_pieces(self.system, request.turns),
-                               self.bos_id, self.placeholder_id)
+        ids = prompt_token_ids(self.tokenizer, self.pieces(request), self.bos_id, self.placeholder_id)
         positions = len(ids) + len(request.images) * (NUM_QUERY_TOKENS - 1)
-        needed = positions + request.sampling.max_tokens + NUM_VOKENS - 1
+        needed = positions + request.sampling.max_tokens + (NUM_VOKENS - 1) * request.sampling.max_images
         if needed > self.max_positions:
             raise InvalidRequest(
                 f"text_input: the prompt takes {positions} positions (history and images included); with "
@@ -78,7 +81,9 @@ class DecoderStage:
         self.tokenizer = tokenizer
         self.llm = llm
         self.placeholder_id = tokens["image_placeholder"]
-        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.unk_token_id]
+        # Never sampled: the placeholder, BOS (`</s>` for VIST checkpoints is EOS itself and stays allowed;
+        # the tokenizer's own `<s>` is banned either way) and UNK.
+        banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.bos_token_id, tokenizer.unk_token_id]
         self.engine = DecodeEngine(llm, tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
                                    banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
                                    **engine_options)

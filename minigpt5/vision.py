@@ -1,11 +1,11 @@
-"""Vision tower: BLIP-2 EVA ViT-g + ln_vision + Q-Former (32 queries) + llama_proj (MINIGPT5.md §1)."""
+"""Vision tower: BLIP-2 EVA ViT-g + ln_vision + Q-Former (32 queries) + llama_proj."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
-from .config import CLIP_MEAN, CLIP_STD, NUM_QUERY_TOKENS, VISION_IMAGE_SIZE
+from .config import CLIP_MEAN, CLIP_STD, LN_VISION_EPS, NUM_QUERY_TOKENS, VISION_IMAGE_SIZE
 
 
 class VisionTower(nn.Module):
@@ -13,8 +13,10 @@ class VisionTower(nn.Module):
 
     def __init__(self, vision: dict, qformer: dict, llm_hidden_size: int):
         super().__init__()
-        # Blip2VisionModel's post_layernorm is upstream's ln_vision.
+        # Blip2VisionModel's post_layernorm is upstream's ln_vision: a torch LayerNorm with the default
+        # eps 1e-5, while the ViT's own norms use the config's 1e-6 (upstream minigpt4/models/blip2.py:69).
         self.vision_model = Blip2VisionModel(Blip2VisionConfig(**vision))
+        self.vision_model.post_layernorm.eps = LN_VISION_EPS
         self.qformer = Blip2QFormerModel(Blip2QFormerConfig(**qformer))
         self.query_tokens = nn.Parameter(torch.zeros(1, NUM_QUERY_TOKENS, qformer["hidden_size"]))
         self.llama_proj = nn.Linear(qformer["hidden_size"], llm_hidden_size)

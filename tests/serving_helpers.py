@@ -13,8 +13,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype
 
-STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes"}
-DTYPES = {"max_tokens": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
+STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes", "force_image_mode"}
+DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
           "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
           "guidance_scale": np.float32, "force_image": bool, "stream": bool}
 

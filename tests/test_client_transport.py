@@ -222,7 +222,8 @@ def test_request_carries_images_and_parameters(server):
     protocol, url, requests = server
     sources = [picture(1), encode_png(picture(2))]
     Client(url, protocol, preprocess="crop").generate(
-        "story", sources, seed=2**63 + 5, max_tokens=40, temperature=0.7, force_image=True, scheduler="dpm")
+        "story", sources, seed=2**63 + 5, max_tokens=40, temperature=0.7, force_image=True, scheduler="dpm",
+        force_image_mode="end", max_images=2)
     request = requests[-1]
     assert np.array_equal(sent_images(protocol, request), preprocess_images(sources, "crop"))
     if protocol == "grpc":
@@ -230,12 +231,15 @@ def test_request_carries_images_and_parameters(server):
         assert request["random_seed"].dtype == np.uint64 and request["random_seed"][0] == 2**63 + 5
         assert request["max_tokens"].dtype == np.int32 and request["temperature"].dtype == np.float32
         assert request["force_image"].tolist() == [True] and request["scheduler"].tolist() == [b"dpm"]
+        assert request["force_image_mode"].tolist() == [b"end"]
+        assert request["max_images"].dtype == np.int32 and request["max_images"].tolist() == [2]
         assert "history" not in request and "top_p" not in request  # unset parameters: server defaults
     else:
         assert request["text_input"] == "story" and request["stream"] is True
         assert request["random_seed"] == 2**63 + 5 and request["max_tokens"] == 40
         assert request["temperature"] == pytest.approx(0.7) and request["force_image"] is True
         assert request["scheduler"] == "dpm" and "history" not in request and "top_p" not in request
+        assert request["force_image_mode"] == "end" and request["max_images"] == 2
 
 
 def test_conversation_sends_earlier_turns_and_generated_images(server):

@@ -141,7 +141,8 @@ def test_manifest_tokens_and_tokenizer(converted, upstream):
     added = tokenizer.convert_tokens_to_ids([*VOKEN_TOKENS, IMAGE_PLACEHOLDER])
     assert added == list(range(upstream.base_vocab_size, vocab))
     assert converted.tokens["vokens"] == added[:8] and converted.tokens["image_placeholder"] == added[8]
-    assert converted.tokens["bos"] == "<s>"
+    # stage2.ckpt is a VIST-era checkpoint by default: upstream's first release prepended </s> (docs/CONVERT.md)
+    assert converted.tokens["bos"] == "</s>" and converted.prompt_format[0] == "vist"
     source = converted.manifest["source"]
     assert source["kind"] == "upstream-convert" and source["lora"] == {"ranks": [LORA_RANK], "alpha": LORA_ALPHA}
 
@@ -160,15 +161,23 @@ def test_unknown_key_fails_with_its_name(upstream, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_mmdialog_checkpoint_gets_its_format_and_bos(upstream, tmp_path):
+    stage2 = write_ckpt(tmp_path / "stage2_mmdialog.ckpt", upstream.stage2)
+    convert(options(upstream.cli_args(tmp_path / "out", stage2=stage2)))
+    weights = WeightsDir(tmp_path / "out")
+    assert weights.prompt_format[0] == "mmdialog" and "generate conversations" in weights.prompt_format[1]
+    assert weights.tokens["bos"] == "<s>"
+
+
 def test_allow_unknown_warns_and_converts_in_fp16_with_chosen_bos(upstream, tmp_path, capsys):
     stage2 = write_ckpt(tmp_path / "stage2.ckpt", {**upstream.stage2, UNKNOWN_KEY: torch.ones(5, 64)})
-    argv = upstream.cli_args(tmp_path / "out", stage2=stage2) + ["--allow-unknown", "--bos", "</s>", "--dtype", "fp16"]
+    argv = upstream.cli_args(tmp_path / "out", stage2=stage2) + ["--allow-unknown", "--bos", "<s>", "--dtype", "fp16"]
     args = parse(argv)
     assert args.handler(args) == 0
     assert f"WARNING unknown key skipped: --stage2 {UNKNOWN_KEY}" in capsys.readouterr().out
     weights = WeightsDir(tmp_path / "out")
-    assert weights.tokens["bos"] == "</s>"
-    assert weights.tokens["bos_id"] == weights.tokenizer().convert_tokens_to_ids("</s>")
+    assert weights.tokens["bos"] == "<s>"
+    assert weights.tokens["bos_id"] == weights.tokenizer().convert_tokens_to_ids("<s>")
     assert {t.dtype for t in weights.state_dict("llm").values()} == {torch.float16}
     weights.load("llm")  # strict load
 

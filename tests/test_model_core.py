@@ -21,7 +21,9 @@ def test_run_force_image_gives_text_and_image(reference_pipeline):
     assert result.images[0].shape == (size, size, 3) and result.images[0].dtype == np.uint8
     assert result.images[0].std() > 0  # a real decoded image, not a constant
     assert result.usage.images == 1 and result.usage.vokens == NUM_VOKENS
-    assert result.usage.completion_tokens == len(result.token_ids) <= 40
+    # max_tokens counts sampled ids; completion_tokens also counts the image's 7 forced vokens
+    assert result.usage.completion_tokens == len(result.token_ids) == result.usage.sampled_tokens + NUM_VOKENS - 1
+    assert result.usage.sampled_tokens <= 40
 
 
 def test_voken_states_equal_full_forward(reference_pipeline):

@@ -54,7 +54,8 @@ def test_grpc_stream_gives_ordered_text_and_image_events(triton_server):
     result = assemble(events)
     assert result["text"] and len(result["images"]) == 1
     assert result["usage"]["images"] == 1 and result["usage"]["vokens"] == 8
-    assert result["usage"]["completion_tokens"] <= STORY["max_tokens"]
+    assert result["usage"]["sampled_tokens"] <= STORY["max_tokens"]  # the 7 forced vokens do not count
+    assert result["usage"]["completion_tokens"] == result["usage"]["sampled_tokens"] + 7
 
 
 def test_sse_works_with_plain_curl(triton_server):
@@ -134,6 +135,36 @@ def test_malformed_request_is_invalid_arg_while_good_ones_complete(triton_server
             grpc_stream(triton_server.grpc_url, {**STORY, field: value})
         for future in good:
             assert assemble(future.result())["images"]
+
+
+def test_several_images_in_one_streamed_answer_in_order_equal_in_process(triton_server, reference_pipeline):
+    """max_images=2 with force_image (mode first): [IMG0] first, the second block forced at the last
+    sampled slot; each block is its own image_start/image pair, in answer order, as in-process."""
+    params = {**STORY, "text_input": "Tell it in two pictures.", "max_images": 2, "max_tokens": 16,
+              "num_inference_steps": 4}
+    events = grpc_stream(triton_server.grpc_url, params)
+    kinds = [e["event_type"][0] for e in events]
+    assert kinds.count("image_start") == kinds.count("image") == 2
+    served = assemble(events)
+    expected = _reference(reference_pipeline, params)
+    assert served["text"] == expected.text and served["text"]
+    assert len(served["images"]) == len(expected.images) == 2
+    for got, want in zip(served["images"], expected.images):
+        np.testing.assert_array_equal(got, want)
+    assert served["offsets"] == [0, len(served["text"])]
+    assert served["usage"] == expected.usage.as_dict()
+    assert (served["usage"]["images"], served["usage"]["vokens"], served["usage"]["sampled_tokens"],
+            served["usage"]["completion_tokens"]) == (2, 16, 16, 16 + 2 * 7)
+
+
+def test_force_image_mode_end_over_http_equals_in_process(triton_server, reference_pipeline):
+    params = {**STORY, "force_image_mode": "end", "max_tokens": 12, "num_inference_steps": 4}
+    served = assemble([http_generate(triton_server.http_url, params)])
+    expected = _reference(reference_pipeline, params)
+    assert served["text"] == expected.text and len(served["images"]) == 1
+    np.testing.assert_array_equal(served["images"][0], expected.images[0])
+    assert served["offsets"][0] > 0  # after text, not first
+    assert served["usage"] == expected.usage.as_dict()
 
 
 def test_user_text_with_special_tokens_stays_text(triton_server, reference_pipeline):

@@ -298,8 +298,9 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
         return real_decode(jobs, *args, **kwargs)
     monkeypatch.setattr(image_model.stage.decoder, "decode", spy)
     replies = image_model.execute(requests)
-    # one UNet batch per (scheduler, steps): 3 rows of pndm/2, 1 of pndm/1, 1 of dpm/2
-    assert sorted(calls, key=str) == sorted([[("pndm", 2), 3], [("pndm", 1), 1], [("dpm", 2), 1]], key=str)
+    # one UNet batch per (scheduler, steps, guidance on): 3 rows of pndm/2, 1 of pndm/1, 1 of dpm/2
+    assert sorted(calls, key=str) == sorted([[("pndm", 2, True), 3], [("pndm", 1, True), 1], [("dpm", 2, True), 1]],
+                                            key=str)
 
     assert len(replies) == len(requests)
     for reply, request_rows, request_states in zip(replies, rows, states):
@@ -555,7 +556,7 @@ def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
     events = streamed.events
     kinds = [e["event_type"][0] for e in events]
     assert [e["sequence_index"][0] for e in events] == list(range(len(events)))
-    assert kinds[0] == "text" and kinds[-1] == "final"
+    assert kinds[0] == "image_start" and kinds[-1] == "final"  # force_image (mode first): the image leads
     assert kinds.count("image_start") == 1 and kinds.count("image") == 1 and kinds.count("final") == 1
     assert kinds.index("image_start") < kinds.index("image")
     assert set(kinds) == {"text", "image_start", "image", "final"}
@@ -565,7 +566,7 @@ def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
     start, image, final = (events[kinds.index(k)] for k in ("image_start", "image", "final"))
     assert start["image_offset"] == image["image_offset"]
     text = "".join(e["text_output"][0] for e in events)
-    assert 0 <= image["image_offset"][0] <= len(text)
+    assert image["image_offset"][0] == 0 and text
     pixels = png_pixels(image["image_output"][0])
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.shape[0] == pixels.shape[1]
 

@@ -1,7 +1,7 @@
 """Synthetic upstream-format files at tiny dims, for the converter tests.
 
 No real MiniGPT-5 checkpoint exists on our machines, so these files are written with the upstream key names
-as read from upstream code (MINIGPT5.md §6; LAVIS eva_vit.py / blip2; transformers' BLIP-2 conversion
+as read from upstream code (MiniGPT-5 model.py / mini_gpt5.py; LAVIS eva_vit.py / blip2; transformers' BLIP-2 conversion
 script; PEFT's naming), from reference modules whose outputs the converted weights must reproduce:
 
     vicuna/           LlamaForCausalLM.save_pretrained + the tiny tokenizer without the MiniGPT-5 tokens
@@ -228,10 +228,11 @@ def _rename_to_pre_014_attention(path: Path) -> None:
 
 
 def eva_forward(eva: dict, ln_vision: dict, pixels: torch.Tensor, depth: int, num_heads: int,
-                eps: float = 1e-6) -> torch.Tensor:
+                eps: float = 1e-6, ln_vision_eps: float = 1e-5) -> torch.Tensor:
     """The first `depth` blocks of a LAVIS EVA ViT + ln_vision, written out from lavis/models/eva_vit.py:
     a check of the name mapping and of EVA's qkv bias = cat(q_bias, 0, v_bias) that does not go through
-    transformers' modules."""
+    transformers' modules. The blocks' norms use eps 1e-6 (eva_vit.py's partial(nn.LayerNorm, eps=1e-6));
+    ln_vision is a default torch LayerNorm, eps 1e-5 (upstream MiniGPT-5 minigpt4/models/blip2.py:69)."""
     F = torch.nn.functional
     patch = eva["patch_embed.proj.weight"]
     x = F.conv2d(pixels, patch, eva["patch_embed.proj.bias"], stride=patch.shape[-1]).flatten(2).transpose(1, 2)
@@ -248,4 +249,4 @@ def eva_forward(eva: dict, ln_vision: dict, pixels: torch.Tensor, depth: int, nu
         h = F.layer_norm(x, (width,), p["norm2.weight"], p["norm2.bias"], eps)
         x = x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
                          p["mlp.fc2.weight"], p["mlp.fc2.bias"])
-    return F.layer_norm(x, (width,), ln_vision["weight"], ln_vision["bias"], eps)
+    return F.layer_norm(x, (width,), ln_vision["weight"], ln_vision["bias"], ln_vision_eps)

@@ -244,7 +244,11 @@ def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None
     generation.add_argument("--repetition-penalty", type=float)
     generation.add_argument("--seed", type=int, help="same seed, same text and images")
     generation.add_argument("--force-image", action="store_true", default=None,
-                            help="make sure the answer contains an image")
+                            help="make sure the answer contains --max-images images (default one)")
+    generation.add_argument("--force-image-mode", choices=("first", "end"),
+                            help="where a forced image goes: first (before the text, upstream's default) or "
+                                 "end (where the answer would end)")
+    generation.add_argument("--max-images", type=int, help="images per answer (server default 1)")
     generation.add_argument("--guidance-scale", type=float)
     generation.add_argument("--steps", type=int, dest="num_inference_steps", help="diffusion steps")
     generation.add_argument("--scheduler", choices=("pndm", "dpm"))
@@ -252,7 +256,7 @@ def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None
 
 def _generation_params(args: argparse.Namespace) -> dict:
     names = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "force_image",
-             "guidance_scale", "num_inference_steps", "scheduler")
+             "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler")
     return {name: getattr(args, name) for name in names}
 
 

@@ -3,7 +3,7 @@
 The server runs these same functions on encoded image bytes (`image_bytes`), so a served request and
 the in-process pipeline see identical pixels. Only PIL and numpy: importable without torch.
 
-Modes (MINIGPT5.md, vision encoder):
+Modes (upstream MiniGPT-5's demo, examples/playground.py:49-61, and its dataloader):
 - ``pad``: pad to a square on white, centred (upstream demo), then resize to 224 (bilinear).
 - ``crop``: resize the shorter side to 224 (bilinear), then centre-crop 224 (upstream eval dataloader);
   the sizes and crop box are computed as torchvision's ``Resize(224)`` + ``CenterCrop(224)`` do.

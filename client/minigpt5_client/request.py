@@ -22,6 +22,8 @@ PARAMETERS = {
     "repetition_penalty": ("repetition_penalty", "FP32"),
     "seed": ("random_seed", "UINT64"),
     "force_image": ("force_image", "BOOL"),
+    "force_image_mode": ("force_image_mode", "BYTES"),
+    "max_images": ("max_images", "INT32"),
     "guidance_scale": ("guidance_scale", "FP32"),
     "num_inference_steps": ("num_inference_steps", "INT32"),
     "scheduler": ("scheduler", "BYTES"),

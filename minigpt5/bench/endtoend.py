@@ -2,8 +2,8 @@
 
 The loop is MiniGPT5Pipeline.stream's (pipeline.py), with split times: VisionStage.encode →
 DecoderStage.make_request → DecodeEngine.submit/step → on the voken block ImageStage.decode (mapper,
-UNet with CFG, scheduler, VAE, uint8 to host). force_image makes the turn contain exactly one image;
-with random weights [IMG0] is then forced at the last chance, so the image is decoded after the text
+UNet with CFG, scheduler, VAE, uint8 to host). force_image (mode end) makes the turn contain exactly one
+image; with random weights [IMG0] is then forced at the last chance, so the image is decoded after the text
 (the latest it can come; a real model draws it earlier, which overlaps nothing in this serial loop).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import VISION_IMAGE_SIZE
+from ..config import NUM_VOKENS, VISION_IMAGE_SIZE
 from ..engine import Finished, VokenStates
 from ..image_decoder import ImageJob, image_seed
 from ..sampling import SamplingParams
@@ -32,7 +32,10 @@ def run_once(stages: dict, prompt: list[int], image: np.ndarray, device, *, max_
     clock = Stopwatch(device)
     image_embeds = vision.encode(image)
     vision_ms = clock.ms()
-    sampling = SamplingParams(max_tokens=max_tokens, seed=seed, force_image=True, max_images=1)
+    # max_tokens here counts generated positions (the benchmark's "N tokens"); the engine counts sampled
+    # ids, and the one image's 7 forced vokens come on top of them.
+    sampling = SamplingParams(max_tokens=max_tokens - (NUM_VOKENS - 1), seed=seed, force_image=True,
+                              force_image_mode="end", max_images=1)
     engine.submit(decoder.make_request(f"bench-e2e-{scheduler}-{seed}", prompt, image_embeds, sampling))
     first_token_ms, image_ms, outputs, finished = None, 0.0, [], None
     while engine.has_work:

@@ -49,9 +49,9 @@ from .args import name_list
 
 MODEL = "minigpt5"
 # Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
-STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes"}
-DTYPES = {"max_tokens": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
-          "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
+STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes", "force_image_mode"}
+DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32,
+          "random_seed": np.uint64, "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
           "guidance_scale": np.float32, "force_image": bool, "stream": bool}
 
 SHORT = {"text_input": "Hello there.", "max_tokens": 4, "random_seed": 1}
@@ -360,8 +360,8 @@ def input_cases() -> list[InputCase]:
                   {**base, "max_tokens": 1000}),
         InputCase("max_tokens_int32_overflow", "max_tokens above the limit", "max_tokens",
                   http_body=body(max_tokens=3_000_000_000), transports=("http", "sse")),
-        InputCase("force_image_max_tokens_7", "max_tokens above the limit", "max_tokens",
-                  {**base, "force_image": True, "max_tokens": 7}),
+        InputCase("force_image_max_tokens_below_max_images", "max_tokens above the limit", "max_tokens",
+                  {**base, "force_image": True, "max_images": 3, "max_tokens": 2}),
         InputCase("temperature_negative", "sampling parameter out of range", "temperature",
                   {**base, "temperature": -1.0}),
         InputCase("temperature_over", "sampling parameter out of range", "temperature", {**base, "temperature": 5.5}),

@@ -6,7 +6,7 @@ in this process, the in-process reference pipeline (`MiniGPT5Pipeline`) over the
 requests, both with fixed seeds, each measured --requests times, interleaved:
 
   force_image request   "served vs in-process": the first seed from --seed whose image the decoder
-                        does NOT sample on its own, so force_image places [IMG0] at the last chance and
+                        does NOT sample on its own, so force_image (mode end) places [IMG0] at the last chance and
                         the image is decoded after the text on both paths. Nothing can overlap, so
                         served / in-process isolates the serving cost (BLS, IPC between the three
                         models, gRPC streaming, PNG encoding and decoding in the client is excluded).
@@ -90,7 +90,9 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
     overlap: [IMG0] sampled (not forced) at token index <= overlap_window(max_tokens) and the text then
     runs to max_tokens. The prefix of a request without force_image does not depend on max_tokens, so
     candidates are first decoded only up to that index.
-    force_image: [IMG0] placed at the last chance, index max_tokens - 8.
+    force_image (mode end): [IMG0] placed at the last chance, index max_tokens - 8.
+    --max-tokens counts generated positions, vokens included (as the figures were measured); the
+    requests ask for that less the 7 forced vokens in sampled ids (`sampled_budget`): the same answers.
     """
     from ..config import NUM_VOKENS
 
@@ -98,7 +100,7 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
     window = overlap_window(args.max_tokens)
     for seed in range(args.seed, args.seed + args.search_seeds):
         if kind == "force_image":
-            tokens, reason = _decode_only(pipeline, seed, args.max_tokens, force_image=True)
+            tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=True)
             if img0 in tokens and tokens.index(img0) == args.max_tokens - NUM_VOKENS:
                 return {"seed": seed, "image_token_index": tokens.index(img0), "completion_tokens": len(tokens),
                         "finish_reason": reason, "tried": seed - args.seed + 1}
@@ -106,7 +108,7 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
         prefix, _ = _decode_only(pipeline, seed, window + 1, force_image=False)
         if img0 not in prefix:
             continue
-        tokens, reason = _decode_only(pipeline, seed, args.max_tokens, force_image=False)
+        tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=False)
         if reason == "length" and tokens.index(img0) <= window:
             index = tokens.index(img0)
             return {"seed": seed, "image_token_index": index, "completion_tokens": len(tokens),
@@ -114,6 +116,12 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
                     "tried": seed - args.seed + 1}
     raise RuntimeError(f"no {kind} seed in [{args.seed}, {args.seed + args.search_seeds}) "
                        f"(raise --search-seeds or --max-tokens)")
+
+
+def sampled_budget(max_tokens: int) -> int:
+    """The request's max_tokens (sampled ids) for an answer of `max_tokens` positions with one image."""
+    from ..config import NUM_VOKENS
+    return max_tokens - (NUM_VOKENS - 1)
 
 
 def overlap_window(max_tokens: int) -> int:
@@ -126,7 +134,8 @@ def overlap_window(max_tokens: int) -> int:
 def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> tuple[list[int], str]:
     from ..engine import Finished
 
-    request = pipeline.request(PROMPT, max_tokens=max_tokens, random_seed=seed, force_image=force_image)
+    request = pipeline.request(PROMPT, max_tokens=max_tokens, random_seed=seed, force_image=force_image,
+                               force_image_mode="end")
     engine = pipeline.decoder.engine
     decode = pipeline.decoder.make_request(f"search-{seed}-{max_tokens}", pipeline.prompts.prompt_ids(request),
                                            None, request.sampling)
@@ -140,8 +149,8 @@ def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> 
 
 
 def request_params(args, seed: int, force_image: bool) -> dict:
-    return {"max_tokens": args.max_tokens, "random_seed": seed, "force_image": force_image,
-            "num_inference_steps": args.steps}
+    return {"max_tokens": sampled_budget(args.max_tokens), "random_seed": seed, "force_image": force_image,
+            "force_image_mode": "end", "num_inference_steps": args.steps}
 
 
 # ---- one measurement each ---------------------------------------------------------------------------
@@ -186,9 +195,10 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
     """The public model over gRPC streaming: end to end, first text, image_start, image."""
     inputs = [_grpc_tensor("text_input", np.array([PROMPT.encode()], dtype=np.object_)),
               _grpc_tensor("stream", np.array([True])),
-              _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
+              _grpc_tensor("max_tokens", np.array([sampled_budget(args.max_tokens)], dtype=np.int32)),
               _grpc_tensor("random_seed", np.array([seed], dtype=np.uint64)),
               _grpc_tensor("force_image", np.array([force_image])),
+              _grpc_tensor("force_image_mode", np.array([b"end"], dtype=np.object_)),
               _grpc_tensor("num_inference_steps", np.array([args.steps], dtype=np.int32))]
     events = _stream(url, "minigpt5", inputs)
     out = {"ms": events[-1][0] * 1e3, "ttft_ms": None, "image_start_ms": None, "ttfi_ms": None, "text": "",

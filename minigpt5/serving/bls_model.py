@@ -150,7 +150,8 @@ class MiniGPT5Model:
         history = parse_history(triton_io.input_scalar(request, "history"))
         params = {name: triton_io.input_scalar(request, name) for name in (
             "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "random_seed",
-            "force_image", "guidance_scale", "num_inference_steps", "scheduler", "stream")}
+            "force_image", "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler",
+            "stream")}
         if text is None:
             raise InvalidRequest("text_input: required")
         return build_request(text, images, history, defaults=self.defaults, **params)
@@ -216,7 +217,7 @@ class MiniGPT5Model:
         usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
                  "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
                  "completion_tokens": finished.completion_tokens, "vokens": 8 * len(images), "images": len(images),
-                 "seed": generation.seed}
+                 "sampled_tokens": finished.sampled_tokens, "seed": generation.seed}
         if self.metrics:
             self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
         answer.finish(finished.reason, usage)

@@ -10,7 +10,7 @@ Sources, in precedence order (a later source overrides an earlier one for the sa
     --minigpt4-proj  MiniGPT-4 .pth                     → vision llama_proj
     --sd             diffusers SD 2.1-base folder       → unet, vae
 
-Upstream key names are inferred from upstream code (MINIGPT5.md §6), so nothing is renamed by
+Upstream key names are inferred from upstream code (docs/CONVERT.md), so nothing is renamed by
 guesswork: every source key must match one of the explicit rules below, else it is *unknown* and
 reported by name; every tensor the modules need that no source supplies is *missing*, reported by
 name. Shapes are checked before any tensor data is read. Pickles are only opened with weights_only=True.
@@ -55,7 +55,8 @@ class ConvertOptions:
     out: Path
     stage2: Path | None = None
     eva_vit: Path | None = None
-    bos: str = "<s>"
+    bos: str | None = None  # None: the BOS the prompt format's checkpoint was trained with
+    prompt_format: str | None = None  # None: mmdialog if the stage-2 file's name says so, else vist
     dtype: str = "fp16"
     preset: str = "full"
     lora_alpha: float = UPSTREAM_LORA_ALPHA
@@ -508,7 +509,8 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         tensors[name], merged_ranks = assemble(parts[name], opts.lora_alpha)
         ranks += merged_ranks
     check_complete(tensors, expected, len(tokenizer))
-    manifest = make_manifest(arch, tokenizer, bos=opts.bos, source=_provenance(opts, set(ranks)))
+    manifest = make_manifest(arch, tokenizer, bos=opts.bos, prompt_format=prompt_format(opts),
+                             source=_provenance(opts, set(ranks)))
     _save_atomically(opts.out, manifest, tokenizer, tensors, DTYPES[opts.dtype])
     return ConversionReport(
         out=opts.out,
@@ -518,6 +520,14 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         overrides=overrides,
         lora={"merged": len(ranks), "ranks": sorted(set(ranks)), "alpha": opts.lora_alpha},
     )
+
+
+def prompt_format(opts: ConvertOptions) -> str:
+    """The stage-2 checkpoint's training format: given, or `mmdialog` for a stage-2 file named so
+    (upstream's stage2_mmdialog.ckpt), else `vist` (stage2_vist.ckpt, and stage 1 alone)."""
+    if opts.prompt_format:
+        return opts.prompt_format
+    return "mmdialog" if opts.stage2 is not None and "mmdialog" in opts.stage2.name.lower() else "vist"
 
 
 def _provenance(opts: ConvertOptions, ranks: set[int]) -> dict:

@@ -34,9 +34,12 @@ def add_convert_arguments(parser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, metavar="DIR",
                      help="weights directory to create (new or empty)")
-    out.add_argument("--bos", choices=["<s>", "</s>"], default="<s>",
-                     help="BOS the prompts start with (upstream changed it after the release, MINIGPT5.md §2; "
-                          "default <s>)")
+    out.add_argument("--prompt-format", choices=["vist", "mmdialog"], default=None,
+                     help="training format of the stage-2 checkpoint: prompt layout and system prompt "
+                          "(default: mmdialog if the --stage2 file name contains 'mmdialog', else vist)")
+    out.add_argument("--bos", choices=["<s>", "</s>"], default=None,
+                     help="BOS the prompts start with (default: the one the checkpoint was trained with, "
+                          "</s> for vist, <s> for mmdialog; docs/CONVERT.md, \"BOS and prompt format\")")
     out.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="stored dtype (default fp16)")
     out.add_argument("--preset", choices=["full", "tiny"], default="full",
                      help="architecture of the parts without a config file (LAVIS vision + Q-Former, mapper); "

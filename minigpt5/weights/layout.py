@@ -1,6 +1,6 @@
 """One directory per set of weights: `manifest.json`, `tokenizer/`, one safetensors file per module.
 
-    manifest.json        format/version, architecture dicts, token ids, BOS choice, prompt, defaults
+    manifest.json        format/version, architecture dicts, token ids, BOS choice, prompt format, defaults
     tokenizer/           a transformers tokenizer with [IMG0]..[IMG7] and <ImageHere> added
     vision.safetensors   VisionTower (vision_model.*, qformer.*, query_tokens, llama_proj.*)
     llm.safetensors      LlamaForCausalLM (model.*, lm_head.*)
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import components
-from ..config import DEFAULT_GENERATION, SCHEDULER, SYSTEM_PROMPT
+from ..config import DEFAULT_BOS, DEFAULT_GENERATION, PROMPT_FORMATS, SCHEDULER
 from ..tokenizer import load_tokenizer, special_token_ids
 
 FORMAT = "minigpt5-triton-weights"
@@ -32,8 +32,14 @@ def component_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
-def make_manifest(arch: dict, tokenizer, *, bos: str = "<s>", source: dict | None = None) -> dict:
-    """A manifest for `arch` whose token ids are read from `tokenizer`."""
+def make_manifest(arch: dict, tokenizer, *, bos: str | None = None, prompt_format: str = "vist",
+                  source: dict | None = None) -> dict:
+    """A manifest for `arch` whose token ids are read from `tokenizer`. `prompt_format`: the training
+    format of the stage-2 checkpoint (`vist` or `mmdialog`, prompt.py); `bos`: None = the one that
+    format's checkpoint was trained with (config.DEFAULT_BOS)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format must be one of {sorted(PROMPT_FORMATS)}, got {prompt_format!r}")
+    bos = DEFAULT_BOS[prompt_format] if bos is None else bos
     ids = special_token_ids(tokenizer)
     arch = json.loads(json.dumps(arch))
     arch["llm"]["vocab_size"] = len(tokenizer)
@@ -45,7 +51,7 @@ def make_manifest(arch: dict, tokenizer, *, bos: str = "<s>", source: dict | Non
         "architecture": arch,
         "tokens": {"vokens": ids["vokens"], "image_placeholder": ids["image_placeholder"],
                    "bos": bos, "bos_id": ids["bos"][bos], "eos_id": ids["eos"]},
-        "prompt": {"template": "vicuna_v0", "system": SYSTEM_PROMPT},
+        "prompt": {"format": prompt_format, "system": PROMPT_FORMATS[prompt_format]},
         "defaults": dict(DEFAULT_GENERATION),
         "scheduler": dict(SCHEDULER),
         "source": source or {},
@@ -89,7 +95,15 @@ class WeightsDir:
 
     @property
     def defaults(self) -> dict:
-        return self.manifest["defaults"]
+        """The manifest's generation defaults over the built-in ones (older manifests lack newer keys)."""
+        return {**DEFAULT_GENERATION, **self.manifest["defaults"]}
+
+    @property
+    def prompt_format(self) -> tuple[str, str]:
+        """(format, system prompt). Manifests written before formats existed held the VIST system prompt
+        under `template: vicuna_v0`: they render as `vist`."""
+        prompt = self.manifest["prompt"]
+        return prompt.get("format", "vist"), prompt["system"]
 
     def tokenizer(self):
         return load_tokenizer(self.path / TOKENIZER_DIR)

@@ -1,6 +1,8 @@
 """Tiny random weights in the real layout: built offline in seconds, identical for the same seed."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import components
-from ..config import preset
+from ..config import DEFAULT_BOS, DEFAULT_GENERATION, PROMPT_FORMATS, preset
 from ..tokenizer import build_tiny_tokenizer
 from .layout import MANIFEST, VERSION, make_manifest, save_weights
 
@@ -37,13 +39,19 @@ def _spread_learned_queries(module: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.02)
 
 
+def _recipe_digest() -> str:
+    """Changes when what goes into the tiny manifest changes, so a cached copy is never stale."""
+    recipe = [preset("tiny"), DEFAULT_GENERATION, PROMPT_FORMATS, DEFAULT_BOS]
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MINIGPT5_CACHE", Path.home() / ".cache" / "minigpt5"))
 
 
 def default_tiny_weights(seed: int = 0) -> Path:
     """The built-in tiny weights: built on first use into the cache, then reused."""
-    target = cache_dir() / f"tiny-seed{seed}-v{VERSION}"
+    target = cache_dir() / f"tiny-seed{seed}-v{VERSION}-{_recipe_digest()}"
     if (target / MANIFEST).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
