@@ -228,8 +228,9 @@ def test_serving_small(tiny_weights, tmp_path):
     out = tmp_path / "serving.json"
     run = subprocess.run([sys.executable, "-m", "minigpt5.cli", "bench", "serving", "--weights", str(tiny_weights),
                           "--requests", "2", "--max-tokens", "16", "--steps", "4", "--streams", "1,3",
-                          "--stream-tokens", "12", "--stream-rounds", "2", "--short-requests", "2",
-                          "--long-tokens", "300", "--decoder-threads", "1", "--out", str(out), "--json"],
+                          "--stream-tokens", "12", "--stream-rounds", "2", "--stream-repeats", "2",
+                          "--short-requests", "2", "--long-tokens", "300", "--threads", "1",
+                          "--out", str(out), "--json"],
                          capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads(run.stdout)
@@ -258,7 +259,7 @@ def test_serving_small(tiny_weights, tmp_path):
     assert data["image_overlap_gain"] == summary["image_overlap_gain"]
 
     streaming = data["streaming"]
-    assert sorted(streaming["levels"]) == ["1", "3"] and streaming["decoder_threads"] == 1
+    assert sorted(streaming["levels"]) == ["1", "3"] and streaming["threads"] == 1
     for n, level in streaming["levels"].items():
         served, alone = level["served"], level["engine_alone"]
         assert served["requests"] == alone["requests"] == 2 * int(n)
@@ -271,8 +272,8 @@ def test_serving_small(tiny_weights, tmp_path):
     assert summary["served_over_engine_tokens_per_s"] == {n: v["served_over_engine"]
                                                           for n, v in streaming["levels"].items()}
     short = data["short_ttft"]
-    assert len(short["alone_ms"]) == 2 and all(ms > 0 for ms in short["alone_ms"])
-    assert short["busy_samples"] == len(short["busy_ms"]) <= 2
+    assert len(short["alone_ms"]) == 2 * data["streaming"]["repeats"] and all(ms > 0 for ms in short["alone_ms"])
+    assert short["busy_samples"] == len(short["busy_ms"]) <= 2 * data["streaming"]["repeats"]
 
 
 def test_new_benches_register():

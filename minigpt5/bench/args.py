@@ -164,12 +164,14 @@ def _add_serving(sub) -> None:
                    help="concurrent text streams of the throughput section, comma-separated ('' skips it)")
     p.add_argument("--stream-tokens", type=int, default=64, help="max_tokens of each throughput request")
     p.add_argument("--stream-rounds", type=int, default=3, help="requests each stream sends, one after another")
+    p.add_argument("--stream-repeats", type=int, default=3,
+                   help="served and engine-alone runs per level, alternating; the best of each is compared")
     p.add_argument("--short-requests", type=int, default=8,
                    help="short requests of the TTFT section, alone and under 4 long ones (0 skips it)")
     p.add_argument("--short-tokens", type=int, default=16, help="max_tokens of the short requests")
-    p.add_argument("--decoder-threads", type=int, default=0,
-                   help="torch threads of the served decoder (vicuna_decoder's cpu_threads) and of the in-process "
-                        "engine it is compared with; 0 = torch's default")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every served model (their cpu_threads) and of this process (the "
+                        "in-process pipeline and engine), the same on both sides; 0 = torch's default")
     p.add_argument("--long-tokens", type=int, default=900,
                    help="max_tokens of the 4 long requests (greedy, so that they run to the end)")
     p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")

@@ -314,6 +314,8 @@ def main(args) -> int:
 
     from ..serving.server import TritonProcess
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = Report("serving", out=args.out)
     weights = args.weights
     if weights is None:
@@ -329,7 +331,8 @@ def main(args) -> int:
                                      "seed": args.seed, "search_seeds": args.search_seeds}})
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-serving-"))
     log_path = workdir / "tritonserver.log"
-    parameters = {"vicuna_decoder": {"cpu_threads": str(args.decoder_threads)}} if args.decoder_threads else None
+    parameters = {model: {"cpu_threads": str(args.threads)} for model in ("vision_encoder", "vicuna_decoder",
+                                                                          "image_decoder")} if args.threads else None
     server = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                            host="127.0.0.1", device=args.device, workdir=workdir, log_file=log_path,
                            parameters=parameters)

@@ -3,7 +3,7 @@
 Part of `minigpt5 bench serving`. Text-only requests of `--stream-tokens` tokens with fixed seeds
 (seeds whose answers sample no image, found in-process first), N concurrent streams, each stream
 sending its next request when its last one ended (closed loop), `--stream-rounds` requests per
-stream:
+stream, alternating served and engine alone `--stream-repeats` times (best run of each kept):
 
   served       the thin client's AsyncClient over gRPC streaming, all N streams on one event loop;
                tokens are the `completion_tokens` of the final events.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -59,22 +60,9 @@ def split_streams(seeds: list[int], streams: int, rounds: int) -> list[list[int]
 
 
 # ---- engine alone -----------------------------------------------------------------------------------
-def engine_alone(pipeline, prompt: str, per_stream: list[list[int]], max_tokens: int, threads: int = 0) -> dict:
+def engine_alone(pipeline, prompt: str, per_stream: list[list[int]], max_tokens: int) -> dict:
     """The closed-loop workload on the in-process engine: a stream's next request is submitted at the
-    step boundary after its last one finished. `threads`: torch's threads meanwhile (0: as they are),
-    as the served decoder's `cpu_threads`."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _engine_alone(pipeline, prompt, per_stream, max_tokens)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _engine_alone(pipeline, prompt: str, per_stream: list[list[int]], max_tokens: int) -> dict:
+    step boundary after its last one finished."""
     from ..engine import Finished
 
     engine = pipeline.decoder.engine
@@ -152,24 +140,33 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def measure_throughput(pipeline, server, url: str, args, prompt: str) -> dict:
-    """Served and engine alone at each --streams level, interleaved per level, with their ratio."""
-    levels = sorted({int(n) for n in args.streams.split(",")})
-    needed = max(levels) * args.stream_rounds
-    seeds = text_seeds(pipeline, needed, args.stream_tokens, args.seed + 100_000, prompt)
+    """Served and engine alone at each --streams level, alternating --stream-repeats times. The best
+    run of each is kept (another process on a shared machine only ever slows a run down), and their
+    ratio; the medians are beside them."""
     import torch
 
-    out: dict = {"stream_tokens": args.stream_tokens, "rounds": args.stream_rounds,
-                 "decoder_threads": args.decoder_threads or torch.get_num_threads(), "levels": {}}
+    levels = sorted({int(n) for n in args.streams.split(",")})
+    seeds = text_seeds(pipeline, max(levels) * args.stream_rounds, args.stream_tokens, args.seed + 100_000, prompt)
+    out: dict = {"stream_tokens": args.stream_tokens, "rounds": args.stream_rounds, "repeats": args.stream_repeats,
+                 "threads": torch.get_num_threads(), "levels": {}}
     served_streams(url, prompt, split_streams(seeds, 2, 1), args.stream_tokens, server)  # warm-up
     for n in levels:
         per_stream = split_streams(seeds, n, args.stream_rounds)
-        served = served_streams(url, prompt, per_stream, args.stream_tokens, server)
-        alone = engine_alone(pipeline, prompt, per_stream, args.stream_tokens, args.decoder_threads)
+        runs: dict[str, list] = {"served": [], "engine_alone": []}
+        for repeat in range(args.stream_repeats):
+            for side in (("served", "engine_alone") if repeat % 2 == 0 else ("engine_alone", "served")):
+                runs[side].append(
+                    served_streams(url, prompt, per_stream, args.stream_tokens, server) if side == "served"
+                    else engine_alone(pipeline, prompt, per_stream, args.stream_tokens))
+        served, alone = (max(runs[side], key=lambda run: run["tokens_per_s"]) for side in ("served", "engine_alone"))
         ratio = round(served["tokens_per_s"] / alone["tokens_per_s"], 3)
-        out["levels"][str(n)] = {"served": served, "engine_alone": alone, "served_over_engine": ratio,
-                                 "same_tokens": served["tokens"] == alone["tokens"]}
+        out["levels"][str(n)] = {
+            "served": served, "engine_alone": alone, "served_over_engine": ratio,
+            "served_tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs["served"]),
+            "engine_alone_tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs["engine_alone"]),
+            "same_tokens": len({r["tokens"] for r in runs["served"] + runs["engine_alone"]}) == 1}
         log(f"{n} streams: served {served['tokens_per_s']} tokens/s, engine alone {alone['tokens_per_s']} "
-            f"tokens/s = {ratio}; CPU s per 1k tokens {served['cpu_s_per_1k_tokens']}")
+            f"tokens/s (best of {args.stream_repeats}) = {ratio}; CPU s per 1k tokens {served['cpu_s_per_1k_tokens']}")
     return out
 
 
@@ -194,19 +191,25 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
                         started.set()
             return first
 
+        async def under_long_ones(shorts: list[int]) -> list:
+            decoding = [asyncio.Event() for _ in range(LONG_REQUESTS)]
+            longs = [asyncio.create_task(first_text_ms(args.seed + 300_000 + i, decoding[i], **long_params))
+                     for i in range(LONG_REQUESTS)]
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in decoding)), timeout=600)
+            busy = []
+            for seed in shorts:
+                ttft = await first_text_ms(seed, max_tokens=args.short_tokens)
+                if all(task.done() for task in longs):
+                    break  # the long ones ended first: this sample was not taken under load
+                busy.append(ttft)
+            await asyncio.gather(*longs)
+            return busy
+
         shorts = [args.seed + 200_000 + i for i in range(args.short_requests)]
-        alone = [await first_text_ms(s, max_tokens=args.short_tokens) for s in shorts]
-        decoding = [asyncio.Event() for _ in range(LONG_REQUESTS)]
-        longs = [asyncio.create_task(first_text_ms(args.seed + 300_000 + i, decoding[i], **long_params))
-                 for i in range(LONG_REQUESTS)]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in decoding)), timeout=600)
-        busy = []
-        for seed in shorts:
-            ttft = await first_text_ms(seed, max_tokens=args.short_tokens)
-            if all(task.done() for task in longs):
-                break  # the long ones ended first: this sample was not taken under load
-            busy.append(ttft)
-        await asyncio.gather(*longs)
+        alone, busy = [], []
+        for _ in range(args.stream_repeats):  # alternating, so that a slow spell of the machine hits both
+            alone += [await first_text_ms(s, max_tokens=args.short_tokens) for s in shorts]
+            busy += await under_long_ones(shorts)
     alone_p95, busy_p95 = p95([a for a in alone if a]), p95([b for b in busy if b]) if busy else None
     return {"alone_ms": _rounded(alone), "busy_ms": _rounded(busy), "alone_p95_ms": round(alone_p95, 2),
             "busy_p95_ms": None if busy_p95 is None else round(busy_p95, 2),
