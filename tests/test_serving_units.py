@@ -348,7 +348,7 @@ def _text(events: list) -> str:
     return "".join(e.text for e in events if type(e).__name__ == "TextDelta")
 
 
-def test_link_streams_what_the_decoder_alone_gives(decoder, reference_engine, hidden, tiny_weights):
+def test_link_streams_what_the_decoder_alone_gives(pb, decoder, reference_engine, hidden, tiny_weights):
     """Text, voken states and counts through minigpt5's link and vicuna_decoder (BLS) equal a lone
     in-process decode: with and without image embeddings, two requests in flight at once."""
     from minigpt5.engine import Finished, TextDelta, VokenStates
@@ -375,6 +375,9 @@ def test_link_streams_what_the_decoder_alone_gives(decoder, reference_engine, hi
             np.testing.assert_allclose(got.states, want.states.numpy(), atol=1e-5)
         assert stream.next_event(timeout=0.05) is None  # nothing after Finished
     assert decoder.open_streams == 0
+    # the rows of each step, recorded off the engine thread
+    assert wait_until(lambda: 2 in pb.histogram_observations("minigpt5_decoder_batch_size",
+                                                             model="vicuna_decoder_units"))
 
 
 def test_queued_text_deltas_come_out_as_one_in_order():

@@ -124,6 +124,7 @@ class VicunaDecoderModel:
             preallocate_kv=on_gpu_by_default(params, "kv_preallocate", where.device),
             static_decode=on_gpu_by_default(params, "decode_cuda_graphs", where.device),
             capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto")
+        self.metrics = metrics
         self.loop = EngineLoop(stage, observe_batch=metrics.observe_decoder_batch if metrics else None)
         engine = stage.engine
         triton_io.log_info(f"{where.describe('vicuna_decoder')}; decode: {engine.decode_mode}; "
@@ -155,6 +156,8 @@ class VicunaDecoderModel:
 
     def finalize(self) -> None:
         self.loop.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 def on_gpu_by_default(params: dict, key: str, device: str) -> bool:

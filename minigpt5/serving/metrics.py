@@ -4,6 +4,7 @@ Each family is created by the one model that owns it; they all carry a `model` l
 """
 from __future__ import annotations
 
+import queue
 import threading
 
 import triton_python_backend_utils as pb_utils
@@ -79,14 +80,27 @@ class PublicModelMetrics:
 
 
 class DecoderMetrics:
-    """Owned by `vicuna_decoder`: the rows of each engine step."""
+    """Owned by `vicuna_decoder`: the rows of each engine step. Each metric update is an IPC round trip
+    to tritonserver (slow when the server is busy), so the engine thread only queues the value and
+    a thread of its own records it."""
 
     def __init__(self, model: str = "vicuna_decoder"):
         self._family, self.batch_size = _histogram(
             "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._record, name="minigpt5-metrics", daemon=True)
+        self._thread.start()
 
     def observe_decoder_batch(self, rows: int) -> None:
-        self.batch_size.observe(rows)
+        self._pending.put(rows)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout)
+
+    def _record(self) -> None:
+        while (rows := self._pending.get()) is not None:
+            self.batch_size.observe(rows)
 
 
 class ImageMetrics:
