@@ -744,6 +744,27 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
     assert "image" not in kinds, f"an image was sent after the client went away: {kinds}"
 
 
+def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls, configs):
+    """The decoder has finished and the request waits for its (slow) image: a client that goes away
+    then is still noticed within a check, not when the image is done."""
+    label = "minigpt5_units_cancel_wait"
+    bls = make_bls(label)
+    request = public_request(configs, "units-cancel-wait", text_input="Draw a kite.", stream=True,
+                             force_image=True, max_tokens=2, random_seed=4, num_inference_steps=200)
+    sender = request.get_response_sender()
+    started = time.monotonic()
+    sender.cancel_when(lambda s: time.monotonic() - started > 0.3)  # the 2-token text is long done by then
+    calls_before = len(pb.calls_to("image_decoder"))
+    bls.execute([request])
+    assert wait_until(lambda: _metric("minigpt5_inflight_requests", label) == 0), "request never ended"
+    image_calls = pb.calls_to("image_decoder")[calls_before:]
+    assert image_calls and not image_calls[0].done.is_set(), "the request waited for its image to finish"
+    assert _metric("minigpt5_requests_total", label, outcome="cancelled") == 1
+    wait_until(lambda: all(c.done.is_set() for c in image_calls), timeout=WAIT_S)
+    time.sleep(0.3)
+    assert "image" not in [values(r)["event_type"][0] for r in sender.responses]
+
+
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
              "minigpt5-decoder-link")

@@ -205,15 +205,10 @@ class MiniGPT5Model:
         except BaseException:
             _stop(stream, images)
             raise
-        if finished is None:  # the client is gone
+        if finished is None or not self._images_sent(stream, images, sender, deadline):  # the client is gone
             _stop(stream, images)
             answer.cancel()
             return "cancelled"
-        for future in images:  # image errors surface here and fail the request
-            try:
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except concurrent.futures.TimeoutError:
-                raise self._timed_out() from None
         usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
                  "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
                  "completion_tokens": finished.completion_tokens, "vokens": 8 * len(images), "images": len(images),
@@ -252,6 +247,23 @@ class MiniGPT5Model:
                                    generation.guidance_scale, generation.num_inference_steps,
                                    SCHEDULERS.index(generation.scheduler))
                 images.append(self._image_sent(job, answer, event.text_offset, arrived, first=not images))
+
+    def _images_sent(self, stream: DecodeStream, images: list, sender, deadline: float) -> bool:
+        """Wait until every image was sent (True) or the client is gone (False), checking the client
+        every CANCEL_CHECK_S. Image errors raise here and fail the request; so does the deadline."""
+        for future in images:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    _stop(stream, images)
+                    raise self._timed_out()
+                try:
+                    future.result(timeout=min(CANCEL_CHECK_S, deadline - now))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if sender.is_cancelled():
+                        return False
+        return True
 
     def _timed_out(self) -> triton_io.Overloaded:
         return triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
