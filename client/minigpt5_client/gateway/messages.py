@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from .errors import bad_request
 
-# ![alt](data:image/...;base64,...) as the gateway writes inline images
-MARKDOWN_IMAGE = re.compile(r"!\[[^\]\n]*\]\((data:image/[a-zA-Z0-9.+-]+;base64,[A-Za-z0-9+/=\s]+)\)")
+# "\n\n![alt](data:image/...;base64,...)\n\n", as the gateway writes inline images (answer.inline_image)
+MARKDOWN_IMAGE = re.compile(r"(?:\n\n)?!\[[^\]\n]*\]\((data:image/[a-zA-Z0-9.+-]+;base64,[A-Za-z0-9+/=\s]+)\)(?:\n\n)?")
 _MESSAGE_FIELDS = {"role", "content", "name", "images", "refusal", "annotations"}
 _UNSUPPORTED_FIELDS = {"tool_calls", "function_call", "audio", "tool_call_id"}
 _ROLES = {"system": "system", "developer": "system", "user": "human", "assistant": "assistant"}
