@@ -58,7 +58,7 @@ class InProcessGateway:
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+                                                    log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -142,6 +142,13 @@ def metric(triton, name: str, **labels) -> float:
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def wait_until_idle(triton, within_s: float = 20) -> None:
+    deadline = time.monotonic() + within_s
+    while metric(triton, "minigpt5_inflight_requests", model="minigpt5") > 0:
+        assert time.monotonic() < deadline, f"requests still in flight\n{triton.log_tail(20)}"
+        time.sleep(0.1)
 
 
 def wait_until_cancelled(triton, cancelled_before: float, count: int, within_s: float = 20) -> None:
@@ -269,6 +276,8 @@ def test_a_busy_server_is_a_503_and_a_client_that_leaves_cancels_its_request(gat
     cancelled_before = metric(triton, "minigpt5_requests_total", outcome="cancelled")
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "minigpt5", "messages": [user(PROMPT)], "stream": True, **SLOW}
+    third = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    third.models.list()  # the SDK's first call imports a lot: not while the slots are held
     with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as http:
         streams = [http.stream("POST", "/v1/chat/completions", json=body) for _ in range(LIMIT)]
         replies = [stream.__enter__() for stream in streams]
@@ -276,10 +285,10 @@ def test_a_busy_server_is_a_503_and_a_client_that_leaves_cancels_its_request(gat
             assert reply.status_code == 200
             next(reply.iter_lines())  # admitted: its first chunk came
         with pytest.raises(openai.InternalServerError) as busy:
-            openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
-                model="minigpt5", messages=[user(PROMPT)], **SMALL)
+            third.chat.completions.create(model="minigpt5", messages=[user(PROMPT)], **SMALL)
         assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "1"
         assert "max_inflight_requests" in busy.value.message
+        assert metric(triton, "minigpt5_inflight_requests", model="minigpt5") == LIMIT  # still running
         for stream in streams:
             stream.__exit__(None, None, None)  # the client goes away mid-answer
     wait_until_cancelled(triton, cancelled_before, LIMIT)
@@ -291,8 +300,8 @@ def test_a_busy_server_is_a_503_and_a_client_that_leaves_cancels_its_request(gat
 
 def test_timeouts_are_504(triton):
     settings = GatewaySettings(triton.grpc_url, timeout_s=0.5)
-    with InProcessGateway(settings) as short:
-        client = openai.OpenAI(base_url=f"{short.url}/v1", api_key="unused", max_retries=0)
+    with InProcessGateway(settings) as short, \
+            openai.OpenAI(base_url=f"{short.url}/v1", api_key="unused", max_retries=0) as client:
         with pytest.raises(openai.APIStatusError) as timed_out:
             client.chat.completions.create(model="minigpt5", messages=[user(PROMPT)], extra_body=SLOW)
         assert timed_out.value.status_code == 504 and "timed out" in timed_out.value.message
@@ -301,6 +310,7 @@ def test_timeouts_are_504(triton):
             for _ in client.chat.completions.create(model="minigpt5", messages=[user(PROMPT)], stream=True,
                                                     extra_body=SLOW):
                 pass
+    wait_until_idle(triton)  # the timed-out requests were stopped: their slots are free for the next tests
 
 
 # ---- the hand-off -----------------------------------------------------------------------------------

@@ -91,16 +91,17 @@ async def direct(client, params: dict) -> dict:
     return {"ms": (time.perf_counter() - start) * 1e3, "text": "".join(text), "tokens": tokens}
 
 
-async def through_gateway(http, gateway_url: str, params: dict) -> dict:
-    """POST /v1/chat/completions with stream=true, read to `data: [DONE]`."""
+async def through_gateway(session, gateway_url: str, params: dict) -> dict:
+    """POST /v1/chat/completions with stream=true, read to `data: [DONE]` (aiohttp: the lightest SSE
+    reader at hand, so that the client's own parsing weighs about what the direct path's does)."""
     body = {"model": "minigpt5", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
             "stream_options": {"include_usage": True}, **params}
     start, text, tokens = time.perf_counter(), [], None
-    async with http.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as reply:
-        if reply.status_code != 200:
-            raise RuntimeError(f"gateway answered {reply.status_code}: {(await reply.aread())[:500]!r}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with session.post(f"{gateway_url}/v1/chat/completions", json=body) as reply:
+        if reply.status != 200:
+            raise RuntimeError(f"gateway answered {reply.status}: {(await reply.read())[:500]!r}")
+        async for line in reply.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
@@ -110,15 +111,21 @@ async def through_gateway(http, gateway_url: str, params: dict) -> dict:
     return {"ms": (time.perf_counter() - start) * 1e3, "text": "".join(text), "tokens": tokens}
 
 
+def http_session(connections: int):
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=STARTUP_TIMEOUT_S))
+
+
 # ---- the measurements -------------------------------------------------------------------------------
 async def measure_lone(triton_url: str, gateway_url: str, args) -> dict:
-    import httpx
     from minigpt5_client import AsyncClient
 
     params = {"max_tokens": args.max_tokens, "seed": args.seed, "force_image": True,
               "num_inference_steps": args.steps}
     runs: dict[str, list] = {"direct": [], "gateway": []}
-    async with AsyncClient(triton_url) as client, httpx.AsyncClient(timeout=STARTUP_TIMEOUT_S) as http:
+    async with AsyncClient(triton_url) as client, http_session(4) as http:
         ways = {"direct": lambda: direct(client, params), "gateway": lambda: through_gateway(http, gateway_url, params)}
         for way in ways.values():  # warm-up: channels, connections, first-call costs
             await way()
@@ -135,7 +142,6 @@ async def measure_lone(triton_url: str, gateway_url: str, args) -> dict:
 
 
 async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
-    import httpx
     from minigpt5_client import AsyncClient
 
     def params(i: int) -> dict:
@@ -143,8 +149,7 @@ async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
 
     rates: dict[str, list] = {"direct": [], "gateway": []}
     tokens: dict[str, set] = {"direct": set(), "gateway": set()}
-    limits = httpx.Limits(max_connections=args.streams + 4)
-    async with AsyncClient(triton_url) as client, httpx.AsyncClient(timeout=STARTUP_TIMEOUT_S, limits=limits) as http:
+    async with AsyncClient(triton_url) as client, http_session(args.streams + 4) as http:
         ways = {"direct": lambda i: direct(client, params(i)),
                 "gateway": lambda i: through_gateway(http, gateway_url, params(i))}
 

@@ -104,14 +104,17 @@ async def chat_completions(request: Request):
 
 async def _sse(ids, first, items: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
     yield completion.role_chunk(ids)
+    item = first
     try:
-        item = first
         while not isinstance(item, Finished):
             yield completion.delta_chunk(ids, item)
-            item = await _next(items)
-    except GatewayError as error:  # after the 200: an error event, as OpenAI sends one, then the end
-        log.warning("stream %s ended by an error: %s", ids.id, error.message)
-        yield completion.error_event(error.body())
+            item = await anext(items)  # not through _next: this runs once per token
+    except Exception as error:  # after the 200: an error event, as OpenAI sends one, then the end
+        failure = _gateway_error(error)
+        if failure is None:
+            raise
+        log.warning("stream %s ended by an error: %s", ids.id, failure.message)
+        yield completion.error_event(failure.body())
         return
     yield completion.finish_chunk(ids, item)
     if include_usage:
@@ -120,17 +123,24 @@ async def _sse(ids, first, items: AsyncIterator, include_usage: bool) -> AsyncIt
 
 
 async def _next(items: AsyncIterator[Delta | Finished]) -> Delta | Finished:
-    """The next piece; the thin client's and the hand-off client's exceptions as GatewayErrors."""
     try:
         return await anext(items)
-    except MiniGPT5Error as error:
-        raise from_client_error(error) from None
-    except GatewayError:
-        raise
     except Exception as error:
-        if type(error).__module__.startswith("openai"):  # the hand-off model failed
-            raise GatewayError(502, f"the hand-off model failed: {error}", code="handoff_failed") from None
-        raise
+        failure = _gateway_error(error)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _gateway_error(error: Exception) -> GatewayError | None:
+    """The thin client's and the hand-off client's exceptions as GatewayErrors (None: a bug, not theirs)."""
+    if isinstance(error, GatewayError):
+        return error
+    if isinstance(error, MiniGPT5Error):
+        return from_client_error(error)
+    if type(error).__module__.startswith("openai"):  # the hand-off model failed
+        return GatewayError(502, f"the hand-off model failed: {error}", code="handoff_failed")
+    return None
 
 
 async def _collect(items: AsyncIterator) -> list:
