@@ -1,4 +1,5 @@
 """`minigpt5 generate` and `minigpt5 chat`: stream an answer to the terminal and save it as a document.
+(`minigpt5 gateway` registers here too; it lives in `gateway/`.)
 
 Exit codes: 0 ok, 1 other error, 2 invalid argument or bad image, 3 server unreachable, 4 server
 overloaded, 5 timeout, 130 interrupted. Errors are one line on stderr: "error: ...".

@@ -193,7 +193,7 @@ def _add_gateway(sub) -> None:
     p.add_argument("--url", metavar="HOST:PORT", help="gRPC address of a running server (default: start one)")
     p.add_argument("--weights", type=Path, help="weights of the started server (default: the built-in tiny weights)")
     p.add_argument("--device", default="cpu", help="device of the started server: cpu, cuda or auto")
-    p.add_argument("--requests", type=int, default=10, help="lone requests each way (medians)")
+    p.add_argument("--requests", type=int, default=20, help="lone requests each way (medians)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of concurrent streams each way (medians)")
     p.add_argument("--streams", type=int, default=16, help="requests at once in each round")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of the lone request (an image forced)")
