@@ -40,10 +40,12 @@ LIMIT = 2  # max_inflight_requests of this module's server
 PROMPT = "Tell a short story."
 SMALL = dict(max_tokens=16, seed=7)  # quick with the tiny weights
 IMAGE = dict(max_tokens=24, seed=7, extra_body={"num_inference_steps": 2})  # with modalities text+image
-# 779 tokens with the tiny weights (tests/test_disconnects.py): seconds of decoding. Cancelled while it
-# decodes, a request ends at once; the server does not watch for cancels while it awaits an image.
+# Greedy without repetition penalty, the tiny random weights loop and never stop by themselves
+# (tests/test_disconnects.py): 900 tokens, seconds of decoding. Cancelled while it decodes, a request
+# ends at once; the server does not watch for cancels while it awaits an image.
 LONG_PROMPT = "A very long story."
-LONG = dict(max_tokens=900, seed=2)
+LONG = dict(max_tokens=900, temperature=0.0, extra_body={"repetition_penalty": 1.0})  # SDK keywords
+LONG_BODY = {"max_tokens": 900, "temperature": 0.0, "repetition_penalty": 1.0}  # the same, as JSON
 
 
 # ---- servers ----------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_a_busy_server_is_a_503_and_a_client_that_leaves_cancels_its_request(gat
     clients go away and a non-streaming client times out: each Triton request ends as cancelled."""
     cancelled_before = metric(triton, "minigpt5_requests_total", outcome="cancelled")
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "minigpt5", "messages": [user(LONG_PROMPT)], "stream": True, **LONG}
+    body = {"model": "minigpt5", "messages": [user(LONG_PROMPT)], "stream": True, **LONG_BODY}
     third = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
     third.models.list()  # the SDK's first call imports a lot: not while the slots are held
     with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as http:
@@ -319,7 +321,7 @@ def test_a_busy_server_is_a_503_and_a_client_that_leaves_cancels_its_request(gat
     wait_until_cancelled(triton, cancelled_before, LIMIT)
     with pytest.raises(httpx.ReadTimeout):  # not streamed: the gateway watches the connection meanwhile
         httpx.post(f"{gateway.url}/v1/chat/completions", headers=headers, timeout=0.5,
-                   json={"model": "minigpt5", "messages": [user(LONG_PROMPT)], **LONG})
+                   json={"model": "minigpt5", "messages": [user(LONG_PROMPT)], **LONG_BODY})
     wait_until_cancelled(triton, cancelled_before, LIMIT + 1)
 
 
@@ -371,12 +373,13 @@ def test_handoff_streams_both_answers_with_both_usages(sdk):
 def test_handoff_routes_and_answers_unstreamed(gateway, second_gateway):
     async def ask(messages):
         async with async_sdk(gateway) as client:
-            return await client.chat.completions.create(model="minigpt5+auto", messages=messages, **SMALL)
+            return await client.chat.completions.create(model="minigpt5+auto", messages=messages,
+                                                        extra_body={"max_images": 0}, **SMALL)
     text_only, with_image = asyncio.run(ask([user(PROMPT)])), asyncio.run(ask([user(PROMPT, picture())]))
     assert text_only.choices[0].message.model_extra["handoff"]["model"] == "text"
     assert with_image.choices[0].message.model_extra["handoff"]["model"] == "vision"
     message = text_only.choices[0].message
-    assert "images" not in message.model_extra  # so the hand-off got MiniGPT-5's text alone
+    assert "images" not in message.model_extra  # max_images 0: the hand-off got MiniGPT-5's text alone
     theirs = message.content[message.model_extra["handoff"]["content_offset"]:]
     # the second model's text is what that model answers when asked directly with the same conversation
     ours = message.content[:message.content.index("\n\n**text:** ")]

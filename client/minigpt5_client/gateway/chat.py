@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..client import AsyncClient
 from ..document import Document
+from ..events import ImageEvent
 from .answer import Delta, Finished, ImagePlacement, ModelUsage
 from .chat_request import ChatRequest
 from .errors import GatewayError
@@ -71,11 +72,12 @@ async def answer(chat: ChatRequest, backends: Backends) -> AsyncIterator[Delta |
     seen = []  # the events, for the hand-off's document
     length = 0  # characters of content sent
     async for event in backends.triton.stream(chat.message.text, pixels, history, **chat.params):
-        if target is not None:
-            seen.append(event)
+        delivered = placement.delivered
         for delta in placement.feed(event):
             length += len(delta.content)
             yield delta
+        if target is not None and (not isinstance(event, ImageEvent) or placement.delivered > delivered):
+            seen.append(event)  # the hand-off sees what the client got: no image left out by max_images
     usages = [_priced(placement.usage(settings.model_name), settings)]
     if target is not None:
         messages = handoff_messages(chat.messages, Document.from_events(seen), settings.handoff.instruction)
