@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 from minigpt5_client import Client, Conversation
 from minigpt5_client.gateway.app import create_app
-from minigpt5_client.gateway.handoff_config import parse_handoff_config
+from minigpt5_client.gateway.handoff_config import DEFAULT_INSTRUCTION, parse_handoff_config
 from minigpt5_client.gateway.settings import GatewaySettings
 from minigpt5_client.preprocess import encode_png
 from PIL import Image
@@ -384,17 +384,11 @@ def test_handoff_routes_and_answers_unstreamed(gateway, second_gateway):
     theirs = message.content[message.model_extra["handoff"]["content_offset"]:]
     # the second model's text is what that model answers when asked directly with the same conversation
     ours = message.content[:message.content.index("\n\n**text:** ")]
-    instruction = gateway_instruction()
     asked = openai.OpenAI(base_url=f"{second_gateway.url}/v1", api_key=SECOND_KEY, max_retries=0)
     direct = asked.chat.completions.create(model="minigpt5", messages=[
-        user(PROMPT), {"role": "assistant", "content": ours}, user(instruction)], **HANDOFF_BODY)
+        user(PROMPT), {"role": "assistant", "content": ours}, user(DEFAULT_INSTRUCTION)], **HANDOFF_BODY)
     assert theirs == direct.choices[0].message.content
     assert [line["model"] for line in text_only.usage.model_extra["models"]] == ["minigpt5", "text"]
-
-
-def gateway_instruction() -> str:
-    from minigpt5_client.gateway.handoff_config import DEFAULT_INSTRUCTION
-    return DEFAULT_INSTRUCTION
 
 
 # ---- the bench --------------------------------------------------------------------------------------
