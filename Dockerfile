@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
-# Two images from one file (docs/DEPLOY.md):
+# Three images from one file (docs/DEPLOY.md):
 #   docker build -t minigpt5-triton .                      -> the server (last stage, the default target)
 #   docker build -t minigpt5-loadtest --target loadtest .  -> Locust + the thin client, no torch
+#   docker build -t minigpt5-gateway --target gateway .    -> the OpenAI-compatible gateway, no torch
 #
 # The server image holds code only. Weights are mounted at run time (a read-only bind mount in
 # docker-compose.yml, a PersistentVolumeClaim in deploy/k8s): they are never copied into the image,
@@ -25,6 +26,25 @@ RUN pip install ".[loadtest]"
 EXPOSE 8089 5557
 USER nobody
 ENTRYPOINT ["locust"]
+
+# ---------------------------------------------------------------------------------------------------
+# Gateway image: `minigpt5 gateway`, the OpenAI-compatible HTTP API (docs/GATEWAY.md). The thin client
+# + the `gateway` extra (starlette, uvicorn, openai, httpx): no torch, a few hundred MB.
+FROM python:3.11-slim-bookworm AS gateway
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /opt/minigpt5
+COPY . .
+RUN pip install ".[gateway]" \
+ && python -c "import sys, minigpt5_client.gateway.app; assert 'torch' not in sys.modules"
+EXPOSE 8080
+# nobody, numeric so that Kubernetes' runAsNonRoot can verify it.
+USER 65534:65534
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://localhost:8080/health', timeout=4)"
+CMD ["minigpt5", "gateway", "--url", "triton:8001", "--host", "0.0.0.0", "--port", "8080"]
 
 # ---------------------------------------------------------------------------------------------------
 # Server image.

@@ -44,6 +44,8 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos
 
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 SERVER_LABELS = {"app.kubernetes.io/name": "minigpt5", "app.kubernetes.io/component": "server"}
+SERVER, GATEWAY = "minigpt5", "minigpt5-gateway"  # the Deployments (and their HPAs and Services)
+GATEWAY_PORT = 8080
 # Time after SIGTERM that the server needs beyond --exit-timeout-secs (unloading the models).
 UNLOAD_MARGIN_S = 10
 
@@ -360,7 +362,7 @@ def test_every_object_validates_strictly_against_kubernetes_1_30(kustomization):
 
 def test_the_validation_catches_what_it_must():
     """Negative controls: the checks above are only worth something if these fail."""
-    deployment = the("deploy/k8s/overlays/h100", "Deployment")
+    deployment = the("deploy/k8s/overlays/h100", "Deployment", SERVER)
     validate_k8s(deployment)
 
     typo = json.loads(json.dumps(deployment))
@@ -372,7 +374,7 @@ def test_the_validation_catches_what_it_must():
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate_k8s(removed)  # removed in 1.25
 
-    hpa_v2beta2 = dict(the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler"), apiVersion="autoscaling/v2beta2")
+    hpa_v2beta2 = dict(the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler", SERVER), apiVersion="autoscaling/v2beta2")
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate_k8s(hpa_v2beta2)  # removed in 1.26
 
@@ -383,7 +385,8 @@ def test_the_validation_catches_what_it_must():
 
 @pytest.mark.parametrize("kustomization,kinds", [
     ("deploy/k8s/overlays/cpu-trial",
-     {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}),
+     {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+      "ConfigMap"}),
     ("deploy/k8s/overlays/h100",
      {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
       "PersistentVolumeClaim", "ServiceMonitor", "PrometheusRule", "ConfigMap"}),
@@ -404,7 +407,7 @@ def test_everything_lands_in_one_namespace(kustomization):
 
 @pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
 def test_probes_use_tritons_health_endpoints(overlay):
-    container = server_container(the(overlay, "Deployment"))
+    container = server_container(the(overlay, "Deployment", SERVER))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": TRITON_HTTP, "grpc": TRITON_GRPC, "metrics": TRITON_METRICS}
     startup, ready, live = container["startupProbe"], container["readinessProbe"], container["livenessProbe"]
@@ -418,8 +421,8 @@ def test_probes_use_tritons_health_endpoints(overlay):
 
 @pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
 def test_dev_shm_is_a_memory_emptydir_within_the_memory_limit(overlay):
-    pod = the(overlay, "Deployment")["spec"]["template"]["spec"]
-    container = server_container(the(overlay, "Deployment"))
+    pod = the(overlay, "Deployment", SERVER)["spec"]["template"]["spec"]
+    container = server_container(the(overlay, "Deployment", SERVER))
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["emptyDir"]["medium"] == "Memory"
@@ -429,8 +432,8 @@ def test_dev_shm_is_a_memory_emptydir_within_the_memory_limit(overlay):
 
 @pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
 def test_graceful_termination_matches_the_exit_timeout(overlay):
-    pod = the(overlay, "Deployment")["spec"]["template"]["spec"]
-    container = server_container(the(overlay, "Deployment"))
+    pod = the(overlay, "Deployment", SERVER)["spec"]["template"]["spec"]
+    container = server_container(the(overlay, "Deployment", SERVER))
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     needed = int(pre_stop[1]) + exit_timeout_secs(container["args"]) + UNLOAD_MARGIN_S
@@ -456,7 +459,7 @@ def test_pods_run_restricted(kustomization):
 
 
 def test_cpu_trial_has_no_gpu_and_no_weights_volume():
-    deployment = the("deploy/k8s/overlays/cpu-trial", "Deployment")
+    deployment = the("deploy/k8s/overlays/cpu-trial", "Deployment", SERVER)
     container = server_container(deployment)
     for section in ("requests", "limits"):
         assert "nvidia.com/gpu" not in container["resources"].get(section, {})
@@ -466,7 +469,7 @@ def test_cpu_trial_has_no_gpu_and_no_weights_volume():
 
 def test_h100_deployment_takes_one_gpu_and_mounts_the_weights_read_only():
     overlay = "deploy/k8s/overlays/h100"
-    deployment = the(overlay, "Deployment")
+    deployment = the(overlay, "Deployment", SERVER)
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -496,16 +499,16 @@ def test_weights_fill_job_writes_where_the_servers_read():
     pod = job["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     server_claims = {v["persistentVolumeClaim"]["claimName"]
-                     for v in the("deploy/k8s/overlays/h100", "Deployment")["spec"]["template"]["spec"]["volumes"]
+                     for v in the("deploy/k8s/overlays/h100", "Deployment", SERVER)["spec"]["template"]["spec"]["volumes"]
                      if "persistentVolumeClaim" in v}
     assert server_claims <= claims
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    server_env = {e["name"]: e["value"] for e in server_container(the("deploy/k8s/overlays/h100", "Deployment"))["env"]}
+    server_env = {e["name"]: e["value"] for e in server_container(the("deploy/k8s/overlays/h100", "Deployment", SERVER))["env"]}
     assert server_env["WEIGHTS_DIR"] == f"/weights/{env['WEIGHTS_VERSION']}"
     assert "minigpt5 weights convert" in pod["containers"][0]["command"][-1]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
     assert the("deploy/k8s/weights-fill", "Job")["metadata"]["namespace"] == \
-        the("deploy/k8s/overlays/h100", "Deployment")["metadata"]["namespace"]
+        the("deploy/k8s/overlays/h100", "Deployment", SERVER)["metadata"]["namespace"]
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -514,12 +517,14 @@ def selects(selector: dict, labels: dict) -> bool:
 
 @pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
 def test_services_and_pdb_select_the_server_pods(overlay):
-    deployment = the(overlay, "Deployment")
+    deployment = the(overlay, "Deployment", SERVER)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == SERVER_LABELS
     container_ports = {p["name"] for p in server_container(deployment)["ports"]}
     ports_by_service = {}
     for service in objects(overlay, "Service"):
+        if service["metadata"]["name"] == GATEWAY:
+            continue  # test_gateway_deployment_service_and_hpa
         assert selects(service["spec"]["selector"], pod_labels)
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in container_ports
@@ -532,10 +537,10 @@ def test_services_and_pdb_select_the_server_pods(overlay):
 
 @pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
 def test_hpa_scales_the_deployment_on_the_adapters_per_pod_metric(overlay):
-    hpa = the(overlay, "HorizontalPodAutoscaler")
+    hpa = the(overlay, "HorizontalPodAutoscaler", SERVER)
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": the(overlay, "Deployment")["metadata"]["name"]}
+                                             "name": the(overlay, "Deployment", SERVER)["metadata"]["name"]}
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
     name = metric["pods"]["metric"]["name"]
@@ -551,9 +556,9 @@ def test_hpa_scales_the_deployment_on_the_adapters_per_pod_metric(overlay):
 
 
 def test_h100_keeps_two_servers_at_least():
-    hpa = the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler")
+    hpa = the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler", SERVER)
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    assert the("deploy/k8s/overlays/h100", "Deployment")["spec"]["replicas"] >= hpa["spec"]["minReplicas"]
+    assert the("deploy/k8s/overlays/h100", "Deployment", SERVER)["spec"]["replicas"] >= hpa["spec"]["minReplicas"]
 
 
 # --- Prometheus Operator custom resources (no schema in kubernetes-validate) -------------------------
@@ -749,7 +754,7 @@ def serve_commands(compose_file: dict) -> dict[str, tuple[list[str], str | None]
     commands["Dockerfile CMD"] = (final_cmd(), "/weights")
     commands["docker-compose triton"] = (compose_file["services"]["triton"]["command"], "/weights")
     for overlay in SERVER_OVERLAYS:
-        container = server_container(the(overlay, "Deployment"))
+        container = server_container(the(overlay, "Deployment", SERVER))
         env = {e["name"]: e["value"] for e in container["env"]}
         commands[overlay] = (expand_k8s_vars(container["args"], env), env.get("WEIGHTS_DIR"))
     return commands
@@ -782,3 +787,103 @@ def test_the_weights_job_calls_the_converter_with_flags_it_accepts():
     for name, value in vars(args).items():
         if isinstance(value, Path) and name != "out":
             assert str(value).startswith("/upstream/"), f"--{name} must read from the upstream volume"
+
+
+# --- the gateway: compose service, image, Kubernetes Deployment/Service/HPA --------------------------
+
+GATEWAY_LABELS = {"app.kubernetes.io/name": "minigpt5", "app.kubernetes.io/component": "gateway"}
+UVICORN_GRACEFUL_S = 30  # timeout_graceful_shutdown in minigpt5_client/gateway/command.py
+
+
+def gateway_invocation(monkeypatch, argv: list[str]):
+    """The argparse namespace `minigpt5 <argv>` hands to run_gateway (which is not run)."""
+    import minigpt5.cli as cli
+    import minigpt5_client.gateway.command as command
+    captured = []
+    monkeypatch.setattr(command, "run_gateway", lambda args: captured.append(args) or 0)
+    assert cli.main(argv) == 0
+    (args,) = captured
+    return args
+
+
+def test_compose_gateway_service(compose, monkeypatch):
+    from minigpt5_client.gateway.handoff_config import load_handoff_config
+
+    gateway = compose["services"]["gateway"]
+    assert "profiles" not in gateway and gateway["build"]["target"] == "gateway"
+    assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert gateway["command"][:2] == ["minigpt5", "gateway"]
+    args = gateway_invocation(monkeypatch, gateway["command"][1:])
+    assert args.url == f"triton:{TRITON_GRPC}" and args.host == "0.0.0.0"
+    assert f"{args.port}:{args.port}" in gateway["ports"]
+    (mount,) = [v for v in gateway["volumes"] if v.split(":")[1] == str(args.handoff_config)]
+    config = load_handoff_config(ROOT / mount.split(":")[0])  # mounted from the repository, and valid
+    variables = {"MINIGPT5_GATEWAY_API_KEYS"} | {t.api_key_env for t in config.targets.values() if t.api_key_env}
+    assert variables <= gateway["environment"].keys()
+    assert parse_duration(gateway["stop_grace_period"]) >= UVICORN_GRACEFUL_S + 5
+
+
+def test_dockerfile_gateway_stage_has_no_torch_and_runs_as_non_root():
+    instructions = dockerfile_instructions()
+    froms = [n for n, i in enumerate(instructions) if i.cmd == "FROM"] + [len(instructions)]
+    start = next(n for n in froms[:-1] if instructions[n].value[-1] == "gateway")
+    stage = instructions[start:froms[froms.index(start) + 1]]
+    runs = " ".join(i.value[0] for i in stage if i.cmd == "RUN")
+    assert 'pip install ".[gateway]"' in runs and "'torch' not in sys.modules" in runs
+    assert "[server]" not in runs and "index-url" not in runs
+    uid = [i.value[0] for i in stage if i.cmd == "USER"][-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    cmd = [i for i in stage if i.cmd == "CMD"][-1]
+    assert cmd.json and list(cmd.value[:2]) == ["minigpt5", "gateway"]
+
+
+@pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
+def test_gateway_deployment_service_and_hpa(overlay, monkeypatch):
+    from minigpt5_client.gateway.handoff_config import parse_handoff_config
+
+    deployment = the(overlay, "Deployment", GATEWAY)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["selector"]["matchLabels"] == GATEWAY_LABELS
+    assert container["args"][:2] == ["minigpt5", "gateway"]
+    args = gateway_invocation(monkeypatch, container["args"][1:])
+    assert args.host == "0.0.0.0" and args.api_key_file is None
+
+    # it reaches the servers through their Service's gRPC port
+    host, port = args.url.rsplit(":", 1)
+    server_service = the(overlay, "Service", host)
+    assert int(port) == TRITON_GRPC in {p["port"] for p in server_service["spec"]["ports"]}
+    assert selects(server_service["spec"]["selector"], the(overlay, "Deployment", SERVER)["spec"]["template"]
+                   ["metadata"]["labels"])
+
+    # its own Service selects only gateway pods, on the port it listens on
+    service = the(overlay, "Service", GATEWAY)
+    assert service["spec"]["selector"] == GATEWAY_LABELS
+    (service_port,) = service["spec"]["ports"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[service_port["targetPort"]] == args.port == GATEWAY_PORT
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": service_port["targetPort"]}
+
+    # the hand-off configuration comes from the generated ConfigMap and is valid
+    mount = next(m for m in container["volumeMounts"] if str(args.handoff_config).startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    configmap = the(overlay, "ConfigMap", volume["configMap"]["name"])
+    config = parse_handoff_config(json.loads(configmap["data"][args.handoff_config.name]))
+    assert config.targets and config.routes
+
+    # API keys from a Secret that must exist; hand-off keys from it when present
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["MINIGPT5_GATEWAY_API_KEYS"]["name"] == GATEWAY and not env["MINIGPT5_GATEWAY_API_KEYS"].get("optional")
+    for target in config.targets.values():
+        assert env[target.api_key_env]["optional"] is True
+
+    # scaled on CPU, which it requests; stopped gracefully
+    hpa = the(overlay, "HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GATEWAY}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert parse_quantity(container["resources"]["requests"]["cpu"]) > 0
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + UVICORN_GRACEFUL_S

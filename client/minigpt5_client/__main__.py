@@ -1,4 +1,4 @@
-"""`python -m minigpt5_client generate|chat ...` (the same commands as `minigpt5 generate|chat`)."""
+"""`python -m minigpt5_client generate|chat|gateway ...` (the same commands as `minigpt5 generate|chat|gateway`)."""
 
 import sys
 

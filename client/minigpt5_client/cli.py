@@ -1,4 +1,5 @@
 """`minigpt5 generate` and `minigpt5 chat`: stream an answer to the terminal and save it as a document.
+(`minigpt5 gateway` registers here too; it lives in `gateway/`.)
 
 Exit codes: 0 ok, 1 other error, 2 invalid argument or bad image, 3 server unreachable, 4 server
 overloaded, 5 timeout, 130 interrupted. Errors are one line on stderr: "error: ...".
@@ -24,7 +25,7 @@ CHAT_HELP = "Type a message. /image PATH_OR_URL attaches an image to the next on
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `generate` and `chat`; each sets ``handler``: ``sys.exit(args.handler(args))``."""
+    """Register `generate`, `chat` and `gateway`; each sets ``handler``: ``sys.exit(args.handler(args))``."""
     generate = subparsers.add_parser(
         "generate", help="one answer: stream it, then save it as a document",
         description="Stream MiniGPT-5's answer (text and images) and save it as Markdown, HTML or JSON.")
@@ -38,6 +39,9 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
                     + CHAT_HELP)
     _add_common_options(chat, out_default=None)
     chat.set_defaults(handler=run_chat)
+
+    from .gateway.command import add_gateway_command  # standard library only until it runs
+    add_gateway_command(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

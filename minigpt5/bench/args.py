@@ -199,4 +199,31 @@ def _add_reliability(sub) -> None:
     p.set_defaults(handler=handler)
 
 
-BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability]
+def _add_gateway(sub) -> None:
+    p = sub.add_parser("gateway", help="the OpenAI-compatible gateway vs direct gRPC: latency and tokens/s",
+                       description="Start `minigpt5 gateway` (its own process) over a Triton server (--url, or one "
+                                   "the bench starts on the tiny weights) and measure, in one run and interleaved, "
+                                   "the same requests through the gateway (SSE) and directly (the thin client's "
+                                   "asyncio gRPC): a lone request's end-to-end latency (ratio, target <= 1.05) and "
+                                   "tokens/s with --streams requests at once (ratio, target >= 0.95). Prints one "
+                                   "JSON object.")
+    p.add_argument("--url", metavar="HOST:PORT", help="gRPC address of a running server (default: start one)")
+    p.add_argument("--weights", type=Path, help="weights of the started server (default: the built-in tiny weights)")
+    p.add_argument("--device", default="cpu", help="device of the started server: cpu, cuda or auto")
+    p.add_argument("--requests", type=int, default=20, help="lone requests each way (medians)")
+    p.add_argument("--rounds", type=int, default=8, help="rounds of concurrent streams each way (medians)")
+    p.add_argument("--streams", type=int, default=16, help="requests at once in each round")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of the lone request (an image forced)")
+    p.add_argument("--stream-tokens", type=int, default=128, help="max_tokens of each concurrent request (text only)")
+    p.add_argument("--steps", type=int, default=2, help="num_inference_steps of the lone request's image")
+    p.add_argument("--seed", type=int, default=1, help="seed of the lone request; the streams use seed, seed+1, ...")
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
+    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+
+    def handler(args):
+        from .gateway import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability, _add_gateway]
