@@ -2,7 +2,7 @@
 
 Every field OpenAI defines is either honoured, accepted at a value that asks for nothing we lack
 (`n: 1`, `logprobs: false`, `response_format: {"type": "text"}`, ...), or refused: a request is
-never silently answered differently from what it asked. Our own fields (`force_image`,
+never silently answered differently from what it asked. Our own fields (`force_image`, `force_image_mode`,
 `max_images`, `guidance_scale`, `num_inference_steps`, `scheduler`, `top_k`, `repetition_penalty`,
 `image_preprocess`, `inline_images`, `handoff`) come as extra body fields.
 """
@@ -20,10 +20,10 @@ from .settings import GatewaySettings
 _INTEGER = ("max_tokens", "max_completion_tokens", "seed", "top_k", "num_inference_steps", "max_images", "n")
 _NUMBER = ("temperature", "top_p", "guidance_scale", "repetition_penalty")
 _BOOLEAN = ("stream", "force_image", "inline_images")
-_STRING = ("scheduler", "image_preprocess")
+_STRING = ("scheduler", "image_preprocess", "force_image_mode")
 # Passed to the model as they are (thin-client keywords); the server checks their ranges and names them.
-_MODEL_PARAMETERS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "force_image", "guidance_scale",
-                     "num_inference_steps", "scheduler")
+_MODEL_PARAMETERS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "force_image",
+                     "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler")
 # Accepted only at the value that asks for nothing: field -> (values accepted, why the rest is refused).
 _NEUTRAL = {
     "n": ((None, 1), "one choice per request"),
