@@ -59,12 +59,13 @@ def test_neutral_values_and_our_fields_are_accepted():
         n=1, logprobs=False, response_format={"type": "text"}, service_tier="auto", tools=[], user="u-1",
         stream=True, stream_options={"include_usage": True}, max_completion_tokens=40, temperature=0.5, top_p=0.8,
         seed=3, modalities=["text", "image"], guidance_scale=5.0, num_inference_steps=4, scheduler="dpm", top_k=5,
-        repetition_penalty=1.5, max_images=1, inline_images=True, image_preprocess="crop"), SETTINGS)
+        repetition_penalty=1.5, max_images=1, force_image_mode="end", inline_images=True, image_preprocess="crop"),
+        SETTINGS)
     assert request.stream and request.include_usage and request.inline_images and request.max_images == 1
     assert request.preprocess == "crop" and request.handoff is None
     assert request.params == {"temperature": 0.5, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.5, "seed": 3,
                               "force_image": True, "guidance_scale": 5.0, "num_inference_steps": 4,
-                              "scheduler": "dpm", "max_tokens": 40}
+                              "scheduler": "dpm", "max_tokens": 40, "max_images": 1, "force_image_mode": "end"}
 
 
 def test_unknown_models_are_404_and_handoff_names_are_checked():
