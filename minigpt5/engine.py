@@ -148,6 +148,8 @@ class DecodeEngine:
         self._kv = _KVSlots(llm, max_rows)
         self.prefix_cache = prefix_cache
         self.model_key = weights_fingerprint(llm) if prefix_cache is not None else ""
+        self.prefill_positions_computed = 0  # prompt positions prefilled, since the start
+        self.prefill_positions_reused = 0  # prompt positions copied from the prefix cache instead
         if preallocate_kv or static_decode:
             self._kv.reserve(max_rows, self.max_positions)
         self._static, self.capture_error = None, None
@@ -287,12 +289,11 @@ class DecodeEngine:
         row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(), length=length,
                    seen=torch.zeros(self._vocab_size, dtype=torch.bool), cached_positions=start)
         self.rows.append(row)
+        self.prefill_positions_computed += length - start
+        self.prefill_positions_reused += start
         if self.prefix_cache is not None:
-            stats = self.prefix_cache.stats
-            stats.hits += len(cached)
-            stats.misses += len(request.block_hashes) - len(cached)
-            stats.positions_reused += start
-            stats.positions_computed += length - start
+            self.prefix_cache.stats.hits += len(cached)
+            self.prefix_cache.stats.misses += len(request.block_hashes) - len(cached)
         self._sample_and_advance([row], hidden[:, -1], events)
 
     def _cache_prompt(self, request: DecodeRequest, cached_blocks: int, room: int) -> None:

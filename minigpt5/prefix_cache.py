@@ -41,8 +41,6 @@ class CachedBlock:
 class CacheStats:
     hits: int = 0  # blocks found and reused
     misses: int = 0  # full prompt blocks that had to be computed
-    positions_reused: int = 0  # prefill positions not computed thanks to the cache
-    positions_computed: int = 0  # prefill positions computed (cache on)
     evicted: int = 0  # blocks evicted
 
 

@@ -92,8 +92,9 @@ def test_cached_prefixes_give_the_same_tokens_and_voken_states(reference_pipelin
         assert reused[f"r{turn}"] >= earlier // BLOCK * BLOCK - BLOCK
     assert reused["r3"] > 0 and reused["r4"] > 0  # the system prompt
     stats = cached.prefix_cache.stats
-    assert stats.hits * BLOCK == stats.positions_reused == sum(reused.values())
-    assert stats.misses > 0 and stats.positions_computed > 0
+    assert stats.hits * BLOCK == cached.prefill_positions_reused == sum(reused.values())
+    assert stats.misses > 0 and cached.prefill_positions_computed + cached.prefill_positions_reused == \
+        plain.prefill_positions_computed
 
 
 def test_a_miss_computes_everything_and_fills_the_cache(reference_pipeline, chat):
@@ -105,7 +106,7 @@ def test_a_miss_computes_everything_and_fills_the_cache(reference_pipeline, chat
     length = request.prompt_embeds.shape[0]
     assert result["r0"][0].cached_positions == 0
     assert cache.stats.hits == 0 and cache.stats.misses == length // BLOCK == cache.blocks
-    assert cache.stats.positions_computed == length
+    assert engine.prefill_positions_computed == length and engine.prefill_positions_reused == 0
     layers, heads = pipe.decoder.llm.config.num_hidden_layers, pipe.decoder.llm.config.num_key_value_heads
     head_dim = pipe.decoder.llm.config.hidden_size // pipe.decoder.llm.config.num_attention_heads
     assert cache.nbytes == cache.blocks * 2 * layers * heads * BLOCK * head_dim * 4  # fp32 keys and values

@@ -44,6 +44,15 @@ def _histogram(name: str, description: str, model: str, buckets: list):
     return family, LockedMetric(family.Metric(labels={"model": model}, buckets=buckets))
 
 
+COUNTER, GAUGE = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+
+
+def _metrics(model: str, specs: list[tuple[str, str, object]]) -> tuple[list, list[LockedMetric]]:
+    """Families and their one metric each (label `model`), for (name, description, kind) specs."""
+    families = [_family(name, description, kind) for name, description, kind in specs]
+    return families, [LockedMetric(family.Metric(labels={"model": model})) for family in families]
+
+
 class PublicModelMetrics:
     """Owned by `minigpt5`: tokens, images, outcomes, in-flight, time to first token / image."""
 
@@ -67,6 +76,19 @@ class PublicModelMetrics:
         ttfi_family, self.time_to_first_image = _histogram(
             "minigpt5_time_to_first_image_seconds", "Request arrival to first image", model, LATENCY_BUCKETS)
         self._families += [ttft_family, ttfi_family]
+        cache_families, metrics = _metrics(model, [
+            ("minigpt5_image_embedding_cache_hits_total", "Images whose embeddings came from the cache", COUNTER),
+            ("minigpt5_image_embedding_cache_misses_total", "Images sent to vision_encoder", COUNTER),
+            ("minigpt5_image_embedding_cache_entries", "Images held by the embedding cache", GAUGE),
+            ("minigpt5_image_embedding_cache_bytes", "Bytes of embeddings held by the embedding cache", GAUGE)])
+        self._families += cache_families
+        self.embedding_hits, self.embedding_misses, self.embedding_entries, self.embedding_bytes = metrics
+
+    def observe_embedding_cache(self, hits: int, misses: int, entries: int, nbytes: int) -> None:
+        self.embedding_hits.increment(hits)
+        self.embedding_misses.increment(misses)
+        self.embedding_entries.set(entries)
+        self.embedding_bytes.set(nbytes)
 
     def count_tokens(self, text_tokens: int, vokens: int, images: int) -> None:
         self.tokens.increment(max(text_tokens, 0))
@@ -79,14 +101,37 @@ class PublicModelMetrics:
 
 
 class DecoderMetrics:
-    """Owned by `vicuna_decoder`: the rows of each engine step."""
+    """Owned by `vicuna_decoder`: the rows of each engine step, prefill work and the prefix cache."""
 
     def __init__(self, model: str = "vicuna_decoder"):
-        self._family, self.batch_size = _histogram(
+        self._batch_family, self.batch_size = _histogram(
             "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
+        self._families, metrics = _metrics(model, [
+            ("minigpt5_prefill_positions_total", "Prompt positions prefilled", COUNTER),
+            ("minigpt5_prefix_cache_saved_positions_total", "Prompt positions taken from the prefix cache "
+                                                           "instead of prefilled", COUNTER),
+            ("minigpt5_prefix_cache_hits_total", "Prompt blocks found in the prefix cache", COUNTER),
+            ("minigpt5_prefix_cache_misses_total", "Full prompt blocks not in the prefix cache", COUNTER),
+            ("minigpt5_prefix_cache_blocks", "Blocks held by the prefix cache", GAUGE),
+            ("minigpt5_prefix_cache_bytes", "Bytes of keys and values held by the prefix cache", GAUGE)])
+        self.prefill, self.saved, self.hits, self.misses, self.blocks, self.bytes = metrics
+        self._reported = (0, 0, 0, 0)  # the engine's totals at the last update
 
-    def observe_decoder_batch(self, rows: int) -> None:
-        self.batch_size.observe(rows)
+    def observe_step(self, engine) -> None:
+        """After each engine step (engine thread only): its rows, and the prefill and cache figures
+        when a prefill happened."""
+        if engine.rows:
+            self.batch_size.observe(len(engine.rows))
+        cache = engine.prefix_cache
+        stats = (cache.stats.hits, cache.stats.misses) if cache is not None else (0, 0)
+        totals = (engine.prefill_positions_computed, engine.prefill_positions_reused, *stats)
+        if totals == self._reported:
+            return
+        for metric, now, before in zip((self.prefill, self.saved, self.hits, self.misses), totals, self._reported):
+            metric.increment(now - before)
+        self._reported = totals
+        self.blocks.set(cache.blocks if cache is not None else 0)
+        self.bytes.set(cache.nbytes if cache is not None else 0)
 
 
 class ImageMetrics:
