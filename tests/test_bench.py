@@ -292,7 +292,7 @@ def test_cache_small(capsys, tiny_weights):
     """Both paths, both workloads, small settings: the JSON's shape and what the caches must do whatever
     the timings (vision images = distinct images, fewer prefill positions, the same tokens)."""
     code, data = bench(["cache", "--weights", str(tiny_weights), "--turns", "3", "--concurrency", "4",
-                        "--max-tokens", "8", "--repeats", "1", "--json"], capsys)
+                        "--max-tokens", "8", "--repeats", "1", "--skip", "served", "--json"], capsys)
     assert code == 0 and data["errors"] == 0, data
     assert data["bench"] == "cache" and data["config"]["threads"] == 1 and data["build"]["block_tokens"] == 16
     chat, shared = data["chat"], data["shared"]

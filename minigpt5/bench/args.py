@@ -204,8 +204,9 @@ def _add_cache(sub) -> None:
                                    "(cache) and without (no_cache), alternating, caches emptied every repeat: "
                                    "a chat of --turns turns with one new image per turn (TTFT, prefill positions "
                                    "and vision images per turn) and --concurrency requests sharing the system "
-                                   "prompt (prefill positions per request, tokens/s); tokens compared. Prints "
-                                   "one JSON object.")
+                                   "prompt (prefill positions per request, tokens/s); tokens compared. Then the "
+                                   "chat through two real tritonservers, caches on and off (section served). "
+                                   "Prints one JSON object.")
     p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -221,6 +222,8 @@ def _add_cache(sub) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads (default: 1 on CPU, as `bench batching`; 0 = leave torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the sampling")
+    p.add_argument("--skip", type=name_list, default=[],
+                   help="comma-separated sections to skip: chat, shared, served (the last starts two tritonservers)")
     p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
 

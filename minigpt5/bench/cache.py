@@ -47,6 +47,8 @@ METHOD = {
     "vision": "calls and images given to the vision encoder",
     "tokens_per_s": "completion tokens of all requests / wall time from submission to the last Finished; best of "
                     "--repeats",
+    "served": "the chat through two real tritonservers (caches as configured / both off), alternating; new "
+              "pictures and words every repeat; TTFT = gRPC send -> first non-empty text event (cache_served.py)",
 }
 
 
@@ -219,9 +221,20 @@ def shared_section(ctx: dict, args) -> dict:
     return out
 
 
+def served_section(ctx: dict, args) -> dict:
+    from .cache_served import measure
+
+    return measure(args, ctx["weights"].path)
+
+
 def summary(data: dict) -> dict:
     chat_result, shared_result = data.get("chat") or {}, data.get("shared") or {}
     out = {"targets": TARGETS}
+    served = data.get("served") or {}
+    if "ttft_ratio" in served:
+        out["served_turn_last_ttft_ratio"] = served["ttft_ratio"][-1]
+        out["served_same_text"] = served["same_text"]
+        out["served_vision_images"] = served["cache"]["vision_images_total"]
     if "ttft_ratio" in chat_result:
         out["turn_last_ttft_ratio"] = chat_result["ttft_ratio"][-1]
         out["chat_vision_images"] = chat_result["cache"]["vision_images_total"]
@@ -247,7 +260,7 @@ def main(args) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        report = Report("cache", out=args.out)
+        report = Report("cache", out=args.out, skip=args.skip)
         report.set(("config",), {"turns": args.turns, "concurrency": args.concurrency, "repeats": args.repeats,
                                  "max_tokens": args.max_tokens, "temperature": args.temperature,
                                  "threads": torch.get_num_threads(), "threads_default": default_threads})
@@ -258,6 +271,7 @@ def main(args) -> int:
             if "stages" in ctx:
                 report.section(("chat",), lambda: chat_section(ctx, args))
                 report.section(("shared",), lambda: shared_section(ctx, args))
+                report.section(("served",), lambda: served_section(ctx, args))
         report.set(("summary",), summary(report.data))
         return report.finish()
     finally:

@@ -44,12 +44,13 @@ def _histogram(name: str, description: str, model: str, buckets: list):
     return family, LockedMetric(family.Metric(labels={"model": model}, buckets=buckets))
 
 
-COUNTER, GAUGE = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+COUNTER, GAUGE = "COUNTER", "GAUGE"  # names in pb_utils.MetricFamily, looked up late: the stub's
+# auto-complete pass imports this module before pb_utils has MetricFamily
 
 
-def _metrics(model: str, specs: list[tuple[str, str, object]]) -> tuple[list, list[LockedMetric]]:
+def _metrics(model: str, specs: list[tuple[str, str, str]]) -> tuple[list, list[LockedMetric]]:
     """Families and their one metric each (label `model`), for (name, description, kind) specs."""
-    families = [_family(name, description, kind) for name, description, kind in specs]
+    families = [_family(name, description, getattr(pb_utils.MetricFamily, kind)) for name, description, kind in specs]
     return families, [LockedMetric(family.Metric(labels={"model": model})) for family in families]
 
 
