@@ -542,15 +542,12 @@ class _KVSlots:
         self.keys, self.values = grown[:self.layers], grown[self.layers:]
 
     def write_blocks(self, slot: int, blocks: list[CachedBlock]) -> None:
-        """Copy cached blocks into the first positions of `slot`: one copy per layer and tensor."""
-        if not blocks:
-            return
-        keys = torch.cat([b.keys for b in blocks], dim=2)  # [layers, heads, positions, d]
-        values = torch.cat([b.values for b in blocks], dim=2)
-        positions = keys.shape[2]
-        for layer in range(self.layers):
-            self.keys[layer][slot, :, :positions] = keys[layer]
-            self.values[layer][slot, :, :positions] = values[layer]
+        """Copy cached blocks into the first positions of `slot`: one copy per layer and tensor (a
+        layer at a time, so the staging copy is one layer's, not the whole prefix's)."""
+        positions = sum(b.keys.shape[2] for b in blocks)
+        for layer in range(self.layers if blocks else 0):
+            self.keys[layer][slot, :, :positions] = torch.cat([b.keys[layer] for b in blocks], dim=1)
+            self.values[layer][slot, :, :positions] = torch.cat([b.values[layer] for b in blocks], dim=1)
 
     def read_blocks(self, slot: int, first: int, stop: int, size: int) -> list[CachedBlock]:
         """Copies of blocks `first`..`stop`-1 (of `size` positions) of `slot`, for the prefix cache."""

@@ -311,5 +311,6 @@ def test_cache_small(capsys, tiny_weights):
                                   zip(chat["cache"]["ttft_ms"], chat["no_cache"]["ttft_ms"])]
     summary = data["summary"]
     assert summary["turn_last_ttft_ratio"] == chat["ttft_ratio"][-1] and summary["chat_vision_images"] == 3
+    assert len(chat["ttft_ratio_best"]) == 3 and summary["turn_last_ttft_ratio_best"] == chat["ttft_ratio_best"][-1]
     assert summary["met"]["vision_images_equal_distinct"] and summary["met"]["same_tokens"]
     assert isinstance(summary["met"]["turn_last_ttft_ratio"], bool)  # reported, never asserted

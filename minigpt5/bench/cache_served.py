@@ -12,7 +12,6 @@ Triton's `nv_inference_count` of `vision_encoder`.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
 import urllib.request
@@ -101,12 +100,13 @@ def _vision_images(metrics_url: str) -> int:
 
 
 def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
+    from .cache import ttft_by_turn, ttft_ratios
+
     out = {"startup_s": round(startup_s, 1), "exit_codes": exit_codes, "caches_off": CACHES_OFF}
     for mode, results in runs.items():
         last = results[-1]
         out[mode] = {
-            "ttft_ms": [round(statistics.median(r["turns"][t]["ttft_ms"] for r in results), 3)
-                        for t in range(args.turns)],
+            **ttft_by_turn(results, args.turns),
             "prompt_positions": [turn["prompt_positions"] for turn in last["turns"]],
             "prefill_positions": [turn["prefill_positions"] for turn in last["turns"]],
             "vision_images_total": [r["vision_images"] for r in results],
@@ -114,5 +114,5 @@ def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
     out["distinct_images"] = args.turns
     out["same_text"] = all([t["text"] for t in a["turns"]] == [t["text"] for t in b["turns"]]
                            for a, b in zip(runs["cache"], runs["no_cache"]))
-    out["ttft_ratio"] = [round(c / n, 3) for c, n in zip(out["cache"]["ttft_ms"], out["no_cache"]["ttft_ms"])]
+    out.update(ttft_ratios(out))
     return out
