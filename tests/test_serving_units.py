@@ -657,8 +657,8 @@ def test_a_chat_turn_reuses_embeddings_and_the_prompt_prefix_with_the_same_answe
 
     vision_calls = pb.calls_to("vision_encoder")[vision_before:]
     assert [len(call.inputs["images"]) for call in vision_calls] == [1, 1]  # each distinct image once
-    assert (_metric("minigpt5_image_embedding_cache_hits_total", label),
-            _metric("minigpt5_image_embedding_cache_misses_total", label)) == (1, 2)
+    assert wait_until(lambda: (_metric("minigpt5_image_embedding_cache_hits_total", label),
+                               _metric("minigpt5_image_embedding_cache_misses_total", label)) == (1, 2))
     assert _metric("minigpt5_image_embedding_cache_entries", label) == 2
     assert _metric("minigpt5_image_embedding_cache_bytes", label) == 2 * 32 * 64 * 4  # float32 [32, 64] each
     cached = second["usage"]["cached_prompt_positions"]

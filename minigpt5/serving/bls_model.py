@@ -194,9 +194,9 @@ class MiniGPT5Model:
         if not self.embeddings.max_bytes:
             return self._vision_calls.submit(images).result(), None  # the decoder hashes them itself
         entries, encoded = self.embeddings.encode(images, lambda todo: self._vision_calls.submit(todo).result())
-        if self.metrics:
-            self.metrics.observe_embedding_cache(len(images) - encoded, encoded, self.embeddings.entries,
-                                                 self.embeddings.nbytes)
+        if self.metrics:  # on the PNG threads, off the request's path: a metric update is an IPC round trip
+            self._encoders.submit(self.metrics.observe_embedding_cache, len(images) - encoded, encoded,
+                                  self.embeddings)
         return np.stack([entry.embeds for entry in entries]), [entry.key for entry in entries]
 
     @staticmethod

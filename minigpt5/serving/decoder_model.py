@@ -89,9 +89,9 @@ class EngineLoop:
             except Exception as exc:  # noqa: BLE001 - a broken step must not strand its requests
                 failure = RuntimeError(f"decoder step failed: {exc!r}")
                 events = [Failure(request_id, failure) for request_id in self.engine.drop_running()]
+            self._post(events)  # first: a metric update is an IPC round trip, not to be waited for by a token
             if self._observe_step:
                 self._observe_step(self.engine)
-            self._post(events)
 
     def _post(self, events: list, link_id: str | None = None) -> None:
         """File events in their links' outboxes (`link_id`, else each request's owner) and wake collectors."""

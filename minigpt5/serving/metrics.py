@@ -5,12 +5,14 @@ Each family is created by the one model that owns it; they all carry a `model` l
 from __future__ import annotations
 
 import threading
+import time
 
 import triton_python_backend_utils as pb_utils
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "error")
+CACHE_METRICS_INTERVAL_S = 1.0  # Prometheus scrapes every 15 s or so
 
 
 class LockedMetric:
@@ -85,11 +87,14 @@ class PublicModelMetrics:
         self._families += cache_families
         self.embedding_hits, self.embedding_misses, self.embedding_entries, self.embedding_bytes = metrics
 
-    def observe_embedding_cache(self, hits: int, misses: int, entries: int, nbytes: int) -> None:
-        self.embedding_hits.increment(hits)
-        self.embedding_misses.increment(misses)
-        self.embedding_entries.set(entries)
-        self.embedding_bytes.set(nbytes)
+    def observe_embedding_cache(self, hits: int, misses: int, cache) -> None:
+        """Images found and encoded by one request, and the cache's size now."""
+        if hits:
+            self.embedding_hits.increment(hits)
+        if misses:
+            self.embedding_misses.increment(misses)
+            self.embedding_entries.set(cache.entries)
+            self.embedding_bytes.set(cache.nbytes)
 
     def count_tokens(self, text_tokens: int, vokens: int, images: int) -> None:
         self.tokens.increment(max(text_tokens, 0))
@@ -117,22 +122,32 @@ class DecoderMetrics:
             ("minigpt5_prefix_cache_bytes", "Bytes of keys and values held by the prefix cache", GAUGE)])
         self.prefill, self.saved, self.hits, self.misses, self.blocks, self.bytes = metrics
         self._reported = (0, 0, 0, 0)  # the engine's totals at the last update
+        self._next_update = 0.0
 
     def observe_step(self, engine) -> None:
-        """After each engine step (engine thread only): its rows, and the prefill and cache figures
-        when a prefill happened."""
+        """After each engine step (engine thread only): its rows; the prefill and cache figures at most
+        every CACHE_METRICS_INTERVAL_S and whenever the engine falls idle (each update is an IPC round
+        trip that the engine thread waits for)."""
         if engine.rows:
             self.batch_size.observe(len(engine.rows))
+        now = time.monotonic()
+        if now >= self._next_update or not engine.has_work:
+            self._next_update = now + CACHE_METRICS_INTERVAL_S
+            self._update_prefill(engine)
+
+    def _update_prefill(self, engine) -> None:
         cache = engine.prefix_cache
         stats = (cache.stats.hits, cache.stats.misses) if cache is not None else (0, 0)
         totals = (engine.prefill_positions_computed, engine.prefill_positions_reused, *stats)
         if totals == self._reported:
             return
         for metric, now, before in zip((self.prefill, self.saved, self.hits, self.misses), totals, self._reported):
-            metric.increment(now - before)
+            if now != before:
+                metric.increment(now - before)
         self._reported = totals
-        self.blocks.set(cache.blocks if cache is not None else 0)
-        self.bytes.set(cache.nbytes if cache is not None else 0)
+        if cache is not None:
+            self.blocks.set(cache.blocks)
+            self.bytes.set(cache.nbytes)
 
 
 class ImageMetrics:
