@@ -19,6 +19,9 @@ Design (see docs/DESIGN_DECODER.md for the why):
   (upstream's max_new_tokens: its `input_ids` hold the sampled ids only, mini_gpt5.py:321-338).
 - Sampling is per row, batched on the model's device, with the row's own generator (sampling.py): a
   request's output does not depend on its batch company beyond float rounding in the batched matmuls.
+- Prefix cache (prefix_cache.py, optional): at admission the longest cached chain of the prompt's
+  blocks is copied into the row's slot and only the rest is prefilled; the prompt blocks computed go
+  into the cache, which lives in the part of the KV budget the running rows do not reserve.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from .config import NUM_VOKENS
 from .decode_graphs import StaticDecodeStep
+from .prefix_cache import CachedBlock, PrefixCache, weights_fingerprint
 from .sampling import SamplingParams, sample_tokens
 from .tokenizer import StreamingDetokenizer
 
@@ -51,6 +55,8 @@ class DecodeRequest:
     params: SamplingParams
     prompt_tokens: int = 0  # text tokens of the prompt (BOS included)
     image_tokens: int = 0  # spliced image embedding positions
+    content: list | None = None  # one item per prompt position (prefix_cache.position_content); None: never cached
+    block_hashes: list[bytes] = field(default_factory=list)  # set by the engine at submit when it caches
 
     @property
     def reserved_tokens(self) -> int:
@@ -81,6 +87,7 @@ class Finished:
     text: str
     token_ids: list[int] = field(default_factory=list)  # sampled and forced, in order
     sampled_tokens: int = 0  # ids the model sampled (what max_tokens counts): completion_tokens - 7 per image
+    cached_positions: int = 0  # prompt positions taken from the prefix cache instead of prefilled
 
 
 @dataclass
@@ -98,6 +105,7 @@ class _Row:
     voken_source_state: torch.Tensor | None = None  # the state that sampled [IMG0]
     images: int = 0
     finish_reason: str | None = None
+    cached_positions: int = 0  # prompt positions copied from the prefix cache
 
     @property
     def request_id(self) -> str:
@@ -115,14 +123,16 @@ class DecodeEngine:
     def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
                  kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
                  run_to_completion: bool = False, preallocate_kv: bool = False, static_decode: bool = False,
-                 capture_fallback: bool = False):
+                 capture_fallback: bool = False, prefix_cache: PrefixCache | None = None):
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
         requests are admitted only when the whole running batch has finished. `preallocate_kv`
         allocates the KV pool at its largest (max_rows × context) now instead of growing it on
         demand: on a GPU a server that cannot hold it fails at start, not under load.
         `static_decode` runs 1-token steps at bucketed static shapes (decode_graphs.py), captured as
         CUDA graphs on a GPU (here, at start); it implies `preallocate_kv`. `capture_fallback`: when
-        the capture fails, log why (`capture_error`) and decode eagerly instead of failing."""
+        the capture fails, log why (`capture_error`) and decode eagerly instead of failing.
+        `prefix_cache`: reuse the KV of prompt prefixes across requests (prefix_cache.py); its chains
+        start from this LLM's weights fingerprint, so a cache handed to another model never matches."""
         self.llm = llm.eval()
         self._device, self._dtype = llm.device, llm.dtype
         self._vocab_size = llm.lm_head.out_features
@@ -136,6 +146,10 @@ class DecodeEngine:
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self._kv = _KVSlots(llm, max_rows)
+        self.prefix_cache = prefix_cache
+        self.model_key = weights_fingerprint(llm) if prefix_cache is not None else ""
+        self.prefill_positions_computed = 0  # prompt positions prefilled, since the start
+        self.prefill_positions_reused = 0  # prompt positions copied from the prefix cache instead
         if preallocate_kv or static_decode:
             self._kv.reserve(max_rows, self.max_positions)
         self._static, self.capture_error = None, None
@@ -177,6 +191,8 @@ class DecodeEngine:
 
     def submit(self, request: DecodeRequest) -> None:
         self.check_admissible(request)
+        if self.prefix_cache is not None and request.content is not None:
+            request.block_hashes = self.prefix_cache.chain(self.model_key, request.content)  # off the engine thread
         with self._lock:
             self._waiting.append(request)
 
@@ -231,29 +247,63 @@ class DecodeEngine:
                 if not self._waiting or len(self.rows) >= self.max_rows:
                     return admitted
                 request = self._waiting[0]
-                reserved = sum(row.request.reserved_tokens for row in self.rows)
-                length = request.prompt_embeds.shape[0]
-                if reserved + request.reserved_tokens > self.kv_budget_tokens:
+                reserved = sum(row.request.reserved_tokens for row in self.rows) + request.reserved_tokens
+                if reserved > self.kv_budget_tokens:
                     return admitted  # waits for running rows to finish (FIFO: no overtaking)
-                if prefill_tokens and prefill_tokens + length > self.max_prefill_tokens:
+                cached = self._cached_prefix(request)
+                computed = request.prompt_embeds.shape[0] - len(cached) * self._block_positions
+                if prefill_tokens and prefill_tokens + computed > self.max_prefill_tokens:
                     return admitted  # bound the stall of running rows by prefill work
                 self._waiting.popleft()
-            prefill_tokens += length
+            prefill_tokens += computed
             admitted += 1
-            self._prefill(request, events)
+            self._prefill(request, cached, events)
+            if self.prefix_cache is not None:  # cached blocks live in the budget the running rows leave free
+                self._cache_prompt(request, len(cached), room=self.kv_budget_tokens - reserved)
 
-    def _prefill(self, request: DecodeRequest, events: list) -> None:
-        """Prefill the request alone (batch 1) straight into the next free KV slot; sample its first token."""
+    @property
+    def _block_positions(self) -> int:
+        return self.prefix_cache.block_positions if self.prefix_cache is not None else 0
+
+    def _cached_prefix(self, request: DecodeRequest) -> list[CachedBlock]:
+        """The cached blocks of the longest cached prefix of the prompt, leaving at least its last
+        position to compute (its state samples the first token)."""
+        if not request.block_hashes:
+            return []
+        limit = (request.prompt_embeds.shape[0] - 1) // self._block_positions
+        return self.prefix_cache.match(request.block_hashes, limit)
+
+    def _prefill(self, request: DecodeRequest, cached: list[CachedBlock], events: list) -> None:
+        """Prefill the request alone (batch 1) straight into the next free KV slot, after copying its
+        cached prefix there; sample its first token."""
         length = request.prompt_embeds.shape[0]
         slot = len(self.rows)
         self._kv.reserve(slot + 1, length)
-        embeds = request.prompt_embeds.to(self._device, self._dtype)[None]
-        positions = torch.arange(length, device=self._device)[None]
-        hidden = self._forward(embeds, positions, slice(slot, slot + 1), length, mask=None)
+        start = len(cached) * self._block_positions
+        self._kv.write_blocks(slot, cached)
+        embeds = request.prompt_embeds[start:].to(self._device, self._dtype)[None]
+        positions = torch.arange(start, length, device=self._device)[None]
+        # From position 0 attention is plainly causal; after a cached prefix each query sees keys 0..p.
+        mask = (torch.arange(length, device=self._device) <= positions[..., None])[:, None] if start else None
+        hidden = self._forward(embeds, positions, slice(slot, slot + 1), length, mask=mask)
         row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(), length=length,
-                   seen=torch.zeros(self._vocab_size, dtype=torch.bool))
+                   seen=torch.zeros(self._vocab_size, dtype=torch.bool), cached_positions=start)
         self.rows.append(row)
+        self.prefill_positions_computed += length - start
+        self.prefill_positions_reused += start
+        if self.prefix_cache is not None:
+            self.prefix_cache.stats.hits += len(cached)
+            self.prefix_cache.stats.misses += len(request.block_hashes) - len(cached)
         self._sample_and_advance([row], hidden[:, -1], events)
+
+    def _cache_prompt(self, request: DecodeRequest, cached_blocks: int, room: int) -> None:
+        """Put the prompt's full blocks computed by this prefill into the cache (the row just
+        admitted is the last slot)."""
+        chain = request.block_hashes
+        if len(chain) > cached_blocks:
+            blocks = self._kv.read_blocks(len(self.rows) - 1, cached_blocks, len(chain), self._block_positions)
+            self.prefix_cache.insert(chain, cached_blocks, blocks, room)
+        self.prefix_cache.evict_to(room)
 
     def _decode_step(self, events: list) -> None:
         """One step for every running row: 1 position each, or 8 when a row feeds its voken block."""
@@ -412,7 +462,7 @@ class DecodeEngine:
             if row.finish_reason is not None:
                 vokens = row.images * NUM_VOKENS
                 events.append(Finished(row.request_id, row.finish_reason, len(row.generated), vokens,
-                                       row.images, row.text, row.generated, row.sampled))
+                                       row.images, row.text, row.generated, row.sampled, row.cached_positions))
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
@@ -490,6 +540,21 @@ class _KVSlots:
         for new, old in zip(grown, self.keys + self.values):
             new[:old.shape[0], :, :old.shape[2]] = old
         self.keys, self.values = grown[:self.layers], grown[self.layers:]
+
+    def write_blocks(self, slot: int, blocks: list[CachedBlock]) -> None:
+        """Copy cached blocks into the first positions of `slot`: one copy per layer and tensor (a
+        layer at a time, so the staging copy is one layer's, not the whole prefix's)."""
+        positions = sum(b.keys.shape[2] for b in blocks)
+        for layer in range(self.layers if blocks else 0):
+            self.keys[layer][slot, :, :positions] = torch.cat([b.keys[layer] for b in blocks], dim=1)
+            self.values[layer][slot, :, :positions] = torch.cat([b.values[layer] for b in blocks], dim=1)
+
+    def read_blocks(self, slot: int, first: int, stop: int, size: int) -> list[CachedBlock]:
+        """Copies of blocks `first`..`stop`-1 (of `size` positions) of `slot`, for the prefix cache."""
+        span = slice(first * size, stop * size)
+        keys = torch.stack([k[slot, :, span] for k in self.keys])
+        values = torch.stack([v[slot, :, span] for v in self.values])
+        return [CachedBlock(k.clone(), v.clone()) for k, v in zip(keys.split(size, dim=2), values.split(size, dim=2))]
 
     def compact(self, keep: list[int], positions: int) -> None:
         """Move the slots `keep` (ascending) to the front, in order; only their first `positions` matter."""

@@ -12,6 +12,7 @@ from .config import NUM_QUERY_TOKENS, NUM_VOKENS
 from .engine import DecodeEngine, DecodeRequest
 from .fp8 import fp8_available, quantize_llm_fp8
 from .image_decoder import ImageDecoder, ImageJob
+from .prefix_cache import PrefixCache, position_content, tensor_key
 from .prompt import prompt_token_ids, render_pieces
 from .request import GenerationRequest, InvalidRequest
 from .sampling import SamplingParams
@@ -76,14 +77,19 @@ class VisionStage:
 
 
 class DecoderStage:
-    def __init__(self, llm, tokenizer, tokens: dict, **engine_options):
-        """`tokens`: the manifest's token ids (`vokens`, `image_placeholder`, `bos_id`, `eos_id`)."""
+    def __init__(self, llm, tokenizer, tokens: dict, *, prefix_cache_tokens: int = 0, prefix_block_tokens: int = 16,
+                 **engine_options):
+        """`tokens`: the manifest's token ids (`vokens`, `image_placeholder`, `bos_id`, `eos_id`).
+        `prefix_cache_tokens` > 0: the engine keeps up to that many positions of prompt KV in blocks of
+        `prefix_block_tokens` for later requests (prefix_cache.py)."""
         self.tokenizer = tokenizer
         self.llm = llm
         self.placeholder_id = tokens["image_placeholder"]
         # Never sampled: the placeholder, BOS (`</s>` for VIST checkpoints is EOS itself and stays allowed;
         # the tokenizer's own `<s>` is banned either way) and UNK.
         banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.bos_token_id, tokenizer.unk_token_id]
+        if prefix_cache_tokens > 0:
+            engine_options["prefix_cache"] = PrefixCache(prefix_block_tokens, prefix_cache_tokens)
         self.engine = DecodeEngine(llm, tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
                                    banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
                                    **engine_options)
@@ -111,8 +117,10 @@ class DecoderStage:
 
     @torch.inference_mode()
     def make_request(self, request_id: str, prompt_ids: list[int], image_embeds: torch.Tensor | None,
-                     sampling: SamplingParams) -> DecodeRequest:
-        """Embed the prompt ids and splice 32 image embeddings in place of each placeholder."""
+                     sampling: SamplingParams, image_keys: list[str] | None = None) -> DecodeRequest:
+        """Embed the prompt ids and splice 32 image embeddings in place of each placeholder.
+        `image_keys`: a content key per image for the prefix cache (prefix_cache.tensor_key of its
+        embeddings, computed here when not given)."""
         ids = torch.tensor(prompt_ids, dtype=torch.long)
         slots = (ids == self.placeholder_id).nonzero().flatten().tolist()
         count = 0 if image_embeds is None else len(image_embeds)
@@ -125,8 +133,13 @@ class DecoderStage:
             start = slot + 1
         pieces.append(text_embeds[start:])
         embeds = torch.cat(pieces)
+        if image_keys is None:
+            image_keys = [tensor_key(image.float()) for image in image_embeds] if count else []
+        if len(image_keys) != count:
+            raise InvalidRequest(f"images: {count} images but {len(image_keys)} image keys")
         return DecodeRequest(request_id, embeds, sampling, prompt_tokens=len(prompt_ids) - count,
-                             image_tokens=embeds.shape[0] - len(prompt_ids) + count)
+                             image_tokens=embeds.shape[0] - len(prompt_ids) + count,
+                             content=position_content(prompt_ids, self.placeholder_id, image_keys))
 
 
 class ImageStage:

@@ -286,3 +286,32 @@ def test_new_benches_register():
     assert batching.concurrency == [1, 4, 8, 16] and batching.preset == "tiny" and callable(batching.handler)
     serving = parser.parse_args(["serving", "--requests", "3"])
     assert serving.requests == 3 and serving.weights is None and callable(serving.handler)
+
+
+# ---- bench cache ----------------------------------------------------------------------------------------
+def test_cache_small(capsys, tiny_weights):
+    """Both paths, both workloads, small settings: the JSON's shape and what the caches must do whatever
+    the timings (vision images = distinct images, fewer prefill positions, the same tokens)."""
+    code, data = bench(["cache", "--weights", str(tiny_weights), "--turns", "3", "--concurrency", "4",
+                        "--max-tokens", "8", "--repeats", "1", "--skip", "served", "--json"], capsys)
+    assert code == 0 and data["errors"] == 0, data
+    assert data["bench"] == "cache" and data["config"]["threads"] == 1 and data["build"]["block_tokens"] == 16
+    chat, shared = data["chat"], data["shared"]
+    for mode in ("cache", "no_cache"):
+        assert len(chat[mode]["ttft_ms"]) == 3 and min(chat[mode]["ttft_ms"]) > 0
+        assert chat[mode]["prompt_positions"][0] < chat[mode]["prompt_positions"][1] < chat[mode]["prompt_positions"][2]
+        assert shared[mode]["tokens_per_s"] > 0
+    assert chat["no_cache"]["prefill_positions"] == chat["no_cache"]["prompt_positions"]
+    assert chat["cache"]["prefill_positions"][0] == chat["cache"]["prompt_positions"][0]  # empty caches at the start
+    assert all(c < n for c, n in zip(chat["cache"]["prefill_positions"][1:], chat["no_cache"]["prefill_positions"][1:]))
+    assert chat["no_cache"]["vision_images"] == [1, 2, 3] and chat["cache"]["vision_images"] == [1, 1, 1]
+    assert chat["cache"]["vision_images_total"] == chat["distinct_images"] == 3
+    assert chat["same_tokens"] and shared["same_tokens"] and shared["requests"] == 4
+    assert shared["cache"]["prefill_positions_per_request"] < shared["no_cache"]["prefill_positions_per_request"]
+    assert chat["ttft_ratio"] == [pytest.approx(c / n, abs=1e-3) for c, n in
+                                  zip(chat["cache"]["ttft_ms"], chat["no_cache"]["ttft_ms"])]
+    summary = data["summary"]
+    assert summary["turn_last_ttft_ratio"] == chat["ttft_ratio"][-1] and summary["chat_vision_images"] == 3
+    assert len(chat["ttft_ratio_best"]) == 3 and summary["turn_last_ttft_ratio_best"] == chat["ttft_ratio_best"][-1]
+    assert summary["met"]["vision_images_equal_distinct"] and summary["met"]["same_tokens"]
+    assert isinstance(summary["met"]["turn_last_ttft_ratio"], bool)  # reported, never asserted

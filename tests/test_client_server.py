@@ -30,6 +30,7 @@ PROMPT = "Tell a short story about this picture."
 # Small and forced, so that every answer holds an image and stays quick with the tiny weights.
 PARAMS = dict(seed=7, max_tokens=24, force_image=True, num_inference_steps=2)
 INPUT_PARAMS = {PARAMETERS[keyword][0]: value for keyword, value in PARAMS.items()}  # seed -> random_seed
+IMAGE_TOLERANCE = 2  # levels: float rounding in the decoder (batching, a prefix from the prefix cache)
 
 
 def picture() -> np.ndarray:
@@ -46,7 +47,8 @@ def assert_same_answer(document: Document, reference) -> None:
     served = pixels_of(document)
     assert len(served) == len(reference.images) >= 1
     for served_image, reference_image in zip(served, reference.images, strict=True):
-        assert np.array_equal(served_image, reference_image)
+        # equal up to float rounding: the prompt's prefix may come from the decoder's prefix cache
+        assert np.abs(served_image.astype(int) - reference_image.astype(int)).max() <= IMAGE_TOLERANCE
 
 
 @pytest.fixture(scope="module")

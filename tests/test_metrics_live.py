@@ -61,6 +61,10 @@ def test_custom_metric_values_are_sane(scraped):
         assert _value(scraped, histogram + "_sum", **model) > 0
     assert _value(scraped, "minigpt5_decoder_batch_size_count", model="vicuna_decoder") >= 1
     assert _value(scraped, "minigpt5_image_batch_size_count", model="image_decoder") >= 1
+    decoder = {"model": "vicuna_decoder"}
+    assert _value(scraped, "minigpt5_prefill_positions_total", **decoder) > 0
+    assert _value(scraped, "minigpt5_prefix_cache_blocks", **decoder) > 0  # the prompt's whole blocks, kept
+    assert _value(scraped, "minigpt5_prefix_cache_bytes", **decoder) > 0
     tokens = _value(scraped, "minigpt5_generated_tokens_total", **model)
     vokens = _value(scraped, "minigpt5_vokens_total", **model)
     images = _value(scraped, "minigpt5_images_total", **model)

@@ -75,13 +75,25 @@ def test_generate_returns_one_complete_response(triton_server):
     assert result["usage"]["completion_tokens"] > 0
 
 
+def assert_same_image(served: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to float rounding: a prompt whose prefix came from the decoder's prefix cache is
+    prefilled in two parts (fewer rows per matmul), which may round differently from one prefill."""
+    assert served.shape == expected.shape
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= BATCHED_IMAGE_TOLERANCE
+
+
+def uncached(usage: dict) -> dict:
+    """Served usage without `cached_prompt_positions` (it depends on what earlier requests left cached)."""
+    return {key: value for key, value in usage.items() if key != "cached_prompt_positions"}
+
+
 def test_lone_request_equals_in_process_run(triton_server, reference_pipeline):
     params = {**STORY, "images": _image(1), "text_input": "What do you see? Draw it."}
     served = assemble(grpc_stream(triton_server.grpc_url, params))
     expected = _reference(reference_pipeline, params)
     assert served["text"] == expected.text
     assert len(served["images"]) == len(expected.images) == 1
-    np.testing.assert_array_equal(served["images"][0], expected.images[0])
+    assert_same_image(served["images"][0], expected.images[0])
     assert served["usage"]["image_tokens"] == expected.usage.image_tokens == 32
 
 
@@ -91,7 +103,7 @@ def test_encoded_image_bytes_over_http_equal_preprocessed_pixels(triton_server, 
     served = assemble([http_generate(triton_server.http_url, body)])
     expected = _reference(reference_pipeline, {**STORY, "text_input": "Describe this.", "images": pixels})
     assert served["text"] == expected.text
-    np.testing.assert_array_equal(served["images"][0], expected.images[0])
+    assert_same_image(served["images"][0], expected.images[0])
 
 
 def _stats(url: str, model: str) -> tuple[int, int]:
@@ -150,9 +162,9 @@ def test_several_images_in_one_streamed_answer_in_order_equal_in_process(triton_
     assert served["text"] == expected.text and served["text"]
     assert len(served["images"]) == len(expected.images) == 2
     for got, want in zip(served["images"], expected.images):
-        np.testing.assert_array_equal(got, want)
+        assert_same_image(got, want)
     assert served["offsets"] == [0, len(served["text"])]
-    assert served["usage"] == expected.usage.as_dict()
+    assert uncached(served["usage"]) == expected.usage.as_dict()
     assert (served["usage"]["images"], served["usage"]["vokens"], served["usage"]["sampled_tokens"],
             served["usage"]["completion_tokens"]) == (2, 16, 16, 16 + 2 * 7)
 
@@ -162,9 +174,9 @@ def test_force_image_mode_end_over_http_equals_in_process(triton_server, referen
     served = assemble([http_generate(triton_server.http_url, params)])
     expected = _reference(reference_pipeline, params)
     assert served["text"] == expected.text and len(served["images"]) == 1
-    np.testing.assert_array_equal(served["images"][0], expected.images[0])
+    assert_same_image(served["images"][0], expected.images[0])
     assert served["offsets"][0] > 0  # after text, not first
-    assert served["usage"] == expected.usage.as_dict()
+    assert uncached(served["usage"]) == expected.usage.as_dict()
 
 
 def test_user_text_with_special_tokens_stays_text(triton_server, reference_pipeline):

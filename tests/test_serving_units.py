@@ -21,6 +21,8 @@ import pytest
 from PIL import Image
 
 import fake_pb_utils
+from minigpt5.engine import TextDelta
+from minigpt5.prompt import parse_history
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -625,7 +627,62 @@ def test_bls_non_streaming_gives_one_complete_response_equal_to_the_stream(pb, m
     diff = np.abs(png_pixels(complete["image_output"][0]).astype(int) - png_pixels(image["image_output"][0])).max()
     assert diff <= BATCHED_IMAGE_TOLERANCE
     assert complete["finish_reason"] == events[-1]["finish_reason"]
-    assert json.loads(complete["usage"][0]) == json.loads(events[-1]["usage"][0])
+    usage, streamed_usage = json.loads(complete["usage"][0]), json.loads(events[-1]["usage"][0])
+    # the same prompt again: its whole blocks come from the decoder's prefix cache, the answer is the same
+    assert usage.pop("cached_prompt_positions") > 0 and "cached_prompt_positions" in streamed_usage
+    streamed_usage.pop("cached_prompt_positions")
+    assert usage == streamed_usage
+
+
+def _chat_turn(pb, bls, configs, request_id: str, **params) -> dict:
+    request = public_request(configs, request_id, stream=False, temperature=0.0, max_tokens=12, max_images=0,
+                             **params)
+    bls.execute([request])
+    sender = request.get_response_sender()
+    sender.wait_final(WAIT_S)
+    (complete,) = public_events(sender, configs["minigpt5"])
+    return {"text": complete["text_output"][0], "usage": json.loads(complete["usage"][0])}
+
+
+def test_a_chat_turn_reuses_embeddings_and_the_prompt_prefix_with_the_same_answer(
+        pb, make_bls, configs, reference_pipeline, reference_engine):
+    """Turn 2 sends turn 1's image again: it skips vision_encoder (embedding cache), the decoder copies
+    turn 1's prompt blocks (prefix cache), and the answer equals the one computed without any cache."""
+    bls, label, decoder_label = make_bls("minigpt5_units_cache"), "minigpt5_units_cache", "vicuna_decoder_units"
+    pictures = np.random.default_rng(11).integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    vision_before = len(pb.calls_to("vision_encoder"))
+    saved_before = _metric("minigpt5_prefix_cache_saved_positions_total", decoder_label)
+    first = _chat_turn(pb, bls, configs, "units-chat-1", text_input="What is in this picture?", images=pictures[:1])
+    history = [{"role": "human", "text": "What is in this picture?", "num_images": 1},
+               {"role": "assistant", "text": first["text"]}]
+    second = _chat_turn(pb, bls, configs, "units-chat-2", text_input="And in this one?", images=pictures,
+                        history=json.dumps(history))
+
+    vision_calls = pb.calls_to("vision_encoder")[vision_before:]
+    assert [len(call.inputs["images"]) for call in vision_calls] == [1, 1]  # each distinct image once
+    assert wait_until(lambda: (_metric("minigpt5_image_embedding_cache_hits_total", label),
+                               _metric("minigpt5_image_embedding_cache_misses_total", label)) == (1, 2))
+    assert _metric("minigpt5_image_embedding_cache_entries", label) == 2
+    assert _metric("minigpt5_image_embedding_cache_bytes", label) == 2 * 32 * 64 * 4  # float32 [32, 64] each
+    cached = second["usage"]["cached_prompt_positions"]
+    assert cached >= 32 and first["usage"]["cached_prompt_positions"] < cached  # at least turn 1's image
+    assert wait_until(lambda: _metric("minigpt5_prefix_cache_saved_positions_total", decoder_label) - saved_before
+                      == first["usage"]["cached_prompt_positions"] + cached)
+    assert _metric("minigpt5_prefix_cache_hits_total", decoder_label) >= cached // 16
+    assert _metric("minigpt5_prefix_cache_blocks", decoder_label) > 0
+    assert _metric("minigpt5_prefix_cache_bytes", decoder_label) > 0
+    assert _metric("minigpt5_prefill_positions_total", decoder_label) > 0
+
+    pipe = reference_pipeline  # the same turn without any cache, in this thread
+    request = pipe.request("And in this one?", pictures, parse_history(json.dumps(history)), max_tokens=12,
+                           temperature=0.0, max_images=0)
+    engine = reference_engine.engine
+    engine.submit(reference_engine.make_request("units-chat-alone", pipe.prompts.prompt_ids(request),
+                                                pipe.vision.encode(pictures), request.sampling))
+    text = ""
+    while engine.has_work:
+        text += "".join(e.text for e in engine.step() if isinstance(e, TextDelta))
+    assert second["text"] == text
 
 
 INVALID = {

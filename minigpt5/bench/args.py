@@ -226,4 +226,40 @@ def _add_gateway(sub) -> None:
     p.set_defaults(handler=handler)
 
 
-BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability, _add_gateway]
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="image-embedding and prefix caches, on and off in one run",
+                       description="In-process, no Triton: the vision stage and the real DecodeEngine over the "
+                                   "tiny weights (or --weights), with the embedding cache and the prefix cache "
+                                   "(cache) and without (no_cache), alternating, caches emptied every repeat: "
+                                   "a chat of --turns turns with one new image per turn (TTFT, prefill positions "
+                                   "and vision images per turn) and --concurrency requests sharing the system "
+                                   "prompt (prefill positions per request, tokens/s); tokens compared. Then the "
+                                   "chat through two real tritonservers, caches on and off (section served). "
+                                   "Prints one JSON object.")
+    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="vision tower and LLM dtype (auto: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--turns", type=int, default=5, help="human turns of the chat, one new image each")
+    p.add_argument("--concurrency", type=int, default=16, help="requests sharing the system prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every answer")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, seeded (0 = greedy)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of each workload on each path (medians)")
+    p.add_argument("--block-tokens", type=int, default=16, help="positions per prefix-cache block")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="prefix cache size in positions")
+    p.add_argument("--embedding-cache-mb", type=int, default=256, help="embedding cache size in MiB")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: 1 on CPU, as `bench batching`; 0 = leave torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the sampling")
+    p.add_argument("--skip", type=name_list, default=[],
+                   help="comma-separated sections to skip: chat, shared, served (the last starts two tritonservers)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
+    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+
+    def handler(args):
+        from .cache import main
+        return main(args)
+    p.set_defaults(handler=handler)
+
+
+BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability, _add_gateway, _add_cache]

@@ -1,7 +1,8 @@
 """`minigpt5`: the public model. Decoupled; streams text deltas and images in one answer.
 
 Per request (in a worker thread, so `execute` returns at once and requests run concurrently):
-validate → prompt ids → `vision_encoder` (BLS, if images) → `vicuna_decoder`, the continuous-batching
+validate → prompt ids → image embeddings (from the embedding cache, embedding_cache.py, or
+`vision_encoder` by BLS for the images not in it) → `vicuna_decoder`, the continuous-batching
 decoder, reached through the decoder link (decoder_link.py: one unary BLS call per engine step for
 all requests); text deltas go out as they come; each voken block queues an `image_decoder` job (BLS)
 while text keeps streaming; when the decoder ends, the remaining images are awaited and the final
@@ -35,6 +36,7 @@ from . import runtime, triton_io
 from .answer_stream import AnswerStream
 from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
+from .embedding_cache import EmbeddingCache, weights_key
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
@@ -61,6 +63,8 @@ class MiniGPT5Model:
         self.max_inflight = int(params.get("max_inflight_requests", 64))
         self.request_timeout_s = float(params.get("request_timeout_s", 600))
         self.stream_interval_s = float(params.get("stream_interval_ms", 20)) / 1000
+        cache_bytes = int(float(params.get("image_embedding_cache_mb", 256)) * 2**20)
+        self.embeddings = EmbeddingCache(cache_bytes, weights_key(weights))
         self.decoder = DecoderLink(self._call_decoder)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -72,7 +76,8 @@ class MiniGPT5Model:
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
                                             max_rows=IMAGE_MAX_BATCH)
         triton_io.log_info(f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
-                           f"request timeout {self.request_timeout_s:g} s")
+                           f"request timeout {self.request_timeout_s:g} s; image embedding cache "
+                           f"{cache_bytes / 2**20:g} MiB")
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -130,8 +135,8 @@ class MiniGPT5Model:
             generation = self._parse(request)
             answer.streaming = generation.stream
             prompt_ids = self.prompts.prompt_ids(generation)
-            image_embeds = self._encode_images(generation.images)
-            outcome = self._generate(generation, prompt_ids, image_embeds, answer, sender, arrived)
+            image_embeds, image_keys = self._encode_images(generation.images)
+            outcome = self._generate(generation, prompt_ids, image_embeds, image_keys, answer, sender, arrived)
             self._count(outcome)
         except InvalidRequest as exc:
             self._count("invalid")
@@ -182,8 +187,17 @@ class MiniGPT5Model:
                 raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
         return np.stack(arrays) if arrays else None
 
-    def _encode_images(self, images: np.ndarray):
-        return self._vision_calls.submit(images).result() if len(images) else None
+    def _encode_images(self, images: np.ndarray) -> tuple[np.ndarray | None, list[str] | None]:
+        """Embeddings [N, 32, H] and their content keys; only images not in the cache go to `vision_encoder`."""
+        if not len(images):
+            return None, None
+        if not self.embeddings.max_bytes:
+            return self._vision_calls.submit(images).result(), None  # the decoder hashes them itself
+        entries, encoded = self.embeddings.encode(images, lambda todo: self._vision_calls.submit(todo).result())
+        if self.metrics:  # on the PNG threads, off the request's path: a metric update is an IPC round trip
+            self._encoders.submit(self.metrics.observe_embedding_cache, len(images) - encoded, encoded,
+                                  self.embeddings)
+        return np.stack([entry.embeds for entry in entries]), [entry.key for entry in entries]
 
     @staticmethod
     def _call_vision(batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -196,9 +210,11 @@ class MiniGPT5Model:
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return np.split(embeds, bounds)
 
-    def _generate(self, generation, prompt_ids, image_embeds, answer: AnswerStream, sender, arrived) -> str:
+    def _generate(self, generation, prompt_ids, image_embeds, image_keys, answer: AnswerStream, sender,
+                  arrived) -> str:
         deadline = arrived + self.request_timeout_s
-        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids, image_embeds, generation.sampling)
+        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids, image_embeds, generation.sampling,
+                                   image_keys)
         images: list[concurrent.futures.Future] = []  # each ends once its image was sent
         try:
             finished = self._relay(stream, generation, answer, images, sender, arrived, deadline)
@@ -212,7 +228,8 @@ class MiniGPT5Model:
         usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
                  "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
                  "completion_tokens": finished.completion_tokens, "vokens": 8 * len(images), "images": len(images),
-                 "sampled_tokens": finished.sampled_tokens, "seed": generation.seed}
+                 "sampled_tokens": finished.sampled_tokens, "cached_prompt_positions": finished.cached_positions,
+                 "seed": generation.seed}
         if self.metrics:
             self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
         answer.finish(finished.reason, usage)

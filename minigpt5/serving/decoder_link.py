@@ -101,14 +101,14 @@ class DecoderLink:
         self._thread.start()
 
     def open(self, request_id: str, prompt_ids: list[int], image_embeds: np.ndarray | None,
-             sampling: SamplingParams) -> DecodeStream:
+             sampling: SamplingParams, image_keys: list[str] | None = None) -> DecodeStream:
         """Queue a request for decoding; its events (or its refusal) come through the stream."""
         stream = DecodeStream(self, request_id)
         with self._state:
             if not self._running:
                 raise Overloaded("model is unloading")
             self._streams[request_id] = stream
-            self._pending.submit.append(NewRequest(request_id, list(prompt_ids), sampling, image_embeds))
+            self._pending.submit.append(NewRequest(request_id, list(prompt_ids), sampling, image_embeds, image_keys))
             self._state.notify()
         return stream
 

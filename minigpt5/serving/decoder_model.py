@@ -25,10 +25,10 @@ IDLE_WAIT_S = 0.5  # the engine thread re-checks for shutdown at least this ofte
 class EngineLoop:
     """Owns the DecodeEngine and its thread; events wait in one outbox per link until collected."""
 
-    def __init__(self, stage: DecoderStage, observe_batch=None):
+    def __init__(self, stage: DecoderStage, observe_step=None):
         self.stage = stage
         self.engine = stage.engine
-        self._observe_batch = observe_batch  # called with the rows of each step (a metric)
+        self._observe_step = observe_step  # called with the engine after each step (metrics)
         self._owner: dict[str, str] = {}  # request id → link id, until its Finished
         self._outbox: dict[str, list] = {}  # link id → events not collected yet
         self._events = threading.Condition()  # guards _owner and _outbox; notified when events arrive
@@ -42,7 +42,8 @@ class EngineLoop:
         """Queue a request; one that can never fit (context, KV budget) is refused in the outbox."""
         try:
             embeds = None if request.image_embeds is None else torch.from_numpy(request.image_embeds)
-            decode_request = self.stage.make_request(request.request_id, request.prompt_ids, embeds, request.sampling)
+            decode_request = self.stage.make_request(request.request_id, request.prompt_ids, embeds, request.sampling,
+                                                     request.image_keys)
             with self._events:
                 if not self._running:
                     raise Overloaded("model is unloading")
@@ -88,9 +89,9 @@ class EngineLoop:
             except Exception as exc:  # noqa: BLE001 - a broken step must not strand its requests
                 failure = RuntimeError(f"decoder step failed: {exc!r}")
                 events = [Failure(request_id, failure) for request_id in self.engine.drop_running()]
-            if self._observe_batch and self.engine.rows:
-                self._observe_batch(len(self.engine.rows))
-            self._post(events)
+            self._post(events)  # first: a metric update is an IPC round trip, not to be waited for by a token
+            if self._observe_step:
+                self._observe_step(self.engine)
 
     def _post(self, events: list, link_id: str | None = None) -> None:
         """File events in their links' outboxes (`link_id`, else each request's owner) and wake collectors."""
@@ -123,13 +124,18 @@ class VicunaDecoderModel:
             max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
             preallocate_kv=on_gpu_by_default(params, "kv_preallocate", where.device),
             static_decode=on_gpu_by_default(params, "decode_cuda_graphs", where.device),
-            capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto")
+            capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto",
+            prefix_cache_tokens=int(params.get("prefix_cache_tokens", 8192)),
+            prefix_block_tokens=int(params.get("prefix_cache_block_tokens", 16)))
         self.metrics = metrics
-        self.loop = EngineLoop(stage, observe_batch=metrics.observe_decoder_batch if metrics else None)
+        self.loop = EngineLoop(stage, observe_step=metrics.observe_step if metrics else None)
         engine = stage.engine
+        cache = engine.prefix_cache
+        caching = (f"prefix cache {cache.max_positions} positions in blocks of {cache.block_positions}"
+                   if cache is not None else "prefix cache off")
         triton_io.log_info(f"{where.describe('vicuna_decoder')}; decode: {engine.decode_mode}; "
                            f"LLM quantization: {quantization}; {engine.max_rows} rows, KV budget "
-                           f"{engine.kv_budget_tokens} positions")
+                           f"{engine.kv_budget_tokens} positions; {caching}")
         if engine.capture_error:
             triton_io.log_warn(f"vicuna_decoder: decode CUDA graphs failed, decoding eagerly (slower): "
                                f"{engine.capture_error}")

@@ -3,7 +3,8 @@
 One unary call per engine step (decoder_link.py drives it, decoder_model.py answers it):
 
   in   `link_id`       STRING [1]      the calling `minigpt5` instance (each has its own outbox)
-       `commands`      STRING [1]      JSON {"submit": [NewRequest...], "abort": [request ids]}
+       `commands`      STRING [1]      JSON {"submit": [NewRequest...], "abort": [request ids]}; a
+                                       request's `image_keys` name its images for the prefix cache
        `image_embeds`  FP32 [rows, H]  the submitted requests' image embeddings, 32 rows per image, in
                                        order (absent when no submitted request has an image)
   out  `events`        STRING [1]      JSON list of events since the last call (text, vokens,
@@ -35,6 +36,7 @@ class NewRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     image_embeds: np.ndarray | None = None  # [images, 32, H]: one block per placeholder in the prompt
+    image_keys: list[str] | None = None  # content key of each image's embeddings (None: the decoder hashes them)
 
     @property
     def images(self) -> int:
@@ -62,7 +64,8 @@ class Failure:
 # ---- minigpt5 → vicuna_decoder ------------------------------------------------------------------
 def encode_commands(commands: Commands) -> tuple[str, np.ndarray | None]:
     body = {"submit": [{"id": r.request_id, "prompt_ids": r.prompt_ids, "images": r.images,
-                        "sampling": dataclasses.asdict(r.sampling)} for r in commands.submit],
+                        "image_keys": r.image_keys, "sampling": dataclasses.asdict(r.sampling)}
+                       for r in commands.submit],
             "abort": commands.abort}
     blocks = [r.image_embeds.reshape(-1, r.image_embeds.shape[-1]) for r in commands.submit if r.images]
     return json.dumps(body), np.concatenate(blocks).astype(np.float32, copy=False) if blocks else None
@@ -77,7 +80,8 @@ def decode_commands(text: str, image_embeds: np.ndarray | None) -> Commands:
             rows = NUM_QUERY_TOKENS * item["images"]
             embeds = image_embeds[row:row + rows].reshape(item["images"], NUM_QUERY_TOKENS, -1)
             row += rows
-        commands.submit.append(NewRequest(item["id"], item["prompt_ids"], SamplingParams(**item["sampling"]), embeds))
+        commands.submit.append(NewRequest(item["id"], item["prompt_ids"], SamplingParams(**item["sampling"]), embeds,
+                                          item.get("image_keys")))
     return commands
 
 

@@ -1,0 +1,118 @@
+"""`minigpt5 bench cache`, section `served`: the chat through the real tritonserver, caches on and off.
+
+Two servers on free ports over the same weights: one as configured (both caches on) and one with
+`minigpt5.image_embedding_cache_mb` and `vicuna_decoder.prefix_cache_tokens` at 0. The chat goes to
+each in turn, the order alternating per repeat, over gRPC streaming with the images pre-processed
+by the client and the earlier turns sent back as `history` (as `minigpt5 chat` does). Every repeat
+uses new pictures and words, so its turns find nothing cached but the system prompt, as on a
+server that has served before. TTFT = the send -> the first non-empty `text` event; prefill
+positions from `usage` (prompt positions less `cached_prompt_positions`); images encoded from
+Triton's `nv_inference_count` of `vision_encoder`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .timing import log
+
+CACHES_OFF = {"minigpt5": {"image_embedding_cache_mb": "0"}, "vicuna_decoder": {"prefix_cache_tokens": "0"}}
+STARTUP_TIMEOUT_S = 300.0
+
+
+def measure(args, weights: Path) -> dict:
+    from ..serving.server import TritonProcess
+    from .serving import free_port
+
+    servers = {}
+    for mode in ("no_cache", "cache"):
+        workdir = Path(tempfile.mkdtemp(prefix=f"minigpt5-bench-cache-{mode}-"))
+        servers[mode] = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(),
+                                      metrics_port=free_port(), host="127.0.0.1", device=args.device,
+                                      workdir=workdir, log_file=workdir / "tritonserver.log",
+                                      parameters=CACHES_OFF if mode == "no_cache" else None)
+    try:
+        started = time.perf_counter()
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait_ready(timeout=STARTUP_TIMEOUT_S)
+        startup_s = time.perf_counter() - started
+        runs = {mode: [] for mode in servers}
+        for mode, server in servers.items():  # untimed warm-up chat
+            served_chat(server, args, repeat=-1)
+        for repeat in range(args.repeats):
+            for mode in (("no_cache", "cache") if repeat % 2 == 0 else ("cache", "no_cache")):
+                runs[mode].append(served_chat(servers[mode], args, repeat))
+            log(f"served: repeat {repeat + 1}/{args.repeats}")
+    finally:
+        codes = {mode: server.stop() for mode, server in servers.items()}
+    return _summarize(runs, args, startup_s, codes)
+
+
+def served_chat(server, args, repeat: int) -> dict:
+    from .serving import _grpc_tensor, _stream, _string
+
+    rng = np.random.default_rng(args.seed + 1000 + repeat)
+    pictures = rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8)
+    url = f"127.0.0.1:{server.grpc_port}"
+    metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    encoded_before = _vision_images(metrics_url)
+    history, turns = [], []
+    for turn in range(args.turns):
+        text = f"Chat {repeat + 1}, turn {turn + 1}: what happens in this picture?"
+        inputs = [_grpc_tensor("text_input", np.array([text.encode()], dtype=np.object_)),
+                  _grpc_tensor("images", pictures[:turn + 1]),
+                  _grpc_tensor("history", np.array([json.dumps(history).encode()], dtype=np.object_)),
+                  _grpc_tensor("stream", np.array([True])),
+                  _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
+                  _grpc_tensor("temperature", np.array([args.temperature], dtype=np.float32)),
+                  _grpc_tensor("random_seed", np.array([args.seed + turn], dtype=np.uint64)),
+                  _grpc_tensor("max_images", np.array([0], dtype=np.int32))]
+        events = _stream(url, "minigpt5", inputs)
+        answer, ttft, usage = "", None, {}
+        for stamp, arrays in events:
+            piece = _string(arrays.get("text_output"))
+            if _string(arrays.get("event_type")) == "text" and piece:
+                ttft = stamp if ttft is None else ttft
+                answer += piece
+            if "usage" in arrays:
+                usage = json.loads(_string(arrays["usage"]))
+        positions = usage["prompt_tokens"] + usage["image_tokens"]
+        turns.append({"ttft_ms": (ttft if ttft is not None else events[-1][0]) * 1e3, "prompt_positions": positions,
+                      "prefill_positions": positions - usage["cached_prompt_positions"], "text": answer})
+        history += [{"role": "human", "text": text, "num_images": 1}, {"role": "assistant", "text": answer}]
+    return {"turns": turns, "vision_images": _vision_images(metrics_url) - encoded_before}
+
+
+def _vision_images(metrics_url: str) -> int:
+    """Images `vision_encoder` has encoded (Triton's nv_inference_count counts batch rows)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("nv_inference_count{") and 'model="vision_encoder"' in line:
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
+    from .cache import ttft_by_turn, ttft_ratios
+
+    out = {"startup_s": round(startup_s, 1), "exit_codes": exit_codes, "caches_off": CACHES_OFF}
+    for mode, results in runs.items():
+        last = results[-1]
+        out[mode] = {
+            **ttft_by_turn(results, args.turns),
+            "prompt_positions": [turn["prompt_positions"] for turn in last["turns"]],
+            "prefill_positions": [turn["prefill_positions"] for turn in last["turns"]],
+            "vision_images_total": [r["vision_images"] for r in results],
+        }
+    out["distinct_images"] = args.turns
+    out["same_text"] = all([t["text"] for t in a["turns"]] == [t["text"] for t in b["turns"]]
+                           for a, b in zip(runs["cache"], runs["no_cache"]))
+    out.update(ttft_ratios(out))
+    return out
