@@ -72,7 +72,7 @@ def test_parameter_overrides_rewrite_a_copy_of_the_repository(tmp_path):
     assert config_parameters((repository / "minigpt5" / "config.pbtxt").read_text()) == {
         **config_parameters(original), "max_inflight_requests": "4", "request_timeout_s": "30"}
     assert config_parameters((repository / "image_decoder" / "config.pbtxt").read_text()) == {
-        "weights": "", "dtype": "fp32"}
+        "weights": "", "dtype": "fp32", "cpu_threads": "0"}
     assert config_parameters(original)["max_inflight_requests"] == "64"  # the repository is never edited
     copied = (repository / "minigpt5" / "config.pbtxt").read_text()
     assert copied.count("\n") == original.count("\n") and "# Requests served at once" in copied
