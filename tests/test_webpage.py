@@ -65,10 +65,11 @@ def page(browser, gateway):
     assert not errors, f"JavaScript errors in the page: {errors}"
 
 
-# Records, in the page, the answer's text length at every change and when a placeholder / image appears.
+# Records, in the page, the answer's text length at every change of its text (each delta appended: a
+# browser may draw several at once when they arrive together) and of its elements (placeholder, image).
 WATCH = """() => {
   window.seen = [];
-  new MutationObserver(() => {
+  const record = () => {
     const answers = document.querySelectorAll('.turn.assistant');
     const last = answers[answers.length - 1];
     if (!last) return;
@@ -76,7 +77,10 @@ WATCH = """() => {
     const text = [...body.childNodes].filter(n => n.nodeType === Node.TEXT_NODE).map(n => n.data).join('');
     window.seen.push({text: text.length,
                       placeholder: !!body.querySelector('.placeholder'), image: !!body.querySelector('img')});
-  }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+  };
+  const appendData = Text.prototype.appendData;
+  Text.prototype.appendData = function (data) { appendData.call(this, data); record(); };
+  new MutationObserver(record).observe(document.getElementById('log'), {subtree: true, childList: true});
 }"""
 
 
