@@ -38,7 +38,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/minigpt5
 COPY . .
 RUN pip install ".[gateway]" \
- && python -c "import sys, minigpt5_client.gateway.app; assert 'torch' not in sys.modules"
+ && python -c "import sys, minigpt5_client.gateway.app as app; assert 'torch' not in sys.modules; \
+assert (app.STATIC_DIR / 'index.html').is_file(), 'the web page is not in the package'"
 EXPOSE 8080
 # nobody, numeric so that Kubernetes' runAsNonRoot can verify it.
 USER 65534:65534

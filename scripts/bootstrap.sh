@@ -12,6 +12,13 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id 
         || echo "bootstrap: could not install promtool; the alert-rule tests will fail" >&2
 fi
 
+# Debian's chromium: the web page's tests (tests/test_webpage.py) drive it headless with Playwright
+# (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+        || echo "bootstrap: could not install chromium; the web page's browser tests will fail" >&2
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip

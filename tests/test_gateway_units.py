@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from minigpt5_client.errors import InvalidArgument, Overloaded, ServerError, Ser
 from minigpt5_client.events import Final, ImageEvent, ImageStart, TextDelta
 from minigpt5_client.gateway.answer import ImagePlacement, ModelUsage, inline_image
 from minigpt5_client.gateway.chat_request import parse_chat_request
-from minigpt5_client.gateway.completion import usage_json
+from minigpt5_client.gateway.completion import CompletionIds, delta_chunk, usage_json
 from minigpt5_client.gateway.errors import GatewayError, from_client_error
 from minigpt5_client.gateway.handoff import choose_target, handoff_messages, route_facts
 from minigpt5_client.gateway.handoff_config import ConfigError, parse_handoff_config
@@ -157,9 +158,17 @@ def test_image_entries_carry_their_offset_and_max_images_leaves_them_out():
     deltas, _ = place(inline=False)
     (image,) = [delta.images[0] for delta in deltas if delta.images]
     assert image["offset"] == 5 and image["image_url"]["url"].startswith("data:image/png;base64,")
+    # announced when the model starts it, before the text that streams while it is decoded
+    assert [(d.content, d.image_start, bool(d.images)) for d in deltas] == [
+        ("Once ", None, False), ("", {"index": 1, "offset": 5}, False), ("upon ", None, False),
+        ("a time", None, False), ("", None, True), (".", None, False)]
+    ids = CompletionIds("chatcmpl-1", 0, "minigpt5")
+    chunk = json.loads(delta_chunk(ids, deltas[1]).removeprefix("data: "))
+    assert chunk["choices"][0]["delta"] == {"image_start": {"index": 1, "offset": 5}}
     for inline in (False, True):
         deltas, placement = place(inline, max_images=0)
         assert "".join(delta.content for delta in deltas) == "Once upon a time." and not any(d.images for d in deltas)
+        assert not any(d.image_start for d in deltas)
         assert placement.usage("minigpt5").completion_tokens_details == {"vokens": 8, "images": 0,
                                                                          "images_left_out": 1}
 

@@ -21,6 +21,7 @@ class Delta:
     content: str = ""
     images: list[dict] = field(default_factory=list)
     handoff: dict | None = None  # {"model": name, "content_offset": where its text starts}
+    image_start: dict | None = None  # {"index": n, "offset": m}: image n (1-based) is being made, for offset m
     model: str | None = None  # who wrote it, when not MiniGPT-5
 
 
@@ -69,10 +70,13 @@ class ImagePlacement:
             return self._text(event.text)
         if isinstance(event, ImageStart):
             self.started += 1
-            if self.inline and self._wanted(self.started):
-                if not self.waiting:
-                    self.held_from = self.text_length
-                self.waiting += 1
+            if not self._wanted(self.started):
+                return []
+            if not self.inline:  # announced, so that a client can show where it will sit while it is made
+                return [Delta(image_start={"index": self.started, "offset": event.offset})]
+            if not self.waiting:
+                self.held_from = self.text_length
+            self.waiting += 1
             return []
         if isinstance(event, ImageEvent):
             return self._image(event)

@@ -3,6 +3,7 @@
     GET  /v1/models              the models served: `minigpt5` and `minigpt5+TARGET` per hand-off model
     POST /v1/chat/completions    stream (SSE) or not
     GET  /health, /health/ready  the gateway is up / and Triton's `minigpt5` is ready (no key needed)
+    GET  /, /static/...          the chat web page (static files; it calls the API above like any client)
 
 A client that disconnects cancels its Triton request: streaming, Starlette cancels the response's
 generator and the gRPC call is cancelled on the way out; otherwise the request is awaited next to
@@ -17,14 +18,16 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ..errors import MiniGPT5Error
 from ..request import MODEL_NAME
@@ -37,6 +40,7 @@ from .handoff_config import AUTO
 from .settings import GatewaySettings
 
 log = logging.getLogger("minigpt5.gateway")
+STATIC_DIR = Path(__file__).parent / "static"  # the web page: no build step, no CDN
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 
 
@@ -55,7 +59,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
                                      allow_methods=["GET", "POST"], allow_headers=["*"]))
     routes = [Route("/v1/models", list_models), Route("/v1/models/{model:path}", get_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/health", health), Route("/health/ready", ready)]
+              Route("/health", health), Route("/health/ready", ready),
+              Route("/", web_page), Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
     handlers = {GatewayError: _error_response, HTTPException: _http_error, ClientGone: _client_gone,
                 Exception: _internal_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
@@ -203,6 +208,11 @@ def _authorize(request: Request) -> None:
                            code="missing_api_key")
     if not any(hmac.compare_digest(key.strip().encode(), known.encode()) for known in keys):
         raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+async def web_page(request: Request) -> FileResponse:
+    """The chat page (no key needed to load it: it asks for one when the API answers 401)."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def health(request: Request) -> JSONResponse:

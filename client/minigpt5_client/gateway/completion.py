@@ -4,7 +4,8 @@ Ours on top of OpenAI's shape: `images` in the message / delta (entries `{"type"
 "image_url": {"url": "data:image/png;base64,..."}, "offset": N}`, N = the character in `content`
 where the image sits), `handoff` (`{"model", "content_offset"}`: where the hand-off model's text
 starts), usage `completion_tokens_details` (`vokens`, `images`), and `usage.models`: one line per
-model with its tokens and `cost_usd`.
+model with its tokens and `cost_usd`. Streamed only: `image_start` (`{"index", "offset"}`) in the delta
+sent when the model begins an image, before the image's own delta (the decoding takes a while).
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def role_chunk(ids: CompletionIds) -> str:
 
 
 def delta_chunk(ids: CompletionIds, delta: Delta) -> str:
-    if not (delta.images or delta.handoff or delta.model):  # the common case, once per token: no dict, no dumps
+    if not (delta.images or delta.handoff or delta.model or delta.image_start):  # once per token: no dict, no dumps
         return f"{ids.content_prefix}{encode_basestring_ascii(delta.content)}{_CONTENT_SUFFIX}"
-    body: dict = {"content": delta.content} if delta.content or not (delta.images or delta.handoff) else {}
+    body: dict = {"content": delta.content} if delta.content or not (delta.images or delta.handoff
+                                                                        or delta.image_start) else {}
+    if delta.image_start:
+        body["image_start"] = delta.image_start
     if delta.images:
         body["images"] = delta.images
     if delta.handoff:
