@@ -86,6 +86,9 @@ def _add_run(commands) -> None:
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (LLM side)")
     p.add_argument("--vision-dtype", default="auto",
                    help="auto (fp16 on a GPU, as upstream runs the ViT; fp32 on a CPU), fp32, bf16 or fp16")
+    p.add_argument("--image-dtype", default="auto",
+                   help="auto (fp16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16 (mapper, UNet, VAE; bf16 is "
+                        "the fast one on a CPU with AVX512-BF16 or AMX)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
 
     def handler(args):

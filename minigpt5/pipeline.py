@@ -61,11 +61,11 @@ class Result:
 
 class MiniGPT5Pipeline:
     def __init__(self, weights_dir, device: str | None = None, dtype: str | None = None,
-                 vision_dtype: str | None = None):
+                 vision_dtype: str | None = None, image_dtype: str | None = None):
         self.weights = WeightsDir(weights_dir)
         self.device = resolve_device(device)
         llm_dtype = resolve_dtype(dtype, self.device)
-        image_dtype = torch.float32 if self.device == "cpu" else torch.float16
+        image_dtype = resolve_dtype(image_dtype, self.device, gpu_default="fp16")  # mapper, UNet, VAE
         self.prompts = PromptBuilder(self.weights)
         # The vision tower in fp16 on a GPU, as upstream runs it (vit_precision fp16, autocast).
         self.vision = VisionStage.load(self.weights, self.device, resolve_dtype(vision_dtype, self.device,

@@ -19,7 +19,7 @@ def run(args) -> int:
     try:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
         pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype,
-                                    vision_dtype=args.vision_dtype)
+                                    vision_dtype=args.vision_dtype, image_dtype=args.image_dtype)
         params = {name: getattr(args, name) for name in (
             "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "force_image_mode", "max_images",
             "guidance_scale", "num_inference_steps", "scheduler")}
