@@ -5,7 +5,12 @@ before tritonserver starts."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 
@@ -125,3 +130,60 @@ def test_serve_refuses_a_bad_weights_directory_before_starting(tmp_path, tiny_we
     error = capsys.readouterr().err
     assert f"weights {weights}" in error and message in error
     assert "tritonserver" not in error  # refused before starting it
+
+
+@pytest.mark.server
+def test_serve_stops_on_sigterm_and_a_second_one_kills_at_once(tmp_path, tiny_weights):
+    """`minigpt5 serve` drains on SIGTERM (up to the exit timeout + margin); a second SIGTERM while it
+    waits kills tritonserver and its stubs at once, and serve still exits cleanly, leaving nothing behind."""
+    http_port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "minigpt5.cli", "serve", "--weights", str(tiny_weights),
+                              "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(free_port()),
+                              "--metrics-port", str(free_port()), "--", "--exit-timeout-secs=120"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not _ready(http_port):
+            assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read().decode()[-2000:]
+            time.sleep(1)
+        release = threading.Event()
+        threading.Thread(target=_hold_connection, args=(http_port, release), daemon=True).start()  # Triton drains it
+        time.sleep(1)
+        server_pid = int(subprocess.check_output(["pgrep", "-P", str(serve.pid), "tritonserver"]).split()[0])
+        serve.send_signal(signal.SIGTERM)
+        time.sleep(3)
+        assert serve.poll() is None  # draining for up to 120 s + margin
+        serve.send_signal(signal.SIGTERM)
+        _, err = serve.communicate(timeout=30)
+    finally:
+        release.set()
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 0, err.decode()[-2000:]
+    assert b"killing tritonserver now" in err and b"Traceback" not in err
+    assert not _alive(server_pid)
+
+
+def _ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _hold_connection(http_port: int, release: threading.Event) -> None:
+    """An open keep-alive HTTP connection: Triton waits for it to close before it exits."""
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=200)
+    connection.request("GET", "/v2/health/live")
+    connection.getresponse().read()
+    release.wait(180)
+    connection.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")

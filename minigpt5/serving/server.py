@@ -19,9 +19,10 @@ config.pbtxt; the repository itself is never edited.
 
 Start and stop at real size: wait_ready has no deadline unless given one (loading the real weights
 takes minutes; the orchestrator's startup probe is the deadline) and reports every LOADING_REPORT_S
-which models are still loading (from tritonserver's log, which TritonProcess copies through: Triton
-opens its ports only once every model has loaded); stop() waits for the effective --exit-timeout-secs (ours, or the
-operator's after `--`) plus UNLOAD_MARGIN_S before it kills anything.
+which models are still loading, read from tritonserver's log as TritonProcess copies it through
+(server_log.py: Triton opens its ports only once every model has loaded). stop() waits for the
+effective --exit-timeout-secs (ours, or the operator's after `--`) plus UNLOAD_MARGIN_S before it
+kills anything.
 
 Stub watchdog: Triton 2.51 never restarts a python-backend stub that died (kill -9, OOM killer) and
 keeps reporting the model ready; requests in flight in it hang forever. Once the server is ready,
@@ -452,6 +453,11 @@ class TritonProcess:
                 self._kill_group()
                 return
 
+    def kill(self) -> None:
+        """SIGKILL of tritonserver and its stubs now (stop() then returns at once)."""
+        if self.process is not None:
+            self._kill_group()
+
     def _kill_group(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -503,9 +509,20 @@ def serve_forever(args) -> int:
         print(f"minigpt5 serve: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        _second_signal_kills(server)
         code = server.stop()
         if stopping or code is not None:
             print(f"minigpt5: tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
+
+
+def _second_signal_kills(server: TritonProcess) -> None:
+    """While stop() waits for the requests in flight, another Ctrl-C or SIGTERM kills the server at once
+    (instead of interrupting the wait and leaving tritonserver running in its own session)."""
+    def kill_now(signum, _frame):
+        print("minigpt5: killing tritonserver now", file=sys.stderr, flush=True)
+        server.kill()
+    signal.signal(signal.SIGTERM, kill_now)
+    signal.signal(signal.SIGINT, kill_now)
 
 
 def _say(line: str) -> None:
