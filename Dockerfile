@@ -112,6 +112,11 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15m --retries=3 \
     CMD curl -fsS http://localhost:8000/v2/health/ready || exit 1
 
+# Stopping: on SIGTERM `serve` lets Triton finish the requests in flight (--exit-timeout-secs, 30 s
+# unless given after `--`) and unload the models (20 s more) before it kills anything. Docker's own
+# default is 10 s: give `docker run --stop-timeout 60` (exit timeout + 20 + slack), or
+# stop_grace_period in compose. There is no readiness deadline in `serve`: HEALTHCHECK above (or
+# the orchestrator's startup probe) is the one.
 # The Triton image's ENTRYPOINT (/opt/nvidia/nvidia_entrypoint.sh) is kept on purpose: it sets up the
 # CUDA forward-compatibility libraries before exec'ing the command. Only the command is ours.
 # Without --weights, `serve` builds tiny random weights: give it the mounted real ones.

@@ -40,6 +40,10 @@ def _add_serve(commands) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workdir", type=Path, help="where to write the prepared repository (default: a temp dir)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--ready-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up (exit code 1) if the models are not all loaded after this long (default: no "
+                        "deadline; loading the real weights takes minutes, a line every 30 s says what is "
+                        "still loading)")
     p.add_argument("--param", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="override a config.pbtxt parameter of a model, e.g. minigpt5.max_inflight_requests=8 or "
                         "minigpt5.request_timeout_s=120 (repeatable; served from a copy of the repository, see "
@@ -82,6 +86,9 @@ def _add_run(commands) -> None:
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (LLM side)")
     p.add_argument("--vision-dtype", default="auto",
                    help="auto (fp16 on a GPU, as upstream runs the ViT; fp32 on a CPU), fp32, bf16 or fp16")
+    p.add_argument("--image-dtype", default="auto",
+                   help="auto (fp16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16 (mapper, UNet, VAE; bf16 is "
+                        "the fast one on a CPU with AVX512-BF16 or AMX)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
 
     def handler(args):
@@ -91,7 +98,7 @@ def _add_run(commands) -> None:
 
 
 def _add_weights(commands) -> None:
-    p = commands.add_parser("weights", help="build tiny weights or convert upstream checkpoints")
+    p = commands.add_parser("weights", help="build tiny or random weights, or convert upstream checkpoints")
     sub = p.add_subparsers(dest="weights_command", required=True, metavar="WHAT")
     tiny = sub.add_parser("tiny", help="build tiny random weights in the real layout (offline, seconds)")
     tiny.add_argument("--out", type=Path, required=True)
@@ -101,6 +108,21 @@ def _add_weights(commands) -> None:
         from .weights.tiny import build_tiny_weights
         print(build_tiny_weights(args.out, args.seed))
     tiny.set_defaults(handler=build_tiny)
+
+    random = sub.add_parser("random", help="build random weights at real size (full) or real widths (slim)",
+                            description="Random weights in the real layout, built and written one module at a "
+                                        "time (peak memory: the largest module, the LLM). full: the real "
+                                        "MiniGPT-5 (~17.8 GB in bf16); slim: the real widths with the fewest "
+                                        "layers that run every code path (~2 GB in bf16).")
+    random.add_argument("--preset", choices=["full", "slim"], required=True)
+    random.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
+    random.add_argument("--out", type=Path, required=True)
+    random.add_argument("--seed", type=int, default=0, help="same seed => identical tensors")
+
+    def build_random(args):
+        from .weights.random_weights import build_random_weights
+        print(build_random_weights(args.out, args.preset, args.dtype, args.seed, progress=True))
+    random.set_defaults(handler=build_random)
 
     convert = sub.add_parser("convert", help="convert upstream MiniGPT-5 / Vicuna / BLIP-2 / SD files to the layout")
     from .weights.convert_args import add_convert_arguments

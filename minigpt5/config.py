@@ -1,4 +1,5 @@
-"""Architecture presets: `full` (the real MiniGPT-5 dims) and `tiny` (seconds on a CPU).
+"""Architecture presets: `full` (the real MiniGPT-5 dims), `slim` (the real widths with the fewest layers
+that still run every code path) and `tiny` (seconds on a CPU).
 
 A preset is plain JSON-able data: it is written into every weights manifest, so a weights directory
 fully describes the modules to build. Each component dict holds the keyword arguments of the
@@ -137,7 +138,23 @@ _TINY = {
     },
 }
 
-PRESETS = {"full": _FULL, "tiny": _TINY}
+
+def _slim() -> dict:
+    """`full` with its widths (LLM 4096, ViT 1408, Q-Former 768, mapper 1024, SD 2.1-base UNet and VAE
+    blocks) and the fewest layers that still run every code path: one ViT and one LLaMA layer, two
+    Q-Former layers (one with cross-attention, one without), one mapper encoder and decoder layer, one
+    resnet per UNet / VAE block (all four block types, the mid blocks and every attention kept)."""
+    slim = copy.deepcopy(_FULL)
+    slim["vision"]["num_hidden_layers"] = 1
+    slim["qformer"]["num_hidden_layers"] = slim["qformer"]["cross_attention_frequency"]
+    slim["llm"]["num_hidden_layers"] = 1
+    slim["mapper"].update(num_encoder_layers=1, num_decoder_layers=1)
+    slim["unet"]["layers_per_block"] = 1
+    slim["vae"]["layers_per_block"] = 1
+    return slim
+
+
+PRESETS = {"full": _FULL, "slim": _slim(), "tiny": _TINY}
 
 
 def preset(name: str) -> dict:

@@ -61,11 +61,11 @@ class Result:
 
 class MiniGPT5Pipeline:
     def __init__(self, weights_dir, device: str | None = None, dtype: str | None = None,
-                 vision_dtype: str | None = None):
+                 vision_dtype: str | None = None, image_dtype: str | None = None):
         self.weights = WeightsDir(weights_dir)
         self.device = resolve_device(device)
         llm_dtype = resolve_dtype(dtype, self.device)
-        image_dtype = torch.float32 if self.device == "cpu" else torch.float16
+        image_dtype = resolve_dtype(image_dtype, self.device, gpu_default="fp16")  # mapper, UNet, VAE
         self.prompts = PromptBuilder(self.weights)
         # The vision tower in fp16 on a GPU, as upstream runs it (vit_precision fp16, autocast).
         self.vision = VisionStage.load(self.weights, self.device, resolve_dtype(vision_dtype, self.device,
@@ -77,8 +77,9 @@ class MiniGPT5Pipeline:
     def request(self, prompt: str, images=None, history: list[Turn] = (), **params) -> GenerationRequest:
         return build_request(prompt, images, history, defaults=self.weights.defaults, **params)
 
-    def stream(self, request: GenerationRequest) -> Iterator:
-        """TextDelta, ImageReady and finally Done, in answer order (images decoded when their vokens arrive)."""
+    def stream(self, request: GenerationRequest, on_image_step=None) -> Iterator:
+        """TextDelta, ImageReady and finally Done, in answer order (images decoded when their vokens arrive).
+        `on_image_step(step, steps)`: called after each diffusion step of each image."""
         prompt_ids = self.prompts.prompt_ids(request)
         image_embeds = self.vision.encode(request.images) if len(request.images) else None
         request_id = f"local-{next(self._ids)}"
@@ -94,16 +95,17 @@ class MiniGPT5Pipeline:
                     job = ImageJob(event.states, image_seed(request.seed, image_index), request.guidance_scale,
                                    request.num_inference_steps, request.scheduler)
                     image_index += 1
-                    yield ImageReady(self.images.decode([job])[0], event.text_offset, event.states.numpy())
+                    yield ImageReady(self.images.decode([job], on_image_step)[0], event.text_offset, event.states.numpy())
                 elif isinstance(event, Finished):
                     usage = Usage(decode_request.prompt_tokens, decode_request.image_tokens,
                                   event.completion_tokens, event.vokens, event.images, request.seed,
                                   sampled_tokens=event.sampled_tokens)
                     yield Done(event.reason, usage, event.token_ids)
 
-    def run(self, prompt: str, images=None, history: list[Turn] = (), on_text=None, **params) -> Result:
+    def run(self, prompt: str, images=None, history: list[Turn] = (), on_text=None, on_image_step=None,
+            **params) -> Result:
         result = Result()
-        for event in self.stream(self.request(prompt, images, history, **params)):
+        for event in self.stream(self.request(prompt, images, history, **params), on_image_step):
             if isinstance(event, TextDelta):
                 result.text += event.text
                 if result.segments and isinstance(result.segments[-1], str):

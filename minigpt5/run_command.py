@@ -19,12 +19,12 @@ def run(args) -> int:
     try:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
         pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype,
-                                    vision_dtype=args.vision_dtype)
+                                    vision_dtype=args.vision_dtype, image_dtype=args.image_dtype)
         params = {name: getattr(args, name) for name in (
             "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "force_image_mode", "max_images",
             "guidance_scale", "num_inference_steps", "scheduler")}
         result = pipeline.run(args.prompt, images, random_seed=args.seed, force_image=args.force_image or None,
-                              on_text=_print_now, **params)
+                              on_text=_print_now, on_image_step=DiffusionProgress(), **params)
     except (InvalidRequest, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -44,3 +44,22 @@ def run(args) -> int:
 def _print_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+class DiffusionProgress:
+    """One progress bar per generated image on stderr, fed by the image decoder's (step, steps) callback."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stderr
+        self.images = 0
+        self.bar = None
+
+    def __call__(self, step: int, steps: int) -> None:
+        from tqdm import tqdm
+        if self.bar is None:
+            self.images += 1
+            self.bar = tqdm(total=steps, desc=f"image {self.images}", unit="step", file=self.file, leave=True)
+        self.bar.update(step - self.bar.n)
+        if step >= steps:
+            self.bar.close()
+            self.bar = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from transformers import LlamaForCausalLM
 
 from minigpt5 import components
 from minigpt5.config import IMAGE_PLACEHOLDER, VOKEN_TOKENS
-from minigpt5.weights.convert import ConversionError, ConvertOptions, convert, load_pickle
+from minigpt5.weights import convert as convert_module
+from minigpt5.weights.convert import DTYPES, ConversionError, ConvertOptions, convert, load_pickle, plan
 from minigpt5.weights.convert_args import add_convert_arguments
-from minigpt5.weights.layout import WeightsDir
+from minigpt5.weights.layout import WeightsDir, component_file, save_weights
 from upstream_fixtures import (LORA_ALPHA, LORA_RANK, NUM_ADDED_TOKENS, PEFT_LLM, STAGE_LLM, build_upstream_files,
                                eva_forward, write_hf_blip2)
 
@@ -232,3 +234,38 @@ def test_pre_zipfile_pickles_load_and_are_still_restricted(tmp_path):
 def test_arguments_module_does_not_import_torch():
     code = "import sys, minigpt5.weights.convert_args; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- streaming: one module at a time, the same bytes as writing everything at once
+
+def test_streamed_files_equal_those_written_from_every_tensor_at_once(upstream, converted, tmp_path):
+    """The converter reads and writes one module at a time; the files are byte for byte those of loading
+    every module first and writing them together (what it did before it streamed)."""
+    opts = options(upstream.cli_args(tmp_path / "unused"))
+    conversion = plan(opts)
+    dtype = DTYPES[opts.dtype]
+    everything = {name: {key: p.load().to(dtype) for key, p in conversion.tensors[name].items()}
+                  for name in components.COMPONENTS}
+    at_once = save_weights(tmp_path / "at_once", conversion.manifest, conversion.tokenizer, everything)
+    for name in components.COMPONENTS:
+        file = component_file(name)
+        assert (at_once / file).read_bytes() == (converted.path / file).read_bytes(), file
+
+
+def test_conversion_holds_one_module_in_memory_at_a_time(upstream, tmp_path, monkeypatch):
+    """Every tensor read for a module is freed before the next module is read: peak memory is the largest
+    module, not the whole model (bf16: every tensor is a new one, none is a source's own)."""
+    produced: list[tuple[str, list[weakref.ref]]] = []
+    alive_before: dict[str, int] = {}
+    original = convert_module.module_tensors
+
+    def tracked(name, pending, dtype, progress=False):
+        alive_before[name] = sum(ref().nbytes for _, refs in produced for ref in refs if ref() is not None)
+        tensors = original(name, pending, dtype, progress)
+        produced.append((name, [weakref.ref(t) for t in tensors.values()]))
+        return tensors
+
+    monkeypatch.setattr(convert_module, "module_tensors", tracked)
+    convert(options(upstream.cli_args(tmp_path / "weights") + ["--dtype", "bf16"]))
+    assert [name for name, _ in produced] == list(components.COMPONENTS)
+    assert alive_before == dict.fromkeys(components.COMPONENTS, 0)

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 import deploy_metrics as dm
+from minigpt5.serving import server
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -46,8 +47,9 @@ TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 SERVER_LABELS = {"app.kubernetes.io/name": "minigpt5", "app.kubernetes.io/component": "server"}
 SERVER, GATEWAY = "minigpt5", "minigpt5-gateway"  # the Deployments (and their HPAs and Services)
 GATEWAY_PORT = 8080
-# Time after SIGTERM that the server needs beyond --exit-timeout-secs (unloading the models).
-UNLOAD_MARGIN_S = 10
+# Time after SIGTERM that the server needs beyond --exit-timeout-secs (unloading the models): what
+# `minigpt5 serve` waits for before it kills tritonserver.
+UNLOAD_MARGIN_S = server.UNLOAD_MARGIN_S
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -143,3 +143,20 @@ def test_weights_dir_rejects_incomplete_layout(tmp_path, tiny_weights):
     (copy / "unet.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="unet.safetensors"):
         WeightsDir(copy)
+
+
+def test_run_command_shows_the_diffusion_steps(tiny_weights, tmp_path, capsys):
+    from minigpt5 import cli
+    assert cli.main(["run", "--weights", str(tiny_weights), "--prompt", "A dog.", "--force-image", "--steps", "3",
+                     "--scheduler", "dpm", "--max-tokens", "4", "--seed", "1", "--out", str(tmp_path)]) == 0
+    error = capsys.readouterr().err
+    assert "image 1" in error and "3/3" in error  # a progress bar per image, on stderr
+    assert (tmp_path / "image_1.png").is_file()
+
+
+def test_random_weights_are_for_the_real_sizes_only(tmp_path):
+    from minigpt5.weights.random_weights import build_random_weights
+    with pytest.raises(ValueError, match="full, slim"):
+        build_random_weights(tmp_path, "tiny")
+    with pytest.raises(ValueError, match="bf16"):
+        build_random_weights(tmp_path, "slim", dtype="int8")

@@ -17,6 +17,13 @@ Parameter overrides: `parameters={"minigpt5": {"max_inflight_requests": "4"}}` (
 --param minigpt5.max_inflight_requests=4`) rewrite those `parameters` values of the copied
 config.pbtxt; the repository itself is never edited.
 
+Start and stop at real size: wait_ready has no deadline unless given one (loading the real weights
+takes minutes; the orchestrator's startup probe is the deadline) and reports every LOADING_REPORT_S
+which models are still loading, read from tritonserver's log as TritonProcess copies it through
+(server_log.py: Triton opens its ports only once every model has loaded). stop() waits for the
+effective --exit-timeout-secs (ours, or the operator's after `--`) plus UNLOAD_MARGIN_S before it
+kills anything.
+
 Stub watchdog: Triton 2.51 never restarts a python-backend stub that died (kill -9, OOM killer) and
 keeps reporting the model ready; requests in flight in it hang forever. Once the server is ready,
 TritonProcess watches the stub processes and, when one dies, stops tritonserver (SIGTERM, then
@@ -44,9 +51,14 @@ from importlib import metadata
 from pathlib import Path
 
 from .runtime import DEVICE_ENV, WEIGHTS_ENV
+from .server_log import LogFollower
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 EXIT_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs: in-flight requests get this long on shutdown
+# After --exit-timeout-secs Triton still unloads the models and the stubs exit: stop() waits this much
+# longer before it kills the process group. Orchestrators must allow exit timeout + this margin.
+UNLOAD_MARGIN_S = 20
+LOADING_REPORT_S = 30.0  # while models load, wait_ready reports what is still loading this often
 ADMIN_KEY_ENV = "MINIGPT5_ADMIN_KEY"
 ADMIN_HEADER = "minigpt5-admin-key"
 # Refused without the admin header: they load/unload models or read/write files and memory on the
@@ -129,6 +141,13 @@ def check_installed() -> None:
     except metadata.PackageNotFoundError:
         raise RuntimeError(f"minigpt5-triton is not installed in {sys.prefix}; the Triton python stubs could "
                            f"not import it. Run `pip install -e '.[server]'` (or `make serve`).") from None
+
+
+def check_weights(weights: Path) -> None:
+    """A weights directory the stubs can load (manifest and every module file), checked before
+    tritonserver starts: otherwise each stub fails on its own, deep in the server log."""
+    from ..weights.layout import WeightsDir
+    WeightsDir(weights)
 
 
 def _split(value: str | None) -> list[str]:
@@ -303,6 +322,7 @@ class TritonProcess:
         self.crash: str | None = None  # why the watchdog stopped the server, if it did
         self._stopping = False  # stop() was called: stubs going away are expected
         self.process: subprocess.Popen | None = None
+        self.log: LogFollower | None = None  # copies tritonserver's output, follows model loading
         # Triton's server id (`GET /v2` "name"): tells our server from another one on the same port
         self._id_given = _flag_value(self.extra_args, "--id")  # the operator's own --id, passed as is
         self.server_id = self._id_given or f"minigpt5-{secrets.token_hex(4)}"
@@ -322,52 +342,88 @@ class TritonProcess:
             cmd.append(f"--backend-directory={backends}")
         return cmd + security_args(self.admin_key, self.extra_args) + self.extra_args
 
+    @property
+    def exit_timeout_s(self) -> int:
+        """The effective --exit-timeout-secs: the operator's (later on the command line, so it wins) or ours."""
+        given = _flag_value(self.extra_args, "--exit-timeout-secs")
+        try:
+            return int(given) if given is not None else EXIT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"--exit-timeout-secs={given}: expected a whole number of seconds") from None
+
     def start(self) -> "TritonProcess":
         check_installed()
+        check_weights(self.weights)
+        self.exit_timeout_s  # a malformed operator value fails here, not at shutdown
         binary = find_tritonserver()
-        output = open(self.log_file, "ab") if self.log_file else None
+        sink = open(self.log_file, "ab") if self.log_file else sys.stderr.buffer
         self.crash = None  # a restarted server starts with a clean record
         self._stopping = False
         self.process = subprocess.Popen(self.command(binary), env=server_environment(binary, self.weights, self.device),
-                                        stdout=output, stderr=subprocess.STDOUT if output else None,
-                                        start_new_session=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = LogFollower(self.process.stdout, sink, owns_sink=bool(self.log_file))
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until our server (not another one on the same port) reports ready."""
+    def wait_ready(self, timeout: float | None = None, report=None) -> None:
+        """Until our server (not another one on the same port) reports ready. `timeout`: seconds, None = no
+        deadline. `report(line)`: called every LOADING_REPORT_S with the models still loading."""
         base = f"http://127.0.0.1:{self.http_port}/v2"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        next_report = started + LOADING_REPORT_S
+        while timeout is None or time.monotonic() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready "
-                                   f"(ports {self.http_port}/{self.grpc_port}/{self.metrics_port} taken?)")
-            try:
-                with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as reply:
-                    ready = reply.status == 200
-                with urllib.request.urlopen(base, timeout=2) as reply:
-                    ours = json.loads(reply.read()).get("name") == self.server_id
-                if ready and ours:
-                    if self.watchdog:
-                        self._start_watchdog()
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
-                pass
+                                   f"(a model failed to load, or ports {self.http_port}/{self.grpc_port}/"
+                                   f"{self.metrics_port} are taken: its log says which)")
+            if self._ready(base):
+                if self.watchdog:
+                    self._start_watchdog()
+                return
+            if report is not None and time.monotonic() >= next_report:
+                next_report += LOADING_REPORT_S
+                report(self._loading_line(time.monotonic() - started))
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({base}/health/ready)")
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({base}/health/ready): "
+                           f"{self.loading_state()}")
 
-    def stop(self, timeout: float = EXIT_TIMEOUT_S + 15) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL of the whole process group."""
+    def _ready(self, base: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as reply:
+                ready = reply.status == 200
+            with urllib.request.urlopen(base, timeout=2) as reply:
+                return ready and json.loads(reply.read()).get("name") == self.server_id
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return False
+
+    def models(self) -> list[str]:
+        """The served models (those of the repository copy)."""
+        return sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt")) if self.repository else []
+
+    def loading_state(self) -> str:
+        """Which models are loaded, loading, failed or waiting, as tritonserver's log reports them."""
+        return self.log.state(self.models()) if self.log else "not started"
+
+    def _loading_line(self, elapsed: float) -> str:
+        return f"minigpt5: loading models ({elapsed:.0f} s): {self.loading_state()}"
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests for --exit-timeout-secs, then unloads the models),
+        then SIGKILL of the whole process group. `timeout`: how long to wait before the kill; default
+        the effective exit timeout + UNLOAD_MARGIN_S."""
         if self.process is None:
             return None
         self._stopping = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=timeout)
+                self.process.wait(timeout=self.exit_timeout_s + UNLOAD_MARGIN_S if timeout is None else timeout)
             except subprocess.TimeoutExpired:
                 pass
         self._kill_group()  # python stubs left behind by a crashed or hung server
-        return self.process.wait()
+        code = self.process.wait()
+        if self.log:
+            self.log.close()
+        return code
 
     def stubs(self) -> dict[int, str]:
         """The live python-backend stub processes of this server, {pid: model}."""
@@ -397,6 +453,11 @@ class TritonProcess:
                 self._kill_group()
                 return
 
+    def kill(self) -> None:
+        """SIGKILL of tritonserver and its stubs now (stop() then returns at once)."""
+        if self.process is not None:
+            self._kill_group()
+
     def _kill_group(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -416,6 +477,11 @@ def serve_forever(args) -> int:
         print(f"minigpt5 serve: {exc}", file=sys.stderr)
         return 2
     weights = resolve_weights(args.weights)
+    try:
+        check_weights(weights)
+    except (OSError, ValueError) as exc:
+        print(f"minigpt5 serve: weights {weights}: {exc}", file=sys.stderr)
+        return 2
     server = TritonProcess(weights, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, host=args.host, device=args.device,
                            workdir=args.workdir, log_verbose=args.log_verbose, extra_args=args.tritonserver_args,
@@ -431,17 +497,36 @@ def serve_forever(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start()
-        server.wait_ready()
+        server.wait_ready(getattr(args, "ready_timeout", None), report=_say)
         _print_endpoints(args)
         code = server.process.wait() if server.process else 1
         return EXIT_STUB_DIED if server.crash else code
     except KeyboardInterrupt:
-        print("\nminigpt5: stopping tritonserver ...", file=sys.stderr, flush=True)
+        print(f"\nminigpt5: stopping tritonserver (requests in flight get up to {server.exit_timeout_s} s) ...",
+              file=sys.stderr, flush=True)
         return 0
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        print(f"minigpt5 serve: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
+        _second_signal_kills(server)
         code = server.stop()
         if stopping or code is not None:
             print(f"minigpt5: tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
+
+
+def _second_signal_kills(server: TritonProcess) -> None:
+    """While stop() waits for the requests in flight, another Ctrl-C or SIGTERM kills the server at once
+    (instead of interrupting the wait and leaving tritonserver running in its own session)."""
+    def kill_now(signum, _frame):
+        print("minigpt5: killing tritonserver now", file=sys.stderr, flush=True)
+        server.kill()
+    signal.signal(signal.SIGTERM, kill_now)
+    signal.signal(signal.SIGINT, kill_now)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _print_endpoints(args) -> None:

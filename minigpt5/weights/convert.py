@@ -495,9 +495,17 @@ class ConversionReport:
         return lines
 
 
-def convert(opts: ConvertOptions) -> ConversionReport:
-    if opts.out.exists() and any(opts.out.iterdir()):
-        raise ConversionError(f"--out {opts.out}: exists and is not empty")
+@dataclass
+class Plan:
+    """What a conversion writes: the manifest and, per module, every tensor as a Pending (nothing read yet)."""
+    manifest: dict
+    tokenizer: object
+    tensors: dict[str, dict[str, Pending]]
+    report: ConversionReport
+
+
+def plan(opts: ConvertOptions) -> Plan:
+    """Read the sources' keys and shapes, route them, check them: everything but reading tensor data."""
     tokenizer = vicuna_tokenizer(opts.vicuna)
     arch = architecture(opts)
     expected = expected_shapes(arch, len(tokenizer))
@@ -511,8 +519,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     check_complete(tensors, expected, len(tokenizer))
     manifest = make_manifest(arch, tokenizer, bos=opts.bos, prompt_format=prompt_format(opts),
                              source=_provenance(opts, set(ranks)))
-    _save_atomically(opts.out, manifest, tokenizer, tensors, DTYPES[opts.dtype])
-    return ConversionReport(
+    report = ConversionReport(
         out=opts.out,
         matched={r.source.label: len(r.targets) for r in routes},
         ignored={r.source.label: {why: len(keys) for why, keys in r.ignored.items()} for r in routes if r.ignored},
@@ -520,6 +527,28 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         overrides=overrides,
         lora={"merged": len(ranks), "ranks": sorted(set(ranks)), "alpha": opts.lora_alpha},
     )
+    return Plan(manifest, tokenizer, tensors, report)
+
+
+def convert(opts: ConvertOptions, progress: bool = False) -> ConversionReport:
+    """Convert, reading and writing one module at a time: peak memory is about the largest module (the
+    LLM), not the whole model. `progress`: a bar per module on stderr."""
+    if opts.out.exists() and any(opts.out.iterdir()):
+        raise ConversionError(f"--out {opts.out}: exists and is not empty")
+    conversion = plan(opts)
+    dtype = DTYPES[opts.dtype]
+    _save_atomically(opts.out, conversion.manifest, conversion.tokenizer,
+                     lambda name: module_tensors(name, conversion.tensors[name], dtype, progress))
+    return conversion.report
+
+
+def module_tensors(name: str, pending: dict[str, Pending], dtype: torch.dtype, progress: bool = False) -> dict:
+    """One module's tensors, read and cast now (behind a progress bar when `progress`)."""
+    items = pending.items()
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc=name, unit="tensor")
+    return {key: p.load().to(dtype) for key, p in items}
 
 
 def prompt_format(opts: ConvertOptions) -> str:
@@ -537,13 +566,12 @@ def _provenance(opts: ConvertOptions, ranks: set[int]) -> dict:
             "lora": {"ranks": sorted(ranks), "alpha": opts.lora_alpha}}
 
 
-def _save_atomically(out: Path, manifest: dict, tokenizer, tensors: dict, dtype: torch.dtype) -> None:
+def _save_atomically(out: Path, manifest: dict, tokenizer, state_dicts) -> None:
     """Write into a sibling temp dir, then rename: a failed conversion never leaves half a layout."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run of this pid that was killed
     staging.mkdir(parents=True)
     try:
-        state_dicts = {c: {n: p.load().to(dtype) for n, p in tensors[c].items()} for c in components.COMPONENTS}
         save_weights(staging, manifest, tokenizer, state_dicts)
         if out.exists():
             out.rmdir()  # empty (checked in convert)

@@ -54,7 +54,7 @@ def add_convert_arguments(parser) -> None:
 def _run(args) -> int:
     from .convert import ConversionError, ConvertOptions, convert
     try:
-        report = convert(ConvertOptions.from_namespace(args))
+        report = convert(ConvertOptions.from_namespace(args), progress=True)
     except ConversionError as err:
         print(f"minigpt5 weights convert: error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import components
@@ -58,15 +59,38 @@ def make_manifest(arch: dict, tokenizer, *, bos: str | None = None, prompt_forma
     }
 
 
-def save_weights(out_dir: str | Path, manifest: dict, tokenizer, state_dicts: dict[str, dict]) -> Path:
+def save_weights(out_dir: str | Path, manifest: dict, tokenizer, state_dicts, progress: bool = False) -> Path:
+    """Write a weights directory. `state_dicts`: {module: state dict}, or a callable module -> state dict
+    called once per module, so that only one module's tensors need to be alive at a time (safetensors
+    writes straight from the tensors' memory). `progress`: a bar on stderr, one step per module."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    for name in components.COMPONENTS:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dicts[name].items()}
-        save_file(tensors, str(out / component_file(name)), metadata={"format": "pt"})
+    produce = state_dicts if callable(state_dicts) else state_dicts.__getitem__
+    for name in module_progress(progress, "write"):
+        write_module(out, name, produce(name))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def write_module(out: Path, name: str, state_dict: dict) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(out / component_file(name)), metadata={"format": "pt"})
+
+
+def module_progress(show: bool, verb: str):
+    """The module names in layout order, behind a progress bar on stderr when `show`."""
+    if not show:
+        return components.COMPONENTS
+    from tqdm import tqdm
+    bar = tqdm(components.COMPONENTS, unit="module", desc=verb)
+    return _named(bar, verb)
+
+
+def _named(bar, verb: str):
+    for name in bar:
+        bar.set_description(f"{verb} {name}")
+        yield name
 
 
 class WeightsDir:
@@ -112,12 +136,26 @@ class WeightsDir:
         return load_file(str(self.path / component_file(name)), device=str(device))
 
     def load(self, name: str, device="cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        """Build module `name` on `device` in `dtype` and load its tensors (strict: every key must match)."""
-        with components.building_on(device, dtype):
+        """Build module `name` on `device` in `dtype` without random initialisation, then fill it from its
+        file one tensor at a time: peak memory is the module plus its largest tensor, not twice the module
+        (the 7B LLM at real size). Strict: every key and every shape must match."""
+        from transformers.initialization import no_init_weights
+        with components.building_on(device, dtype), no_init_weights():
             module = components.build(name, self.arch)
-        state = self.state_dict(name, device)
-        result = module.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"{self.path / component_file(name)}: missing keys {result.missing_keys[:10]}, "
-                             f"unexpected keys {result.unexpected_keys[:10]}")
+        path = self.path / component_file(name)
+        targets = module.state_dict()
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            keys = set(handle.keys())
+            missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
+            if missing or unexpected:
+                raise ValueError(f"{path}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+            with torch.no_grad():
+                for key in sorted(keys):
+                    _fill(targets[key], handle.get_tensor(key), f"{path}: {key}")
         return module.eval()
+
+
+def _fill(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if target.shape != value.shape:
+        raise ValueError(f"{what} has shape {list(value.shape)}, the model needs {list(target.shape)}")
+    target.copy_(value)

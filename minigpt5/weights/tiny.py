@@ -8,35 +8,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .. import components
 from ..config import DEFAULT_BOS, DEFAULT_GENERATION, PROMPT_FORMATS, preset
 from ..tokenizer import build_tiny_tokenizer
 from .layout import MANIFEST, VERSION, make_manifest, save_weights
+from .random_weights import random_module
 
 
 def build_tiny_weights(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tiny_tokenizer()
     manifest = make_manifest(preset("tiny"), tokenizer, source={"kind": "tiny-random", "seed": seed})
     arch = manifest["architecture"]
-    state_dicts = {}
-    for index, name in enumerate(components.COMPONENTS):
-        torch.manual_seed(seed * 1000 + index)
-        module = components.build(name, arch)
-        _spread_learned_queries(module)
-        state_dicts[name] = module.state_dict()
-    return save_weights(out_dir, manifest, tokenizer, state_dicts)
-
-
-def _spread_learned_queries(module: torch.nn.Module) -> None:
-    """Query tokens start at zero in the constructors; give them upstream's N(0, 0.02) init so the
-    32 / 77 queries differ from each other (otherwise every query yields the same output)."""
-    for name in ("query_tokens", "t2i_decoder_prompt"):
-        param = getattr(module, name, None)
-        if param is not None:
-            with torch.no_grad():
-                param.normal_(0.0, 0.02)
+    return save_weights(out_dir, manifest, tokenizer, lambda name: random_module(name, arch, seed).state_dict())
 
 
 def _recipe_digest() -> str:
