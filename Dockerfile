@@ -74,7 +74,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # Constraints applied to every later pip install, so that installing the project can neither swap
 # the CUDA torch for another build nor upgrade numpy: Triton 2.51's python-backend stub mis-sizes
-# numpy-2 arrays ("output tensor shape does not match size of output", DESIGN.md).
+# numpy-2 arrays ("output tensor shape does not match size of output").
 RUN printf 'torch==%s\nnumpy<2\n' "${TORCH_VERSION}" > /etc/minigpt5-constraints.txt
 ENV PIP_CONSTRAINT=/etc/minigpt5-constraints.txt
 

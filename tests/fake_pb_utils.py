@@ -14,7 +14,7 @@ Install it as `sys.modules["triton_python_backend_utils"]` *before* importing `m
   wire), inputs are checked against the child's config.pbtxt when one is given (name, datatype,
   shape, max_batch_size, required inputs), only the requested outputs come back, one `execute` at a
   time per model (one instance). `exec(decoupled=True)` is refused: the serving code must not make
-  decoupled BLS calls (Triton 2.51 hangs or crashes under several at once; serving/decoding.py).
+  decoupled BLS calls (Triton 2.51 hangs or crashes under several at once; serving/decoder_link.py).
 - `ResponseSender`: records `(response, flags)`; refuses sends after FINAL and a `None` response
   without FINAL (as the stub does); `is_cancelled()` is controllable by the test.
 - `MetricFamily` (COUNTER / GAUGE / HISTOGRAM) and `Metric(labels, buckets)` with Triton's rules

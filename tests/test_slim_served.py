@@ -67,4 +67,6 @@ def test_slim_served_end_to_end_equals_in_process(slim_weights, tmp_path):
     assert served["images"][0].shape == (512, 512, 3)  # decoded from the PNG the server sent
     assert served["text"] == expected.text
     np.testing.assert_array_equal(served["images"][0], expected.images[0])
+    # the first request of a fresh server: nothing of its prompt can come from the prefix cache
+    assert served["usage"].pop("cached_prompt_positions") == 0
     assert served["usage"] == expected.usage.as_dict()
