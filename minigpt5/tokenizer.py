@@ -95,3 +95,16 @@ class StreamingDetokenizer:
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
             return full_text[len(prefix_text):]
         return ""
+
+
+def word_level_tokenizer(base_vocab: int) -> PreTrainedTokenizerFast:
+    """A stand-in for LLaMA's tokenizer with its vocabulary size, for random weights and benches:
+    <unk>/<s>/</s>, the words t3 … t{base_vocab-1}, then the MiniGPT-5 special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"t{i}": i for i in range(3, base_vocab)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return add_minigpt5_tokens(fast)

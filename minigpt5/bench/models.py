@@ -29,17 +29,9 @@ def bench_arch(preset_name: str) -> dict:
 
 def bench_tokenizer(preset_name: str):
     """Word-level tokenizer with <unk>/<s>/</s>, synthetic words and the MiniGPT-5 special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from ..tokenizer import word_level_tokenizer
 
-    from ..tokenizer import add_minigpt5_tokens
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"t{i}": i for i in range(3, BASE_VOCAB[preset_name])})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast = add_minigpt5_tokens(fast)
+    fast = word_level_tokenizer(BASE_VOCAB[preset_name])
     assert len(fast) == vocab_size(preset_name), (len(fast), vocab_size(preset_name))
     return fast
 

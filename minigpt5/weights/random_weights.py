@@ -17,6 +17,7 @@ from .layout import make_manifest, save_weights
 
 RANDOM_PRESETS = ("full", "slim")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LLAMA_VOCAB = 32000  # the real tokenizer's size before the MiniGPT-5 tokens: the stand-in matches it
 
 
 def random_module(name: str, arch: dict, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -45,8 +46,8 @@ def build_random_weights(out_dir: str | Path, preset_name: str = "slim", dtype: 
                          f"(tiny: `minigpt5 weights tiny`)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-    from ..bench.models import bench_tokenizer
-    tokenizer = bench_tokenizer("full")
+    from ..tokenizer import word_level_tokenizer
+    tokenizer = word_level_tokenizer(LLAMA_VOCAB)
     manifest = make_manifest(preset(preset_name), tokenizer, source={
         "kind": f"{preset_name}-random", "seed": seed, "dtype": dtype})
     arch = manifest["architecture"]
