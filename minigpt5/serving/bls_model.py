@@ -36,6 +36,7 @@ from . import runtime, triton_io
 from .answer_stream import AnswerStream
 from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
+from .drain import ShutdownFlag
 from .embedding_cache import EmbeddingCache, weights_key
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
@@ -66,6 +67,7 @@ class MiniGPT5Model:
         cache_bytes = int(float(params.get("image_embedding_cache_mb", 256)) * 2**20)
         self.embeddings = EmbeddingCache(cache_bytes, weights_key(weights))
         self.decoder = DecoderLink(self._call_decoder)
+        self._shutdown = ShutdownFlag(args.get("model_repository"))
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
@@ -82,19 +84,24 @@ class MiniGPT5Model:
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
-            with self._inflight_lock:
-                admitted = self._inflight < self.max_inflight
-                if admitted:
-                    self._inflight += 1
-            if not admitted:
+            refusal = self._admit()
+            if refusal:
                 self._count("overloaded")
-                self._writer.put(sender, triton_io.error_response(triton_io.Overloaded(
-                    f"server busy: {self.max_inflight} requests in flight (max_inflight_requests); retry later")),
-                    True)
+                self._writer.put(sender, triton_io.error_response(triton_io.Overloaded(refusal)), True)
                 continue
             self._set_inflight_gauge()
             self._workers.submit(self._serve_and_release, request, sender)
         return None
+
+    def _admit(self) -> str | None:
+        """Take an in-flight slot, or say why not."""
+        if self._shutdown.raised():  # `minigpt5 serve` is draining before it stops tritonserver
+            return "server busy: shutting down, not accepting new requests; retry on another replica"
+        with self._inflight_lock:
+            if self._inflight < self.max_inflight:
+                self._inflight += 1
+                return None
+        return f"server busy: {self.max_inflight} requests in flight (max_inflight_requests); retry later"
 
     def finalize(self) -> None:
         # Triton waits for in-flight requests (--exit-timeout-secs) before unloading; whatever is

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from . import drain
 from .runtime import DEVICE_ENV, WEIGHTS_ENV
 from .server_log import LogFollower
 
@@ -406,17 +407,22 @@ class TritonProcess:
     def _loading_line(self, elapsed: float) -> str:
         return f"minigpt5: loading models ({elapsed:.0f} s): {self.loading_state()}"
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests for --exit-timeout-secs, then unloads the models),
-        then SIGKILL of the whole process group. `timeout`: how long to wait before the kill; default
-        the effective exit timeout + UNLOAD_MARGIN_S."""
+    def stop(self, timeout: float | None = None, report=None) -> int | None:
+        """Drain, then SIGTERM, then SIGKILL of the whole process group. Draining: `minigpt5` refuses
+        new requests and the ones in flight get up to the effective exit timeout to finish (drain.py says
+        why Triton cannot do this itself). Then tritonserver gets SIGTERM and exits (Triton also waits
+        for open HTTP connections), and the kill comes at `timeout` after the call: by default the
+        effective exit timeout + UNLOAD_MARGIN_S. `report(line)` hears about the drain."""
         if self.process is None:
             return None
         self._stopping = True
         if self.process.poll() is None:
+            started = time.monotonic()
+            deadline = started + (self.exit_timeout_s + UNLOAD_MARGIN_S if timeout is None else timeout)
+            self._drain(min(deadline, started + self.exit_timeout_s), report)
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=self.exit_timeout_s + UNLOAD_MARGIN_S if timeout is None else timeout)
+                self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self._kill_group()  # python stubs left behind by a crashed or hung server
@@ -424,6 +430,14 @@ class TritonProcess:
         if self.log:
             self.log.close()
         return code
+
+    def _drain(self, deadline: float, report=None) -> None:
+        public = self.repository / "minigpt5" if self.repository else None
+        if public is None or not public.is_dir():
+            return  # not our repository (a test's own models): nothing to drain
+        drain.request_shutdown(public)
+        drain.wait_drained(f"http://127.0.0.1:{self.metrics_port}/metrics", deadline, report,
+                           alive=lambda: self.process.poll() is None)
 
     def stubs(self) -> dict[int, str]:
         """The live python-backend stub processes of this server, {pid: model}."""
@@ -510,7 +524,7 @@ def serve_forever(args) -> int:
         return 1
     finally:
         _second_signal_kills(server)
-        code = server.stop()
+        code = server.stop(report=_say)
         if stopping or code is not None:
             print(f"minigpt5: tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
 
