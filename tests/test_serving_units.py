@@ -912,3 +912,69 @@ def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs
             assert wait_until(lambda: not left(), timeout=5.0), left()
     if name in ("minigpt5", "vicuna_decoder"):  # the models that own threads have finalize
         assert hasattr(module.TritonPythonModel, "finalize")
+
+
+# ---- drain before shutdown (minigpt5/serving/drain.py) ----------------------------------------------
+class _MetricsEndpoint:
+    """A real HTTP /metrics endpoint whose minigpt5_inflight_requests follows `counts`, one per scrape."""
+
+    def __init__(self, counts):
+        import http.server
+
+        counts = list(counts)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                count = counts.pop(0) if len(counts) > 1 else counts[0]
+                body = (f'nv_inference_count{{model="minigpt5"}} 3\n'
+                        f'minigpt5_inflight_requests{{model="minigpt5"}} {count}\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
+    from minigpt5.serving import drain
+    monkeypatch.setattr(drain, "POLL_S", 0.01)
+    monkeypatch.setattr(drain, "SETTLE_S", 0.0)
+    endpoint, lines = _MetricsEndpoint([2, 2, 1, 0]), []
+    try:
+        assert drain.wait_drained(endpoint.url, time.monotonic() + 30, lines.append)
+        assert drain.inflight_requests(endpoint.url) == 0
+    finally:
+        endpoint.close()
+    assert lines and "draining: 2 request(s) in flight" in lines[0]
+
+
+def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
+    from minigpt5.serving import drain
+    monkeypatch.setattr(drain, "POLL_S", 0.01)
+    endpoint, lines = _MetricsEndpoint([1]), []
+    try:
+        assert not drain.wait_drained(endpoint.url, time.monotonic() + 0.2, lines.append)
+    finally:
+        endpoint.close()
+    assert "still in flight at the exit timeout" in lines[-1]
+    from conftest import free_port
+    refused = f"http://127.0.0.1:{free_port()}/metrics"
+    assert drain.inflight_requests(refused) is None
+    assert not drain.wait_drained(refused, time.monotonic() + 30, lines.append)
+    assert "cannot read" in lines[-1]
+
+
+def test_the_shutdown_flag_is_a_file_in_the_served_model_directory(tmp_path):
+    from minigpt5.serving import drain
+    flag = drain.ShutdownFlag(tmp_path)
+    assert not flag.raised() and not drain.ShutdownFlag(None).raised()
+    drain.request_shutdown(tmp_path)
+    assert flag.raised()

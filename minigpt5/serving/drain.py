@@ -43,11 +43,16 @@ class ShutdownFlag:
 
 
 def inflight_requests(metrics_url: str) -> int | None:
-    """`minigpt5`'s requests in flight from Triton's /metrics; None when it cannot be read."""
+    """`minigpt5`'s requests in flight from Triton's /metrics; None when the endpoint is off or the
+    metric missing. Raises TimeoutError when it is slow (a busy CPU server can take many seconds)."""
     try:
-        with urllib.request.urlopen(metrics_url, timeout=2) as reply:
+        with urllib.request.urlopen(metrics_url, timeout=5) as reply:
             text = reply.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise exc.reason from None
+        return None
+    except ConnectionError:
         return None
     for line in text.splitlines():
         if line.startswith(INFLIGHT_METRIC + " "):
@@ -60,7 +65,10 @@ def wait_drained(metrics_url: str, deadline: float, report=None, alive=lambda: T
     false (False). `report(line)` hears about the wait every 10 s."""
     next_report, waited = time.monotonic(), False
     while alive():
-        count = inflight_requests(metrics_url)
+        try:
+            count = inflight_requests(metrics_url)
+        except TimeoutError:
+            count = -1  # unknown: ask again
         if count is None:
             if report:
                 report(f"minigpt5: cannot read {INFLIGHT_METRIC} from {metrics_url}; not waiting for "
@@ -73,9 +81,10 @@ def wait_drained(metrics_url: str, deadline: float, report=None, alive=lambda: T
         now = time.monotonic()
         if now >= deadline:
             if report:
-                report(f"minigpt5: {count} request(s) still in flight at the exit timeout; stopping anyway")
+                report(f"minigpt5: {count if count > 0 else 'some'} request(s) still in flight at the exit "
+                       f"timeout; stopping anyway")
             return False
-        if report and now >= next_report:
+        if report and now >= next_report and count > 0:
             report(f"minigpt5: draining: {count} request(s) in flight, up to {deadline - now:.0f} s more; "
                    f"new requests are refused")
             next_report = now + 10
