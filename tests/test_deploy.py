@@ -1,4 +1,4 @@
-"""Offline validation of the deployment files (issue 7): Dockerfile, docker-compose.yml, the
+"""Offline validation of the deployment files: Dockerfile, docker-compose.yml, the
 Kubernetes overlays under deploy/k8s, and the monitoring files under deploy/monitoring.
 
 Nothing here needs Docker, a cluster or the network:

@@ -1,4 +1,4 @@
-"""Issue 8: per-request timeouts, and kill -9 of a model's stub under light load, on a server of this
+"""Per-request timeouts, and kill -9 of a model's stub under light load, on a server of this
 module's own (request_timeout_s=2; the kill ends it). Every client call has a timeout.
 
 What Triton 2.51 does by itself when a python stub dies: nothing. It neither restarts the stub nor

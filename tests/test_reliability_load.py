@@ -1,4 +1,4 @@
-"""Issue 8 under load, on a server of this module's own (max_inflight_requests=2): admission control,
+"""Reliability under load, on a server of this module's own (max_inflight_requests=2): admission control,
 clients that go away (gRPC cancel, SSE close) and a soak. Timing is reported, not asserted, except
 as loose bounds that only catch hangs; the counts are asserted.
 

@@ -1,4 +1,4 @@
-"""Issue 8, security: restricted control APIs by default, config.pbtxt parameter overrides (`--param`),
+"""Security: restricted control APIs by default, config.pbtxt parameter overrides (`--param`),
 weights never unpickled, no request input that names a file, and Triton 2.51's HTTP body limit."""
 from __future__ import annotations
 

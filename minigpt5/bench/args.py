@@ -66,7 +66,7 @@ def _add_stages(sub) -> None:
 
 def _add_e2e(sub) -> None:
     p = sub.add_parser("e2e", help="stage latencies at several batch sizes, engine decode, end to end, naive baseline",
-                       description="Issue 9's harness: stages at batch 1/8 (vision) and 1/4 (UNet), engine "
+                       description="The whole performance picture in one run: stages at batch 1/8 (vision) and 1/4 (UNet), engine "
                                    "decode ms/token at batch 1/8/32 with its HBM floor, end to end "
                                    "'one image + prompt in, 512 tokens + one image out' through the "
                                    "repository's stages (PNDM 50 and DPM-Solver++ 20), and the naive "
@@ -103,7 +103,7 @@ def _add_e2e(sub) -> None:
 
 
 def _add_batching(sub) -> None:
-    p = sub.add_parser("batching", help="continuous batching vs the run-to-completion baseline (issue 4)",
+    p = sub.add_parser("batching", help="continuous batching vs the run-to-completion baseline",
                        description="In-process, no Triton: the real DecodeEngine over the tiny weights (or "
                                    "--weights), continuous batching and DecodeEngine(run_to_completion=True) "
                                    "measured in the same run: tokens/s at each --concurrency (requests "
@@ -184,7 +184,7 @@ def _add_serving(sub) -> None:
 
 
 def _add_reliability(sub) -> None:
-    p = sub.add_parser("reliability", help="bad inputs, overload, timeouts, disconnects, crashes, soak (issue 8)",
+    p = sub.add_parser("reliability", help="bad inputs, overload, timeouts, disconnects, crashes, soak",
                        description="Start real tritonservers of its own (free ports, the built-in tiny weights by "
                                    "default) and probe what they do with bad inputs, overload, request timeouts, "
                                    "client disconnects, kill -9 of a model's stub and a steady soak; the HTTP "

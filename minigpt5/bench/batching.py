@@ -1,4 +1,4 @@
-"""`minigpt5 bench batching`: issue 4, continuous batching against the run-to-completion baseline.
+"""`minigpt5 bench batching`: continuous batching against the run-to-completion baseline.
 
 In-process, no Triton: the real `DecodeEngine` over the LLM of a weights directory (the built-in tiny
 weights by default), driven by this thread. Two engines share the one LLM: the served one

@@ -1,4 +1,4 @@
-"""`minigpt5 bench e2e`: issue 9's one-command harness (docs/BENCHMARKS.md).
+"""`minigpt5 bench e2e`: the whole performance picture in one command (docs/BENCHMARKS.md).
 
 Sections, in priority order (a section the --budget-s cannot fit is skipped, not overrun):
   stages   vision at --vision-batches, prefill, direct decode, mapper, UNet+CFG at --unet-batches, VAE

@@ -1,4 +1,4 @@
-"""`minigpt5 bench reliability`: issue 8 — bad inputs, overload, timeouts, disconnects, crashed stubs
+"""`minigpt5 bench reliability`: bad inputs, overload, timeouts, disconnects, crashed stubs
 and a soak, against real tritonservers of its own. Prints one JSON object (docs/RELIABILITY.md).
 
   main server   (max_inflight_requests=--limit, request_timeout_s=--timeout-s, a random admin key)
@@ -1223,7 +1223,7 @@ def _crash_and_recover(weights: Path, device: str, model: str | None, tally: dic
 
 
 def summarize(data: dict) -> dict:
-    """The counts and figures of issue 8, from the sections present."""
+    """The headline counts and figures, from the sections present."""
     def get(*path):
         node = data
         for key in path:
