@@ -136,13 +136,6 @@ def _add_bench(commands) -> None:
     add_bench_commands(sub)
 
 
-def resolve_weights(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from .weights.tiny import default_tiny_weights
-    return default_tiny_weights()
-
-
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")

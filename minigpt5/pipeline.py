@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from .engine import Finished, TextDelta, VokenStates
 from .image_decoder import ImageJob, image_seed

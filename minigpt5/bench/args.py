@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .flags import int_list, name_list
+
 
 def add_bench_commands(subparsers) -> None:
     """Register every bench on the `bench` sub-command's subparsers (called by minigpt5/cli.py)."""
@@ -17,21 +19,6 @@ def add_bench_commands(subparsers) -> None:
 
 
 # ---- flags shared by the model benches --------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def name_list(text: str) -> list[str]:
-    """A comma-separated flag value as a list (empty items dropped)."""
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None:
     p.add_argument("--preset", choices=["tiny", "full"], default=default_preset,
                    help="architecture: full = real MiniGPT-5 dims (~9.5 B params), tiny = seconds on a CPU")
@@ -77,9 +64,9 @@ def _add_e2e(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens generated end to end (image forced)")
     p.add_argument("--steps", type=int, default=50, help="PNDM steps end to end and in the naive baseline")
     p.add_argument("--dpm-steps", type=int, default=20, help="DPM-Solver++ steps of the fast end-to-end option")
-    p.add_argument("--vision-batches", type=_int_list, default=[1, 8], help="vision encoder batch sizes")
-    p.add_argument("--unet-batches", type=_int_list, default=[1, 4], help="images per UNet step (CFG doubles)")
-    p.add_argument("--decode-batches", type=_int_list, default=[1, 8, 32], help="engine decode batch sizes")
+    p.add_argument("--vision-batches", type=int_list, default=[1, 8], help="vision encoder batch sizes")
+    p.add_argument("--unet-batches", type=int_list, default=[1, 4], help="images per UNet step (CFG doubles)")
+    p.add_argument("--decode-batches", type=int_list, default=[1, 8, 32], help="engine decode batch sizes")
     p.add_argument("--decode-steps", type=int, default=32, help="timed engine steps per decode batch size")
     p.add_argument("--hbm-gbps", type=float,
                    help="memory bandwidth for the decode floor, GB/s (default: datasheet value of the GPU "
@@ -117,7 +104,7 @@ def _add_batching(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="LLM dtype (auto: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16],
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 8, 16],
                    help="requests submitted together, one throughput run each (1 is always added)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the throughput runs")
     p.add_argument("--long-tokens", type=int, default=256, help="tokens of each of the 4 long requests")

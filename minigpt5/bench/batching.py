@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 
 from .report import Report
 from .timing import log
@@ -76,8 +75,9 @@ def build(ctx: dict, args) -> dict:
     if args.weights is not None or args.preset == "tiny":
         from ..stages import PromptBuilder
         from ..weights.layout import WeightsDir
+        from ..weights.tiny import resolve_weights
 
-        weights = WeightsDir(_weights_path(args.weights))
+        weights = WeightsDir(resolve_weights(args.weights))
         stage = DecoderStage.load(weights, device, dtype)
         tokens = weights.tokens
         builder = PromptBuilder(weights, stage.tokenizer)
@@ -103,13 +103,6 @@ def build(ctx: dict, args) -> dict:
     return {**source, "seconds": round(time.perf_counter() - start, 2), "device": device,
             "dtype": str(dtype).split(".")[-1], "vocab_size": len(stage.tokenizer), "banned_ids": len(banned),
             "prompt_positions": sorted({len(p) for p in prompts})}
-
-
-def _weights_path(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from ..weights.tiny import default_tiny_weights
-    return default_tiny_weights()
 
 
 def _request(text: str, defaults: dict):

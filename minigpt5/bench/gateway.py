@@ -232,10 +232,10 @@ def _ready(gateway: GatewayProcess) -> dict:
 
 def _start_server(report: Report, args):
     from ..serving.server import TritonProcess
-    from ..weights.tiny import default_tiny_weights
+    from ..weights.tiny import resolve_weights
 
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-gateway-"))
-    server = TritonProcess(Path(args.weights or default_tiny_weights()).resolve(), http_port=free_port(),
+    server = TritonProcess(resolve_weights(args.weights), http_port=free_port(),
                            grpc_port=free_port(), metrics_port=free_port(), host="127.0.0.1", device=args.device,
                            workdir=workdir, log_file=workdir / "tritonserver.log")
     report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "log": str(workdir / "tritonserver.log")}

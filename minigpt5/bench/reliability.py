@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .args import name_list
+from .flags import name_list
 
 MODEL = "minigpt5"
 # Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
@@ -1127,13 +1127,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..weights.tiny import resolve_weights
     from .report import Report  # imports torch: not at registration time
 
-    weights = args.weights
-    if weights is None:
-        from ..weights.tiny import default_tiny_weights
-        weights = default_tiny_weights()
-    weights = Path(weights).resolve()
+    weights = resolve_weights(args.weights)
     report = Report("reliability", skip=args.skip, out=args.out)
     admin_key = secrets.token_urlsafe(16)
     parameters = {"minigpt5": {"max_inflight_requests": str(args.limit)}}

@@ -313,15 +313,12 @@ def main(args) -> int:
     import torch
 
     from ..serving.server import TritonProcess
+    from ..weights.tiny import resolve_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report("serving", out=args.out)
-    weights = args.weights
-    if weights is None:
-        from ..weights.tiny import default_tiny_weights
-        weights = default_tiny_weights()
-    weights = Path(weights).resolve()
+    weights = resolve_weights(args.weights)
     report.data.update({"weights": str(weights), "device": args.device, "prompt": PROMPT, "method": METHOD,
                         "in_process_openmp": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                                               "applied": not _TORCH_LOADED_BEFORE,

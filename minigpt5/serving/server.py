@@ -480,7 +480,7 @@ class TritonProcess:
 
 
 def serve_forever(args) -> int:
-    from ..cli import resolve_weights
+    from ..weights.tiny import resolve_weights
 
     try:
         parameters = parse_parameter_flags(getattr(args, "param", None) or [])
