@@ -55,7 +55,7 @@ def _add_serve(commands) -> None:
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
 
     def handler(args):
-        from .serving.server import serve_forever
+        from .commands.serve import serve_forever
         return serve_forever(args)
     p.set_defaults(handler=handler)
 
@@ -92,7 +92,7 @@ def _add_run(commands) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
 
     def handler(args):
-        from .run_command import run
+        from .commands.run import run
         return run(args)
     p.set_defaults(handler=handler)
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 import deploy_metrics as dm
-from minigpt5.serving import server
+from minigpt5.launcher import process as server
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -737,7 +737,7 @@ nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
 def serve_invocation(monkeypatch, argv: list[str]):
     """The argparse namespace `minigpt5 <argv>` hands to serve_forever (which is not run)."""
     import minigpt5.cli as cli
-    import minigpt5.serving.server as server
+    import minigpt5.commands.serve as server
     captured = []
     monkeypatch.setattr(server, "serve_forever", lambda args: captured.append(args) or 0)
     assert cli.main(argv) == 0

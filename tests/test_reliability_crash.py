@@ -3,7 +3,7 @@ module's own (request_timeout_s=2; the kill ends it). Every client call has a ti
 
 What Triton 2.51 does by itself when a python stub dies: nothing. It neither restarts the stub nor
 reports the model unready; requests in flight in it hang forever and later ones fail. TritonProcess's
-watchdog (minigpt5/serving/server.py) therefore stops tritonserver when a stub dies, so that clients
+watchdog (minigpt5/launcher/process.py) therefore stops tritonserver when a stub dies, so that clients
 get an error at once and Kubernetes restarts the container (`minigpt5 serve` exits with code 3)."""
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ import urllib.request
 import pytest
 
 from minigpt5 import cli
-from minigpt5.serving import server
-from minigpt5.serving.server import TritonProcess
+from minigpt5.launcher import process as server
+from minigpt5.launcher.process import TritonProcess
 from conftest import free_port
 
 SLOW_CONFIG = """name: "slow"

@@ -914,7 +914,7 @@ def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs
         assert hasattr(module.TritonPythonModel, "finalize")
 
 
-# ---- drain before shutdown (minigpt5/serving/drain.py) ----------------------------------------------
+# ---- drain before shutdown (minigpt5/launcher/drain.py) ----------------------------------------------
 class _MetricsEndpoint:
     """A real HTTP /metrics endpoint whose minigpt5_inflight_requests follows `counts`, one per scrape."""
 
@@ -944,7 +944,7 @@ class _MetricsEndpoint:
 
 
 def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
-    from minigpt5.serving import drain
+    from minigpt5.launcher import drain
     monkeypatch.setattr(drain, "POLL_S", 0.01)
     monkeypatch.setattr(drain, "SETTLE_S", 0.0)
     endpoint, lines = _MetricsEndpoint([2, 2, 1, 0]), []
@@ -957,7 +957,7 @@ def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
 
 
 def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
-    from minigpt5.serving import drain
+    from minigpt5.launcher import drain
     monkeypatch.setattr(drain, "POLL_S", 0.01)
     endpoint, lines = _MetricsEndpoint([1]), []
     try:
@@ -973,8 +973,8 @@ def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
 
 
 def test_the_shutdown_flag_is_a_file_in_the_served_model_directory(tmp_path):
-    from minigpt5.serving import drain
-    flag = drain.ShutdownFlag(tmp_path)
-    assert not flag.raised() and not drain.ShutdownFlag(None).raised()
-    drain.request_shutdown(tmp_path)
+    from minigpt5.launcher import contract
+    flag = contract.ShutdownFlag(tmp_path)
+    assert not flag.raised() and not contract.ShutdownFlag(None).raised()
+    contract.request_shutdown(tmp_path)
     assert flag.raised()

@@ -27,8 +27,8 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 def measure(args, weights: Path) -> dict:
-    from ..serving.server import TritonProcess
-    from .serving import free_port
+    from ..launcher.local import free_port
+    from ..launcher.process import TritonProcess
 
     servers = {}
     for mode in ("no_cache", "cache"):

@@ -29,6 +29,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
+from ..launcher.contract import ShutdownFlag
 from ..prompt import parse_history
 from ..request import LIMITS, InvalidRequest, build_request
 from ..stages import PromptBuilder
@@ -36,7 +37,6 @@ from . import runtime, triton_io
 from .answer_stream import AnswerStream
 from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
-from .drain import ShutdownFlag
 from .embedding_cache import EmbeddingCache, weights_key
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")

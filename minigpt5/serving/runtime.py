@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..launcher.contract import DEVICE_ENV, WEIGHTS_ENV
 from ..stages import resolve_device, resolve_dtype
 from ..weights.layout import WeightsDir
 
-WEIGHTS_ENV = "MINIGPT5_WEIGHTS"
-DEVICE_ENV = "MINIGPT5_DEVICE"
 
 
 def open_weights(params: dict) -> WeightsDir:

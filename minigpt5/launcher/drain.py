@@ -6,40 +6,22 @@ not ready and refuses every new inference, the BLS calls of the answers still st
 ("vicuna_decoder call failed: ... Server not ready"). Every rollout or scale-down would cut the
 answers in flight.
 
-So `minigpt5 serve` drains first (TritonProcess.stop): it creates the flag file SHUTDOWN_FLAG in the
-served copy of the `minigpt5` model's directory, the model then refuses new requests (UNAVAILABLE,
+So `minigpt5 serve` drains first (TritonProcess.stop): it raises the shutdown flag (contract.py) in
+the served copy of the `minigpt5` model's directory, the model then refuses new requests (UNAVAILABLE,
 "shutting down"), and serve polls `minigpt5_inflight_requests` on the metrics port until it is 0 or
 the exit timeout has passed. Only then does tritonserver get SIGTERM.
 """
 from __future__ import annotations
 
-import os
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-SHUTDOWN_FLAG = "shutting-down"  # in the served copy of model_repository/minigpt5/
 INFLIGHT_METRIC = 'minigpt5_inflight_requests{model="minigpt5"}'
 POLL_S = 0.25
 # The in-flight slot is freed just before the final response is queued for sending: leave the
 # response writer this long to hand it to Triton after the count reaches 0.
 SETTLE_S = 1.0
-
-
-def request_shutdown(model_directory: Path) -> None:
-    """Tell the `minigpt5` model served from `model_directory` to refuse new requests."""
-    (Path(model_directory) / SHUTDOWN_FLAG).touch()
-
-
-class ShutdownFlag:
-    """The model's side: has serve asked for a drain? One stat() per new request."""
-
-    def __init__(self, model_directory: str | os.PathLike | None):
-        self._path = Path(model_directory) / SHUTDOWN_FLAG if model_directory else None
-
-    def raised(self) -> bool:
-        return self._path is not None and self._path.exists()
 
 
 def inflight_requests(metrics_url: str) -> int | None:
