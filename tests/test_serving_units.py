@@ -886,7 +886,7 @@ def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
-             "minigpt5-decoder-link")
+             "minigpt5-decoder-link", "minigpt5-request-metrics")
     before = set(threading.enumerate())
     model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))

@@ -130,7 +130,7 @@ class PublicModelMetrics:
         self._families += [family for family, _ in histograms]
         (self.e2e_latency, self.time_per_output_token, self.prompt_tokens, self.vision_latency,
          self.image_decode_latency, self.image_queue_wait) = [metric for _, metric in histograms]
-        self._recorder = _Recorder("minigpt5-metrics")
+        self._recorder = _Recorder("minigpt5-request-metrics")
 
     def observe_answer(self, seconds: float, prompt_positions: int, sampled_tokens: int,
                        decode_seconds: float | None) -> None:
@@ -254,7 +254,7 @@ class DecoderMetrics:
         self.waiting.set(waiting)
         self.running.set(running)
         self.kv_positions.set(reserved)
-        self.kv_ratio.set(reserved / budget)
+        self.kv_ratio.set(reserved / budget if budget else 0.0)
 
     def _update_prefill(self, totals: tuple, held: tuple | None) -> None:
         if totals == self._reported:
