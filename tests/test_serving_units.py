@@ -419,6 +419,57 @@ def test_wire_merges_a_requests_text_and_keeps_every_event_in_order():
     assert isinstance(got[5].error, InvalidRequest) and "kv_cache_budget_tokens" in str(got[5].error)
 
 
+def test_decoder_metrics_count_waiting_running_and_kv_use(serving):
+    """The gauges follow the engine's figures, set by the metrics thread from the snapshots the engine
+    thread queues; the last snapshot of a burst (engine idle) is always recorded."""
+    from types import SimpleNamespace
+    metrics = serving.metrics.DecoderMetrics("vicuna_decoder_gauges")
+    engine = SimpleNamespace(prefix_cache=None, prefill_positions_computed=0, prefill_positions_reused=0,
+                             num_waiting=3, rows=[object()] * 2, reserved_positions=250, kv_budget_tokens=1000,
+                             has_work=True, step_prefill_seconds=[0.5, 0.25])
+    try:
+        metrics.observe_step(engine)
+        label = "vicuna_decoder_gauges"
+        assert wait_until(lambda: _metric("minigpt5_num_requests_waiting", label) == 3)
+        assert _metric("minigpt5_num_requests_running", label) == 2
+        assert _metric("minigpt5_kv_cache_used_positions", label) == 250
+        assert _metric("minigpt5_kv_cache_usage_ratio", label) == 0.25
+        assert fake_pb_utils.histogram_observations("minigpt5_prefill_latency_seconds", model=label) == [0.5, 0.25]
+        engine.num_waiting, engine.rows, engine.reserved_positions = 0, [], 0
+        engine.has_work, engine.step_prefill_seconds = False, []
+        metrics.observe_step(engine)  # within STATE_METRICS_INTERVAL_S, but the engine is idle now
+        assert wait_until(lambda: _metric("minigpt5_num_requests_waiting", label) == 0)
+        assert wait_until(lambda: _metric("minigpt5_kv_cache_usage_ratio", label) == 0)
+        assert _metric("minigpt5_num_requests_running", label) == 0
+        assert fake_pb_utils.histogram_observations("minigpt5_decoder_batch_size", model=label) == [2]
+    finally:
+        metrics.close()
+
+
+def test_batch_dispatcher_reports_each_jobs_wait_and_the_call(serving):
+    reported, calling, gate = [], threading.Event(), threading.Event()
+
+    def call(jobs):
+        calling.set()
+        gate.wait(WAIT_S)
+        return jobs
+    dispatcher = serving.dispatch.BatchDispatcher("units-timing", call, rows=lambda job: 1, max_rows=8,
+                                                  on_call=lambda waits, seconds: reported.append((waits, seconds)))
+    try:
+        first = dispatcher.submit("a")  # its call waits on the gate; the next two queue behind it
+        assert calling.wait(WAIT_S)
+        later = [dispatcher.submit("b"), dispatcher.submit("c")]
+        time.sleep(0.05)
+        gate.set()
+        assert [f.result(WAIT_S) for f in [first, *later]] == ["a", "b", "c"]
+        assert wait_until(lambda: len(reported) == 2)
+        (first_waits, first_call), (later_waits, later_call) = reported
+        assert len(first_waits) == 1 and len(later_waits) == 2  # one call for the jobs that queued together
+        assert first_call >= 0.05 and min(later_waits) >= 0.05  # b and c waited for a's call
+    finally:
+        dispatcher.close()
+
+
 def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
     from minigpt5.errors import InvalidRequest
     first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))
@@ -603,6 +654,17 @@ def test_bls_metrics_after_a_request(pb, bls, streamed):
     assert _metric("minigpt5_images_total", label) == 1
     assert len(pb.histogram_observations("minigpt5_time_to_first_token_seconds", model=label)) == 1
     assert len(pb.histogram_observations("minigpt5_time_to_first_image_seconds", model=label)) == 1
+    # recorded by the model's metrics thread: one observation per answer, per image, per stage call
+    assert wait_until(lambda: len(pb.histogram_observations("minigpt5_image_queue_wait_seconds", model=label)) == 1)
+    assert pb.histogram_observations("minigpt5_request_prompt_tokens", model=label) == [usage["prompt_tokens"]]
+    (e2e,) = pb.histogram_observations("minigpt5_e2e_request_latency_seconds", model=label)
+    ttft = pb.histogram_observations("minigpt5_time_to_first_token_seconds", model=label)[0]
+    assert e2e >= ttft > 0
+    (per_token,) = pb.histogram_observations("minigpt5_time_per_output_token_seconds", model=label)
+    assert 0 <= per_token * (usage["sampled_tokens"] - 1) <= e2e
+    (decode,) = pb.histogram_observations("minigpt5_image_decode_latency_seconds", model=label)
+    assert 0 < decode <= e2e
+    assert pb.histogram_observations("minigpt5_vision_latency_seconds", model=label) == []  # no input image
     kinds = pb.metric_families()
     assert kinds["minigpt5_inflight_requests"] == pb.MetricFamily.GAUGE
     assert kinds["minigpt5_requests_total"] == pb.MetricFamily.COUNTER
@@ -824,7 +886,7 @@ def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
-             "minigpt5-decoder-link")
+             "minigpt5-decoder-link", "minigpt5-request-metrics")
     before = set(threading.enumerate())
     model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))

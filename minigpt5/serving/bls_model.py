@@ -74,9 +74,11 @@ class MiniGPT5Model:
         self._encoders = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minigpt5-png")
         self._writer = ResponseWriter(triton_io.send, lambda exc: triton_io.log_warn(
             f"minigpt5: could not send a response: {exc!r}"))
-        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
+        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH,
+                                             on_call=metrics.observe_vision_call if metrics else None)
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
-                                            max_rows=IMAGE_MAX_BATCH)
+                                            max_rows=IMAGE_MAX_BATCH,
+                                            on_call=metrics.observe_image_call if metrics else None)
         triton_io.log_info(f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
                            f"request timeout {self.request_timeout_s:g} s; image embedding cache "
                            f"{cache_bytes / 2**20:g} MiB")
@@ -112,6 +114,8 @@ class MiniGPT5Model:
         self._image_calls.close()
         self._encoders.shutdown(wait=False, cancel_futures=True)
         self._writer.close()
+        if self.metrics:
+            self.metrics.close()
 
     # ---- one request ----------------------------------------------------------------------------
     def _serve_and_release(self, request, sender) -> None:
@@ -240,6 +244,9 @@ class MiniGPT5Model:
         if self.metrics:
             self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
         answer.finish(finished.reason, usage)
+        if self.metrics:
+            self.metrics.observe_answer(time.monotonic() - arrived, usage["prompt_tokens"] + usage["image_tokens"],
+                                        finished.sampled_tokens, stream.decode_seconds)
         return "ok"
 
     def _relay(self, stream: DecodeStream, generation, answer: AnswerStream, images: list, sender,
