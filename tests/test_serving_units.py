@@ -29,8 +29,8 @@ REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
 # after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
-PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model", "decoder_model",
-            "bls_model")
+PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_encoder_model", "image_decoder_model", "vicuna_decoder_model",
+            "minigpt5_model")
 MODEL_DIRS = ("vision_encoder", "image_decoder", "vicuna_decoder", "minigpt5")
 
 # Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
@@ -186,18 +186,18 @@ def _metric(name: str, label: str, **labels) -> float:
 # ---- model fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vision(serving, make_args):
-    return serving.vision_model.VisionEncoder(make_args("vision_encoder"))
+    return serving.vision_encoder_model.VisionEncoder(make_args("vision_encoder"))
 
 
 @pytest.fixture(scope="module")
 def image_model(serving, make_args):
-    return serving.image_model.ImageDecoderModel(make_args("image_decoder"),
+    return serving.image_decoder_model.ImageDecoderModel(make_args("image_decoder"),
                                                   metrics=serving.metrics.ImageMetrics("image_decoder_units"))
 
 
 @pytest.fixture(scope="module")
 def decoder_model(serving, make_args):
-    model = serving.decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
+    model = serving.vicuna_decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
                                                      metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
     yield model
     model.finalize()
@@ -221,7 +221,7 @@ def children(pb, configs, vision, image_model, decoder_model):
 @pytest.fixture(scope="module")
 def decoder(serving, children):
     """`minigpt5`'s link to `vicuna_decoder`, making the BLS calls `minigpt5` makes (through the fake)."""
-    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    link = serving.decoder_link.DecoderLink(serving.minigpt5_model.MiniGPT5Model._call_decoder)
     yield link
     link.close()
 
@@ -240,7 +240,7 @@ def make_bls(serving, make_args, children):
     made = []
 
     def make(label: str, **parameters):
-        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **parameters),
+        model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5", **parameters),
                                                 metrics=serving.metrics.PublicModelMetrics(label))
         made.append(model)
         return model
@@ -514,7 +514,7 @@ def test_engine_loop_close_ends_open_requests_and_joins_its_thread(tiny_weights)
     from minigpt5.serving.decoder_wire import Failure, NewRequest
     from minigpt5.stages import DecoderStage
     from minigpt5.weights.layout import WeightsDir
-    decoder_model = importlib.import_module("minigpt5.serving.decoder_model")
+    decoder_model = importlib.import_module("minigpt5.serving.vicuna_decoder_model")
     before = set(threading.enumerate())
     loop = decoder_model.EngineLoop(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
     assert len(new_threads(before, "minigpt5-engine")) == 1
@@ -555,7 +555,7 @@ def test_held_text_is_gathered_until_due_unless_another_event_comes():
 def test_link_close_ends_open_streams_and_joins_its_thread(serving, children):
     from minigpt5.errors import Overloaded
     before = set(threading.enumerate())
-    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    link = serving.decoder_link.DecoderLink(serving.minigpt5_model.MiniGPT5Model._call_decoder)
     assert len(new_threads(before, "minigpt5-decoder-link")) == 1
     stream = link.open("units-link-close", PROMPT, None, _sampling(seed=1, **LONG))
     assert stream.next_event(timeout=WAIT_S) is not None
@@ -773,10 +773,10 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
 @pytest.mark.parametrize("key", ["kv_preallocate", "decode_cuda_graphs"])
 def test_gpu_default_switches(serving, key):
     def choose(setting, device):
-        return serving.decoder_model.on_gpu_by_default({key: setting}, key, device)
+        return serving.vicuna_decoder_model.on_gpu_by_default({key: setting}, key, device)
     assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
         (False, True, True, False)
-    assert serving.decoder_model.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
+    assert serving.vicuna_decoder_model.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
     with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
 
@@ -808,7 +808,7 @@ def cancelled_run(pb, serving, make_bls, configs, engine):
     bls = make_bls(label)
     aborted = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
+        mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
         real_abort = engine.abort
         mp.setattr(engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
         request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
@@ -845,7 +845,7 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
     label = "minigpt5_units_cancel_image"
     bls = make_bls(label)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)
+        mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)
         # max_tokens=8 with force_image: the first token is [IMG0], so the decoder sends the voken
         # states, then its Finished; the client is gone at the second check.
         request = public_request(configs, "units-cancel-image", text_input="Draw a kite.", stream=True,
@@ -888,7 +888,7 @@ def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_a
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
              "minigpt5-decoder-link", "minigpt5-request-metrics")
     before = set(threading.enumerate())
-    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
+    model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5"),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
     request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
                              num_inference_steps=1)
@@ -940,10 +940,10 @@ def _model_py_requests(name: str, configs, hidden):
 
 @pytest.mark.parametrize("name", MODEL_DIRS)
 def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
-    expected = {"vision_encoder": serving.vision_model.VisionEncoder,
-                "image_decoder": serving.image_model.ImageDecoderModel,
-                "vicuna_decoder": serving.decoder_model.VicunaDecoderModel,
-                "minigpt5": serving.bls_model.MiniGPT5Model}[name]
+    expected = {"vision_encoder": serving.vision_encoder_model.VisionEncoder,
+                "image_decoder": serving.image_decoder_model.ImageDecoderModel,
+                "vicuna_decoder": serving.vicuna_decoder_model.VicunaDecoderModel,
+                "minigpt5": serving.minigpt5_model.MiniGPT5Model}[name]
     module = _load_model_py(name)
     before = set(threading.enumerate())
     triton_model = module.TritonPythonModel()

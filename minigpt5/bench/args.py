@@ -46,7 +46,7 @@ def _add_stages(sub) -> None:
     _add_model_flags(p, default_preset="tiny")
 
     def handler(args):
-        from .stages import main
+        from .stage_latency import main
         return main(args)
     p.set_defaults(handler=handler)
 
@@ -165,7 +165,7 @@ def _add_serving(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
 
     def handler(args):
-        from .serving import main
+        from .serving_cost import main
         return main(args)
     p.set_defaults(handler=handler)
 

@@ -57,7 +57,7 @@ def measure(args, weights: Path) -> dict:
 
 
 def served_chat(server, args, repeat: int) -> dict:
-    from .serving import _grpc_tensor, _stream, _string
+    from .serving_cost import _grpc_tensor, _stream, _string
 
     rng = np.random.default_rng(args.seed + 1000 + repeat)
     pictures = rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8)

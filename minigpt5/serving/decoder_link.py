@@ -7,7 +7,7 @@ a step has produced events for this link (or after its short wait), so events ar
 after they were made and the engine never waits for the link. With nothing open the thread sleeps.
 
 Triton-free: `call(link_id, commands, image_embeds) -> (events, voken_states)` is the BLS call,
-given by the model (bls_model.py), so the tests can drive the link without Triton.
+given by the model (minigpt5_model.py), so the tests can drive the link without Triton.
 """
 from __future__ import annotations
 
