@@ -772,11 +772,13 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
 
 @pytest.mark.parametrize("key", ["kv_preallocate", "decode_cuda_graphs"])
 def test_gpu_default_switches(serving, key):
+    from minigpt5 import placement
+
     def choose(setting, device):
-        return serving.vicuna_decoder_model.on_gpu_by_default({key: setting}, key, device)
+        return placement.on_gpu_by_default({key: setting}, key, device)
     assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
         (False, True, True, False)
-    assert serving.vicuna_decoder_model.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
+    assert placement.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
     with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
 

@@ -67,7 +67,8 @@ def build(ctx: dict, args) -> dict:
     """The LLM, the two engines over it, the prompts, and the bench's token bans."""
     import torch
 
-    from ..stages import DecoderStage, resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
+    from ..stages import DecoderStage
 
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -347,7 +348,7 @@ def summarize(data: dict, concurrency: list[int]) -> None:
 def main(args) -> int:
     import torch
 
-    from ..stages import resolve_device
+    from ..placement import resolve_device
 
     report = Report("batching", out=args.out)
     default_threads = torch.get_num_threads()

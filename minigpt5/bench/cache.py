@@ -54,7 +54,8 @@ METHOD = {
 
 
 def build(ctx: dict, args) -> dict:
-    from ..stages import DecoderStage, PromptBuilder, VisionStage, resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
+    from ..stages import DecoderStage, PromptBuilder, VisionStage
     from ..weights.layout import WeightsDir
     from ..weights.tiny import resolve_weights
 
@@ -249,7 +250,7 @@ def summary(data: dict) -> dict:
 def main(args) -> int:
     import torch
 
-    from ..stages import resolve_device
+    from ..placement import resolve_device
 
     default_threads = torch.get_num_threads()
     threads = args.threads if args.threads is not None else (1 if resolve_device(args.device) == "cpu" else 0)
