@@ -12,7 +12,8 @@ import json
 import pytest
 
 from conftest import start_server
-from minigpt5.bench.reliability import probe_crash, probe_timeout
+from minigpt5.bench.reliability.crash import probe_crash
+from minigpt5.bench.reliability.load import probe_timeout
 
 pytestmark = pytest.mark.server
 

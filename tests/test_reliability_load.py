@@ -12,8 +12,10 @@ import os
 import pytest
 
 from conftest import start_server
-from minigpt5.bench.reliability import (SHORT, STEADY, grpc_request, grpc_tensors, outcomes, probe_disconnects,
-                                        probe_overload, probe_soak)
+from minigpt5.bench.reliability.disconnects import probe_disconnects
+from minigpt5.bench.reliability.load import probe_overload, probe_soak
+from minigpt5.bench.reliability.measure import outcomes
+from minigpt5.bench.reliability.wire import SHORT, STEADY, grpc_request, grpc_tensors
 
 pytestmark = pytest.mark.server
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from minigpt5.bench.reliability import FORM, echo_repository, infer_body, post_body, probe_security
+from minigpt5.bench.reliability.bodies import FORM, echo_repository, infer_body, post_body
+from minigpt5.bench.reliability.security import probe_security
 from minigpt5.launcher.binary import TritonBinary
 from minigpt5.launcher.local import LocalServer
 from minigpt5.launcher.process import ADMIN_HEADER, RESTRICTED_APIS, TritonProcess, security_args

@@ -179,9 +179,9 @@ def _add_reliability(sub) -> None:
                                    "`summary` holds the counts (docs/RELIABILITY.md).")
 
     def handler(args):
-        from .reliability import run
+        from .reliability.command import run
         return run(args)
-    from .reliability import add_arguments  # stdlib only at import time
+    from .reliability.command import add_arguments  # no torch at import time
     add_arguments(p)
     p.set_defaults(handler=handler)
 
