@@ -16,8 +16,6 @@ freed at the next step) and its pending images dropped.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import concurrent.futures
 import threading
 import time
@@ -30,8 +28,7 @@ import triton_python_backend_utils as pb_utils
 from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
 from ..launcher.contract import ShutdownFlag
-from ..prompt import parse_history
-from ..request import LIMITS, InvalidRequest, build_request
+from ..request import SCALAR_INPUTS, InvalidRequest, request_from_inputs
 from ..stages import PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
@@ -39,7 +36,6 @@ from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
 from .embedding_cache import EmbeddingCache, weights_key
 
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
 IMAGE_MAX_BATCH = 8  # = image_decoder's max_batch_size
 CANCEL_CHECK_S = 0.1  # client-gone checks per request at most this often: each is an IPC round trip
@@ -161,42 +157,9 @@ class MiniGPT5Model:
             answer.fail(exc)
 
     def _parse(self, request):
-        text = triton_io.input_scalar(request, "text_input")
-        images = self._images(request)
-        history = parse_history(triton_io.input_scalar(request, "history"))
-        params = {name: triton_io.input_scalar(request, name) for name in (
-            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "random_seed",
-            "force_image", "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler",
-            "stream")}
-        if text is None:
-            raise InvalidRequest("text_input: required")
-        return build_request(text, images, history, defaults=self.defaults, **params)
-
-    def _images(self, request) -> np.ndarray | None:
-        """`images` (pre-processed uint8) first, then decoded `image_bytes`, in order."""
-        from minigpt5_client.errors import ImageError
-        from minigpt5_client.preprocess import preprocess_image
-
-        arrays = []
-        raw = triton_io.input_array(request, "images")
-        if raw is not None and raw.size:
-            if raw.dtype != np.uint8 or raw.ndim != 4 or raw.shape[1:] != (224, 224, 3):
-                raise InvalidRequest(f"images: must be UINT8 [N, 224, 224, 3], got {raw.dtype} {list(raw.shape)}")
-            arrays += list(raw)
-        encoded = triton_io.input_strings(request, "image_bytes")
-        if len(arrays) + len(encoded) > LIMITS.max_images:
-            raise InvalidRequest(f"images: {len(arrays) + len(encoded)} images, the limit is {LIMITS.max_images}")
-        mode = triton_io.input_scalar(request, "image_preprocess") or "pad"
-        if mode not in ("pad", "crop"):
-            raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
-        for index, data in enumerate(encoded):
-            try:
-                arrays.append(preprocess_image(_image_bytes(data, index), mode,
-                                               max_file_bytes=LIMITS.max_image_bytes,
-                                               max_pixels=LIMITS.max_image_pixels))
-            except ImageError as exc:
-                raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
-        return np.stack(arrays) if arrays else None
+        return request_from_inputs({name: triton_io.input_scalar(request, name) for name in SCALAR_INPUTS},
+                                   triton_io.input_array(request, "images"),
+                                   triton_io.input_strings(request, "image_bytes"), defaults=self.defaults)
 
     def _encode_images(self, images: np.ndarray) -> tuple[np.ndarray | None, list[str] | None]:
         """Embeddings [N, 32, H] and their content keys; only images not in the cache go to `vision_encoder`."""
@@ -366,16 +329,3 @@ def _stop(stream: DecodeStream, images: list[concurrent.futures.Future]) -> None
     stream.abort()
     for future in images:
         future.cancel()
-
-
-def _image_bytes(data: bytes, index: int) -> bytes:
-    """Raw encoded bytes, or base64 text of them (optionally as a data: URI), as JSON clients send."""
-    if data.startswith(IMAGE_MAGIC):
-        return data
-    if data[:5].lower() == b"data:" and b"," in data:
-        data = data.split(b",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) "
-                             f"nor base64 of one") from None
