@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
+from minigpt5_client.contract import INPUT
 
 from .config import VISION_IMAGE_SIZE
 from .errors import InvalidRequest
@@ -167,11 +168,6 @@ def _check_images(images, limits: Limits) -> np.ndarray:
 
 
 # ---- from the served model's inputs ------------------------------------------------------------------
-# The scalar inputs of the `minigpt5` model; `images` (pre-processed pixels) and `image_bytes` (encoded
-# files) come apart.
-SCALAR_INPUTS = ("text_input", "history", "image_preprocess", "max_tokens", "temperature", "top_p", "top_k",
-                 "repetition_penalty", "random_seed", "force_image", "force_image_mode", "max_images",
-                 "guidance_scale", "num_inference_steps", "scheduler", "stream")
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 
 
@@ -198,7 +194,7 @@ def request_images(images: np.ndarray | None, image_bytes: list[bytes], mode: st
     if len(arrays) + len(image_bytes) > limits.max_images:
         raise InvalidRequest(f"images: {len(arrays) + len(image_bytes)} images, the limit is {limits.max_images}")
     mode = mode or "pad"
-    if mode not in ("pad", "crop"):
+    if mode not in INPUT["image_preprocess"].choices:
         raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
     for index, data in enumerate(image_bytes):
         try:

@@ -1,4 +1,5 @@
-"""Raw protocol helpers for the serving tests: gRPC streaming, SSE and /generate, no client package."""
+"""Raw protocol helpers for the serving tests: gRPC streaming, SSE and /generate, without the client
+(only its wire contract)."""
 from __future__ import annotations
 
 import base64
@@ -10,25 +11,15 @@ import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from minigpt5_client.contract import input_array
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype
-
-STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes", "force_image_mode"}
-DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32, "random_seed": np.uint64,
-          "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
-          "guidance_scale": np.float32, "force_image": bool, "stream": bool}
 
 
 def grpc_inputs(params: dict) -> list:
     inputs = []
     for name, value in params.items():
-        if name == "images":
-            array = np.asarray(value, dtype=np.uint8)
-        elif name in STRING_INPUTS:
-            values = value if isinstance(value, list) else [value]
-            array = np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], dtype=np.object_)
-        else:
-            array = np.array([value], dtype=DTYPES[name])
+        array = input_array(name, value)
         tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)

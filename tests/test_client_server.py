@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from minigpt5_client import AsyncClient, Client, Conversation, Document, InvalidArgument
 from minigpt5_client.preprocess import encode_png, preprocess_image
-from minigpt5_client.request import PARAMETERS
+from minigpt5_client.contract import PARAMETERS
 from PIL import Image
 
 pytestmark = pytest.mark.server
@@ -29,7 +29,7 @@ CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
 PROMPT = "Tell a short story about this picture."
 # Small and forced, so that every answer holds an image and stays quick with the tiny weights.
 PARAMS = dict(seed=7, max_tokens=24, force_image=True, num_inference_steps=2)
-INPUT_PARAMS = {PARAMETERS[keyword][0]: value for keyword, value in PARAMS.items()}  # seed -> random_seed
+INPUT_PARAMS = {PARAMETERS[keyword].name: value for keyword, value in PARAMS.items()}  # seed -> random_seed
 IMAGE_TOLERANCE = 2  # levels: float rounding in the decoder (batching, a prefix from the prefix cache)
 
 

@@ -49,7 +49,7 @@ class Client(_ClientBase):
 
     ``url``: HOST:PORT (default localhost and 8001 for grpc, 8000 for http). ``timeout`` (seconds) bounds
     each whole request. ``preprocess``: "pad" (white square, upstream demo) or "crop" (centre crop).
-    Generation parameters (keywords of stream/generate): see ``request.PARAMETERS``.
+    Generation parameters (keywords of stream/generate): see ``contract.PARAMETERS``.
     """
 
     def _open_transport(self):

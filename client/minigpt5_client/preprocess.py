@@ -23,9 +23,9 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .contract import IMAGE_SIZE
 from .errors import ImageError, InvalidArgument
 
-IMAGE_SIZE = 224
 MAX_IMAGE_FILE_BYTES = 20 * 2**20  # encoded size of one image (file, download or bytes)
 MAX_IMAGE_PIXELS = 40_000_000  # declared width x height, checked before decoding
 URL_TIMEOUT_S = 10.0

@@ -8,27 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .contract import IMAGE_SIZE, MODEL_NAME, PARAMETERS, input_array  # noqa: F401  (MODEL_NAME: the transports')
 from .errors import InvalidArgument
-from .preprocess import IMAGE_SIZE, encode_png
+from .preprocess import encode_png
 
-MODEL_NAME = "minigpt5"
-
-# Python keyword -> (model input, Triton datatype). Values left as None are not sent: server defaults apply.
-PARAMETERS = {
-    "max_tokens": ("max_tokens", "INT32"),
-    "temperature": ("temperature", "FP32"),
-    "top_p": ("top_p", "FP32"),
-    "top_k": ("top_k", "INT32"),
-    "repetition_penalty": ("repetition_penalty", "FP32"),
-    "seed": ("random_seed", "UINT64"),
-    "force_image": ("force_image", "BOOL"),
-    "force_image_mode": ("force_image_mode", "BYTES"),
-    "max_images": ("max_images", "INT32"),
-    "guidance_scale": ("guidance_scale", "FP32"),
-    "num_inference_steps": ("num_inference_steps", "INT32"),
-    "scheduler": ("scheduler", "BYTES"),
-}
-_NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
+# Generation parameters: contract.PARAMETERS (keyword -> input). Values left as None are not sent: the
+# server's defaults apply.
 _PYTHON_TYPES = {"INT32": int, "UINT64": int, "FP32": (int, float), "BOOL": bool, "BYTES": str}
 _INTEGER_RANGES = {"INT32": (-(2**31), 2**31), "UINT64": (0, 2**64)}  # [low, high)
 
@@ -44,13 +29,13 @@ class GenerateRequest:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The request as named input tensors (gRPC): images travel as the raw `images` UINT8 tensor."""
-        tensors = {"text_input": _bytes_tensor(self.prompt), "stream": np.array([True])}
+        tensors = {"text_input": input_array("text_input", self.prompt), "stream": input_array("stream", True)}
         if len(self.images):
             tensors["images"] = self.images
         if self.history:
-            tensors["history"] = _bytes_tensor(json.dumps(self.history))
-        for name, (value, datatype) in self.parameters.items():
-            tensors[name] = _bytes_tensor(value) if datatype == "BYTES" else np.array([value], _NUMPY_DTYPES[datatype])
+            tensors["history"] = input_array("history", json.dumps(self.history))
+        for name, (value, _) in self.parameters.items():
+            tensors[name] = input_array(name, value)
         return tensors
 
     def json_body(self) -> dict:
@@ -82,7 +67,7 @@ def build_request(prompt: str, images: np.ndarray, history: list[dict], params: 
             raise TypeError(f"unknown generation parameter {keyword!r}; known: {', '.join(PARAMETERS)}")
         if value is None:
             continue
-        name, datatype = PARAMETERS[keyword]
+        name, datatype = PARAMETERS[keyword].name, PARAMETERS[keyword].datatype
         expected = _PYTHON_TYPES[datatype]
         if not isinstance(value, expected) or (isinstance(value, bool) and datatype != "BOOL"):
             raise TypeError(f"{keyword} must be {datatype.lower()}, got {type(value).__name__}")
@@ -91,7 +76,3 @@ def build_request(prompt: str, images: np.ndarray, history: list[dict], params: 
             raise InvalidArgument(f"{keyword} must be between {low} and {high - 1}, got {value}")
         parameters[name] = (float(value) if datatype == "FP32" else value, datatype)
     return GenerateRequest(prompt, images, list(history), parameters)
-
-
-def _bytes_tensor(text: str) -> np.ndarray:
-    return np.array([text.encode("utf-8")], dtype=np.object_)

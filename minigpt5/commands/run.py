@@ -8,6 +8,7 @@ import numpy as np
 
 
 def run(args) -> int:
+    from minigpt5_client.contract import PARAMETERS
     from minigpt5_client.document import Document
     from minigpt5_client.errors import ImageError
     from minigpt5_client.preprocess import encode_png, preprocess_images
@@ -20,11 +21,9 @@ def run(args) -> int:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
         pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype,
                                     vision_dtype=args.vision_dtype, image_dtype=args.image_dtype)
-        params = {name: getattr(args, name) for name in (
-            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "force_image_mode", "max_images",
-            "guidance_scale", "num_inference_steps", "scheduler")}
-        result = pipeline.run(args.prompt, images, random_seed=args.seed, force_image=args.force_image or None,
-                              on_text=_print_now, on_image_step=DiffusionProgress(), **params)
+        params = {tensor.name: getattr(args, keyword) for keyword, tensor in PARAMETERS.items()}
+        params["force_image"] = args.force_image or None  # the flag's absence means the default
+        result = pipeline.run(args.prompt, images, on_text=_print_now, on_image_step=DiffusionProgress(), **params)
     except (InvalidRequest, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

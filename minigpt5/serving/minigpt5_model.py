@@ -24,17 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from minigpt5_client.contract import SCALAR_INPUTS
 
 from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
 from ..launcher.contract import ShutdownFlag
-from ..request import SCALAR_INPUTS, InvalidRequest, request_from_inputs
+from ..request import InvalidRequest, request_from_inputs
 from ..stages import PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
 from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
 from .embedding_cache import EmbeddingCache, weights_key
+from .options import PublicModelOptions
 
 VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
 IMAGE_MAX_BATCH = 8  # = image_decoder's max_batch_size
@@ -57,10 +59,11 @@ class MiniGPT5Model:
         self.prompts = PromptBuilder(weights)
         self.defaults = weights.defaults
         self.metrics = metrics
-        self.max_inflight = int(params.get("max_inflight_requests", 64))
-        self.request_timeout_s = float(params.get("request_timeout_s", 600))
-        self.stream_interval_s = float(params.get("stream_interval_ms", 20)) / 1000
-        cache_bytes = int(float(params.get("image_embedding_cache_mb", 256)) * 2**20)
+        options = PublicModelOptions.from_parameters(params)
+        self.max_inflight = options.max_inflight_requests
+        self.request_timeout_s = options.request_timeout_s
+        self.stream_interval_s = options.stream_interval_ms / 1000
+        cache_bytes = int(options.image_embedding_cache_mb * 2**20)
         self.embeddings = EmbeddingCache(cache_bytes, weights_key(weights))
         self.decoder = DecoderLink(self._call_decoder)
         self._shutdown = ShutdownFlag(args.get("model_repository"))

@@ -19,6 +19,7 @@ from ..placement import on_gpu_by_default
 from ..stages import DecoderStage
 from . import runtime, triton_io
 from .decoder_wire import Failure, NewRequest, decode_commands, encode_events
+from .options import DecoderOptions
 
 IDLE_WAIT_S = 0.5  # the engine thread re-checks for shutdown at least this often when idle
 
@@ -115,19 +116,19 @@ class EngineLoop:
 class VicunaDecoderModel:
     def __init__(self, args: dict, metrics=None):
         where = runtime.placement(args, gpu_dtype="bf16")
-        params = where.params
-        quantization = params.get("llm_quantization", "none")
-        self.link_wait_s = float(params.get("link_wait_ms", 50)) / 1000
+        options = DecoderOptions.from_parameters(where.params)
+        quantization = options.llm_quantization
+        self.link_wait_s = options.link_wait_ms / 1000
         stage = DecoderStage.load(
             where.weights, where.device, where.dtype, quantization=quantization,
-            kv_budget_tokens=int(params.get("kv_cache_budget_tokens", 65536)),
-            max_rows=int(params.get("max_batch_rows", 32)),
-            max_prefill_tokens=int(params.get("max_prefill_tokens_per_step", 4096)),
-            preallocate_kv=on_gpu_by_default(params, "kv_preallocate", where.device),
-            static_decode=on_gpu_by_default(params, "decode_cuda_graphs", where.device),
-            capture_fallback=params.get("decode_cuda_graphs", "auto") == "auto",
-            prefix_cache_tokens=int(params.get("prefix_cache_tokens", 8192)),
-            prefix_block_tokens=int(params.get("prefix_cache_block_tokens", 16)))
+            kv_budget_tokens=options.kv_cache_budget_tokens,
+            max_rows=options.max_batch_rows,
+            max_prefill_tokens=options.max_prefill_tokens_per_step,
+            preallocate_kv=on_gpu_by_default(where.params, "kv_preallocate", where.device),
+            static_decode=on_gpu_by_default(where.params, "decode_cuda_graphs", where.device),
+            capture_fallback=options.decode_cuda_graphs == "auto",
+            prefix_cache_tokens=options.prefix_cache_tokens,
+            prefix_block_tokens=options.prefix_cache_block_tokens)
         self.metrics = metrics
         self.loop = EngineLoop(stage, observe_step=metrics.observe_step if metrics else None)
         engine = stage.engine

@@ -11,14 +11,10 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
+from minigpt5_client.contract import MODEL_NAME as MODEL
+from minigpt5_client.contract import input_array
 
 
-MODEL = "minigpt5"
-# Sent by the client package too: Triton >= 24.09 then ends a failed gRPC stream with the real status.
-STRING_INPUTS = {"text_input", "history", "scheduler", "image_preprocess", "image_bytes", "force_image_mode"}
-DTYPES = {"max_tokens": np.int32, "max_images": np.int32, "top_k": np.int32, "num_inference_steps": np.int32,
-          "random_seed": np.uint64, "temperature": np.float32, "top_p": np.float32, "repetition_penalty": np.float32,
-          "guidance_scale": np.float32, "force_image": bool, "stream": bool}
 
 SHORT = {"text_input": "Hello there.", "max_tokens": 4, "random_seed": 1}
 # Greedy without repetition penalty: the tiny random weights loop and never sample `###` or EOS, so
@@ -55,15 +51,7 @@ def grpc_tensors(params: dict, raw=()) -> list:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
-    arrays = {}
-    for name, value in params.items():
-        if name == "images":
-            arrays[name] = np.asarray(value, dtype=np.uint8)
-        elif name in STRING_INPUTS:
-            values = value if isinstance(value, list) else [value]
-            arrays[name] = np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], dtype=np.object_)
-        else:
-            arrays[name] = np.array([value], dtype=DTYPES[name])
+    arrays = {name: input_array(name, value) for name, value in params.items()}
     arrays.update(dict(raw))
     inputs = []
     for name, array in arrays.items():
