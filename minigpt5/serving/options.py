@@ -8,7 +8,14 @@ from dataclasses import dataclass, fields
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def _from_parameters(cls, params: dict):
+class _Options:
+    @classmethod
+    def from_parameters(cls, params: dict):
+        """The options from a config.pbtxt `parameters` dict."""
+        return _build(cls, params)
+
+
+def _build(cls, params: dict):
     values = {}
     for option in fields(cls):
         if option.name not in params:
@@ -22,7 +29,7 @@ def _from_parameters(cls, params: dict):
 
 
 @dataclass(frozen=True)
-class PublicModelOptions:
+class PublicModelOptions(_Options):
     """`minigpt5`: admission, deadlines, streaming cadence, the image-embedding cache."""
 
     max_inflight_requests: int
@@ -30,13 +37,9 @@ class PublicModelOptions:
     stream_interval_ms: float
     image_embedding_cache_mb: float
 
-    @classmethod
-    def from_parameters(cls, params: dict) -> PublicModelOptions:
-        return _from_parameters(cls, params)
-
 
 @dataclass(frozen=True)
-class DecoderOptions:
+class DecoderOptions(_Options):
     """`vicuna_decoder`: the engine's budgets and switches, and how long a link call waits for events."""
 
     llm_quantization: str
@@ -48,7 +51,3 @@ class DecoderOptions:
     prefix_cache_tokens: int
     prefix_cache_block_tokens: int
     link_wait_ms: float
-
-    @classmethod
-    def from_parameters(cls, params: dict) -> DecoderOptions:
-        return _from_parameters(cls, params)
