@@ -1,12 +1,13 @@
 """`minigpt5 bench ...` registration. No torch at import time: each handler imports its bench lazily.
 
-To add a bench: write `_add_<name>(sub)` that creates its parser, declares its flags and sets a
-handler that imports the bench module lazily, then list it in `BENCHES`. A handler returns an exit
+To add a bench: write `_add_<name>(sub)` that creates its parser, declares its flags and sets
+`_runs(module, function)` as its handler, then list it in `BENCHES`. A handler returns an exit
 code and prints exactly one JSON object to stdout (progress and logs go to stderr).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 from .flags import int_list, name_list
@@ -19,6 +20,20 @@ def add_bench_commands(subparsers) -> None:
 
 
 # ---- flags shared by the model benches --------------------------------------------------------------
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section, so a "
+                                            "killed run still leaves what it measured)")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON result to stdout (always on; accepted for the documented form)")
+
+
+def _runs(module: str, function: str):
+    """A handler that imports the bench `module` only when its command runs (no torch at registration)."""
+    def handler(args):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(args)
+    return handler
+
+
 def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None:
     p.add_argument("--preset", choices=["tiny", "full"], default=default_preset,
                    help="architecture: full = real MiniGPT-5 dims (~9.5 B params), tiny = seconds on a CPU")
@@ -31,10 +46,7 @@ def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
     p.add_argument("--prefill-tokens", type=int, default=300, help="prompt positions for prefill (~300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section, so a "
-                                            "killed run still leaves what it measured)")
-    p.add_argument("--json", action="store_true",
-                   help="print the JSON result to stdout (always on; accepted for the documented form)")
+    _add_output_flags(p)
 
 
 def _add_stages(sub) -> None:
@@ -45,10 +57,7 @@ def _add_stages(sub) -> None:
                                    "VAE decode. Prints one JSON object.")
     _add_model_flags(p, default_preset="tiny")
 
-    def handler(args):
-        from .stage_latency import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("stage_latency", "main"))
 
 
 def _add_e2e(sub) -> None:
@@ -83,10 +92,7 @@ def _add_e2e(sub) -> None:
     p.add_argument("--skip", type=name_list, default=[],
                    help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm, fp8")
 
-    def handler(args):
-        from .e2e import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("e2e", "main"))
 
 
 def _add_batching(sub) -> None:
@@ -118,13 +124,9 @@ def _add_batching(sub) -> None:
                    help="torch threads (default: 1 on CPU: the tiny matrices gain nothing from more, and "
                         "OpenMP waits on a shared machine dominate; 0 = leave torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random full-preset LLM")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+    _add_output_flags(p)
 
-    def handler(args):
-        from .batching import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("batching", "main"))
 
 
 def _add_serving(sub) -> None:
@@ -161,13 +163,9 @@ def _add_serving(sub) -> None:
                         "in-process pipeline and engine), the same on both sides; 0 = torch's default")
     p.add_argument("--long-tokens", type=int, default=900,
                    help="max_tokens of the 4 long requests (greedy, so that they run to the end)")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+    _add_output_flags(p)
 
-    def handler(args):
-        from .serving_cost import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("serving_cost", "main"))
 
 
 def _add_reliability(sub) -> None:
@@ -177,13 +175,10 @@ def _add_reliability(sub) -> None:
                                    "client disconnects, kill -9 of a model's stub and a steady soak; the HTTP "
                                    "body limits on a one-model repository. Prints one JSON object whose "
                                    "`summary` holds the counts (docs/RELIABILITY.md).")
-
-    def handler(args):
-        from .reliability.command import run
-        return run(args)
     from .reliability.command import add_arguments  # no torch at import time
     add_arguments(p)
-    p.set_defaults(handler=handler)
+    _add_output_flags(p)
+    p.set_defaults(handler=_runs("reliability.command", "run"))
 
 
 def _add_gateway(sub) -> None:
@@ -204,13 +199,9 @@ def _add_gateway(sub) -> None:
     p.add_argument("--stream-tokens", type=int, default=128, help="max_tokens of each concurrent request (text only)")
     p.add_argument("--steps", type=int, default=2, help="num_inference_steps of the lone request's image")
     p.add_argument("--seed", type=int, default=1, help="seed of the lone request; the streams use seed, seed+1, ...")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+    _add_output_flags(p)
 
-    def handler(args):
-        from .gateway import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("gateway", "main"))
 
 
 def _add_cache(sub) -> None:
@@ -240,13 +231,9 @@ def _add_cache(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the sampling")
     p.add_argument("--skip", type=name_list, default=[],
                    help="comma-separated sections to skip: chat, shared, served (the last starts two tritonservers)")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
+    _add_output_flags(p)
 
-    def handler(args):
-        from .cache import main
-        return main(args)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=_runs("cache", "main"))
 
 
 BENCHES = [_add_stages, _add_e2e, _add_batching, _add_serving, _add_reliability, _add_gateway, _add_cache]

@@ -41,8 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})")
     p.add_argument("--skip", type=name_list, default=[],
                    help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
-    p.add_argument("--out", type=Path, help="also write the JSON here (rewritten after every section)")
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
 
 
 def run(args) -> int:
