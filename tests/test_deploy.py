@@ -299,6 +299,7 @@ def test_cpu_profile_needs_no_gpu_and_no_weights(compose, monkeypatch):
     assert args.weights is None and args.device == "cpu", "tiny weights on the CPU"
     # reachable as `triton`, the name the gateway, Prometheus and Locust use
     assert "triton" in server["networks"]["default"]["aliases"]
+    assert "http://localhost:8000/v2/health/ready" in server["healthcheck"]["test"]  # what the others wait for
     assert parse_duration(server["stop_grace_period"]) >= exit_timeout_secs(server["command"]) + UNLOAD_MARGIN_S
 
 
