@@ -104,7 +104,7 @@ RUN mkdir -p minigpt5 client/minigpt5_client \
  && rm -rf build ./*.egg-info minigpt5 client README.md
 
 # 3) The project itself, editable (-e): `minigpt5 serve` runs Triton on model_repository/, which it
-#    finds next to the package source (minigpt5/serving/server.py), as in a developer checkout; a
+#    finds next to the package source (minigpt5/launcher/repository.py), as in a developer checkout; a
 #    plain wheel install would not carry that folder.
 COPY . .
 RUN python3 -m pip install --no-deps -e . \

@@ -55,7 +55,7 @@ def _add_serve(commands) -> None:
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
 
     def handler(args):
-        from .serving.server import serve_forever
+        from .commands.serve import serve_forever
         return serve_forever(args)
     p.set_defaults(handler=handler)
 
@@ -92,7 +92,7 @@ def _add_run(commands) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
 
     def handler(args):
-        from .run_command import run
+        from .commands.run import run
         return run(args)
     p.set_defaults(handler=handler)
 
@@ -134,13 +134,6 @@ def _add_bench(commands) -> None:
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHICH")
     from .bench.args import add_bench_commands
     add_bench_commands(sub)
-
-
-def resolve_weights(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from .weights.tiny import default_tiny_weights
-    return default_tiny_weights()
 
 
 def print_json(obj) -> None:

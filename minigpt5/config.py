@@ -25,6 +25,9 @@ VISION_IMAGE_SIZE = 224
 # upstream minigpt4/models/blip2.py:69 `LayerNorm(visual_encoder.num_features)`.
 LN_VISION_EPS = 1e-5
 
+# Upstream's LoraConfig(r=8, lora_alpha=16) for the LLM; the converter reads r from the lora_A shapes.
+UPSTREAM_LORA_ALPHA = 16.0
+
 # The two training formats of upstream's stage 2 and their system prompts, verbatim from upstream
 # eric-ai-lab/MiniGPT-5 dataloader.py (VIST: lines 236-237; MMDialog: lines 318-319). prompt.py renders them.
 PROMPT_FORMATS = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -164,6 +165,7 @@ class DecodeEngine:
         self._aborted: set[str] = set()
         self.rows: list[_Row] = []  # row i owns KV slot i
         self._admitted_last_step = False
+        self.step_prefill_seconds: list[float] = []  # each admission's prefill + first token in the last step
 
     def _capture(self, fallback: bool) -> bool:
         try:
@@ -210,11 +212,17 @@ class DecodeEngine:
         with self._lock:
             return len(self._waiting)
 
+    @property
+    def reserved_positions(self) -> int:
+        """KV positions the running rows may occupy: what admission holds against `kv_budget_tokens`."""
+        return sum(row.request.reserved_tokens for row in self.rows)
+
     # ---- the engine loop ----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list:
         """Admit and prefill waiting requests, run one decode step, drop finished rows."""
         events: list = []
+        self.step_prefill_seconds = []
         self._apply_aborts(events)
         # A newcomer's first token goes out at once; the running rows decode on the next call, and
         # admission steps never follow each other, so a stream of arrivals cannot starve them.
@@ -247,7 +255,7 @@ class DecodeEngine:
                 if not self._waiting or len(self.rows) >= self.max_rows:
                     return admitted
                 request = self._waiting[0]
-                reserved = sum(row.request.reserved_tokens for row in self.rows) + request.reserved_tokens
+                reserved = self.reserved_positions + request.reserved_tokens
                 if reserved > self.kv_budget_tokens:
                     return admitted  # waits for running rows to finish (FIFO: no overtaking)
                 cached = self._cached_prefix(request)
@@ -257,7 +265,9 @@ class DecodeEngine:
                 self._waiting.popleft()
             prefill_tokens += computed
             admitted += 1
-            self._prefill(request, cached, events)
+            started = time.perf_counter()
+            self._prefill(request, cached, events)  # ends with the first token on the CPU: no pending kernels
+            self.step_prefill_seconds.append(time.perf_counter() - started)
             if self.prefix_cache is not None:  # cached blocks live in the budget the running rows leave free
                 self._cache_prompt(request, len(cached), room=self.kv_budget_tokens - reserved)
 

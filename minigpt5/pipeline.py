@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from .engine import Finished, TextDelta, VokenStates
 from .image_decoder import ImageJob, image_seed
+from .placement import resolve_device, resolve_dtype
 from .prompt import Turn
 from .request import GenerationRequest, build_request
-from .stages import DecoderStage, ImageStage, PromptBuilder, VisionStage, resolve_device, resolve_dtype
+from .stages import DecoderStage, ImageStage, PromptBuilder, VisionStage
 from .weights.layout import WeightsDir
 
 

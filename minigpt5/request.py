@@ -6,6 +6,8 @@ is generated from `LIMITS`).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ import numpy as np
 from .config import VISION_IMAGE_SIZE
 from .errors import InvalidRequest
 from .image_decoder import SCHEDULERS
-from .prompt import Turn, check_markers
+from .prompt import Turn, check_markers, parse_history
 from .sampling import FORCE_IMAGE_MODES, SamplingParams
 
 
@@ -162,3 +164,59 @@ def _check_images(images, limits: Limits) -> np.ndarray:
     if len(images) > limits.max_images:
         raise InvalidRequest(f"images: {len(images)} images, the limit is {limits.max_images}")
     return images
+
+
+# ---- from the served model's inputs ------------------------------------------------------------------
+# The scalar inputs of the `minigpt5` model; `images` (pre-processed pixels) and `image_bytes` (encoded
+# files) come apart.
+SCALAR_INPUTS = ("text_input", "history", "image_preprocess", "max_tokens", "temperature", "top_p", "top_k",
+                 "repetition_penalty", "random_seed", "force_image", "force_image_mode", "max_images",
+                 "guidance_scale", "num_inference_steps", "scheduler", "stream")
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
+
+
+def request_from_inputs(scalars: dict, images: np.ndarray | None, image_bytes: list[bytes], *, defaults: dict,
+                        limits: Limits = LIMITS) -> GenerationRequest:
+    """The served model's inputs (None = absent) as a GenerationRequest, or InvalidRequest."""
+    params = dict(scalars)
+    text, history, mode = params.pop("text_input"), params.pop("history"), params.pop("image_preprocess")
+    if text is None:
+        raise InvalidRequest("text_input: required")
+    return build_request(text, request_images(images, image_bytes, mode, limits), parse_history(history),
+                         defaults=defaults, limits=limits, **params)
+
+
+def request_images(images: np.ndarray | None, image_bytes: list[bytes], mode: str | None,
+                   limits: Limits = LIMITS) -> np.ndarray | None:
+    """`images` (pre-processed uint8) first, then the decoded `image_bytes`, in order."""
+    from minigpt5_client.errors import ImageError
+    from minigpt5_client.preprocess import preprocess_image
+
+    arrays = []
+    if images is not None and images.size:
+        arrays += list(_check_images(images, limits))
+    if len(arrays) + len(image_bytes) > limits.max_images:
+        raise InvalidRequest(f"images: {len(arrays) + len(image_bytes)} images, the limit is {limits.max_images}")
+    mode = mode or "pad"
+    if mode not in ("pad", "crop"):
+        raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
+    for index, data in enumerate(image_bytes):
+        try:
+            arrays.append(preprocess_image(_encoded_image(data, index), mode, max_file_bytes=limits.max_image_bytes,
+                                           max_pixels=limits.max_image_pixels))
+        except ImageError as exc:
+            raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
+    return np.stack(arrays) if arrays else None
+
+
+def _encoded_image(data: bytes, index: int) -> bytes:
+    """Raw encoded bytes, or base64 text of them (optionally as a data: URI), as JSON clients send."""
+    if data.startswith(IMAGE_MAGIC):
+        return data
+    if data[:5].lower() == b"data:" and b"," in data:
+        data = data.split(b",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) "
+                             f"nor base64 of one") from None

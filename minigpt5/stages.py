@@ -19,20 +19,6 @@ from .sampling import SamplingParams
 from .weights.layout import WeightsDir
 
 
-def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str | None, device: str, gpu_default: str = "bf16") -> torch.dtype:
-    """fp32 on CPU; on a GPU `gpu_default` (bf16 for the LLM side, fp16 for the vision tower) unless told otherwise."""
-    if dtype in (None, "auto"):
-        dtype = "fp32" if device == "cpu" else gpu_default
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
-
-
 class PromptBuilder:
     """Prompt template + tokenizer: GenerationRequest → prompt ids with one placeholder per image."""
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from minigpt5.launcher.local import LocalServer, free_port  # noqa: F401  (free_port: for the tests)
+
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
@@ -16,40 +18,14 @@ def reference_pipeline(tiny_weights):
     return MiniGPT5Pipeline(tiny_weights, device="cpu")
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningServer:
-    def __init__(self, process, weights_dir, log_path):
-        self.process = process
-        self.weights_dir = weights_dir
-        self.log_path = log_path
-        self.http_url = f"127.0.0.1:{process.http_port}"
-        self.grpc_url = f"127.0.0.1:{process.grpc_port}"
-        self.metrics_url = f"http://127.0.0.1:{process.metrics_port}/metrics"
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def start_server(weights, log_dir, parameters=None) -> RunningServer:
+def start_server(weights, log_dir, parameters=None):
     """The real tritonserver on the real model repository, on free ports; fails the test if it cannot start.
     `parameters`: config.pbtxt overrides, e.g. {"minigpt5": {"max_inflight_requests": "2"}}."""
-    from minigpt5.serving.server import TritonProcess
-    log_path = log_dir / "tritonserver.log"
-    process = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            host="127.0.0.1", device="cpu", log_file=log_path, parameters=parameters)
-    process.start()
-    server = RunningServer(process, weights, log_path)
+    server = LocalServer(weights, parameters=parameters, workdir=log_dir)
     try:
-        process.wait_ready(timeout=300)
-    except Exception:
-        process.stop()
-        pytest.fail(f"tritonserver did not start:\n{server.log_tail()}")
+        server.start(timeout=300)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     return server
 
 

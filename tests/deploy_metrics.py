@@ -1,11 +1,14 @@
 """Which metric names the deployment files use, and which ones exist.
 
 The Grafana dashboard, the alert rules and the prometheus-adapter rules all name metrics inside
-PromQL strings, where a typo fails silently: an empty panel, an alert that never fires, an HPA that
-never scales. This module pulls every metric name out of those strings with a real PromQL parser
-(`promql-parser`), so that tests can compare them with the names that exist:
+PromQL strings, and the HorizontalPodAutoscalers name the adapter's metrics, where a typo fails
+silently: an empty panel, an alert that never fires, an HPA that never scales. This module pulls
+every metric name out of those strings with a real PromQL parser (`promql-parser`), and follows
+each HPA metric through the adapter rule that serves it, so that tests can compare them with the
+names that exist:
 
     referenced_metric_names()      every metric the deployment files reference   (main entry point)
+    hpa_metric_series()            the series behind the HPAs' custom metrics
     documented_metric_series()     the minigpt5_* series that docs/API.md promises
     TRITON_251_METRICS             Triton 2.51's own nv_* series
     exposition_series_names(text)  the series in a live /metrics page, for a check against a server
@@ -30,6 +33,7 @@ DASHBOARDS_DIR = MONITORING / "grafana" / "dashboards"
 PROMETHEUS_RULE = MONITORING / "prometheusrule.yaml"
 COMPOSE_RULES_DIR = MONITORING / "prometheus" / "rules"
 ADAPTER_VALUES = MONITORING / "prometheus-adapter" / "values.yaml"
+K8S = REPO_ROOT / "deploy" / "k8s"
 API_MD = REPO_ROOT / "docs" / "API.md"
 
 # Triton 2.51 (NGC 24.10) metric names, without the opt-in summaries (`--metrics-config
@@ -192,6 +196,45 @@ def adapter_rule_exprs(values: dict) -> list[str]:
     return exprs
 
 
+def adapter_series(values: dict) -> dict[str, str]:
+    """{name the adapter serves (its rule's `name.as`): the series its seriesQuery selects}."""
+    rules = values.get("rules", [])
+    if isinstance(rules, dict):
+        rules = rules.get("custom", [])
+    served = {}
+    for rule in rules:
+        (series,) = promql_metric_names(rule["seriesQuery"])
+        served[rule.get("name", {}).get("as", series)] = series
+    return served
+
+
+def hpa_custom_metrics(root: Path | None = None) -> dict[str, str]:
+    """{custom metric name: the HPA file naming it} for every HorizontalPodAutoscaler under deploy/k8s
+    (Pods and Object metrics; Resource metrics such as cpu come from the kubelet, not Prometheus)."""
+    root = Path(root) if root else REPO_ROOT
+    found = {}
+    for path in sorted((root / K8S.relative_to(REPO_ROOT)).rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") != "HorizontalPodAutoscaler":
+                continue
+            for metric in doc.get("spec", {}).get("metrics", []):
+                kind = metric["type"]
+                if kind in ("Pods", "Object"):
+                    found[metric[kind.lower()]["metric"]["name"]] = str(path.relative_to(root))
+    return found
+
+
+def hpa_metric_series(root: Path | None = None) -> set[str]:
+    """The series behind the HPAs' custom metrics, through the adapter rules that serve them. An HPA
+    metric that no adapter rule serves raises ValueError: that HPA would never get a value."""
+    root = Path(root) if root else REPO_ROOT
+    served = adapter_series(yaml.safe_load((root / ADAPTER_VALUES.relative_to(REPO_ROOT)).read_text()))
+    missing = {name: path for name, path in hpa_custom_metrics(root).items() if name not in served}
+    if missing:
+        raise ValueError(f"HPA metrics that prometheus-adapter does not serve: {missing}")
+    return {served[name] for name in hpa_custom_metrics(root)}
+
+
 def deployment_exprs(root: Path | None = None) -> dict[str, list[str]]:
     """Every PromQL string of the deployment files, by the file it comes from."""
     root = Path(root) if root else REPO_ROOT
@@ -220,10 +263,11 @@ def _recorded_names(root: Path) -> set[str]:
 
 def referenced_metric_names(root: Path | None = None) -> set[str]:
     """Every metric name the dashboard(s), the alert rules (PrometheusRule and the compose rule
-    files) and the prometheus-adapter rules reference, as series names (`x_bucket`, not `x`).
-    Names that the recording rules themselves define are left out: they are not scraped."""
+    files), the prometheus-adapter rules and the HPAs (through the adapter) reference, as series
+    names (`x_bucket`, not `x`). Names that the recording rules themselves define are left out: they
+    are not scraped."""
     root = Path(root) if root else REPO_ROOT
-    names: set[str] = set()
+    names: set[str] = hpa_metric_series(root)
     for exprs in deployment_exprs(root).values():
         for expr in exprs:
             names |= promql_metric_names(expr)

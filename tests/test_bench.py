@@ -169,7 +169,7 @@ def test_benches_register_on_any_subparsers():
         assert callable(args.handler) and args.preset in ("tiny", "full")
 
 
-# ---- bench batching (issue 4) and bench serving (issue 3) -------------------------------------------
+# ---- bench batching and bench serving -----------------------------------------------------------
 BATCHING_MODES = ("continuous", "run_to_completion")
 
 

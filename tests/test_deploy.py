@@ -1,4 +1,4 @@
-"""Offline validation of the deployment files (issue 7): Dockerfile, docker-compose.yml, the
+"""Offline validation of the deployment files: Dockerfile, docker-compose.yml, the
 Kubernetes overlays under deploy/k8s, and the monitoring files under deploy/monitoring.
 
 Nothing here needs Docker, a cluster or the network:
@@ -8,8 +8,8 @@ Nothing here needs Docker, a cluster or the network:
     (unknown fields are errors) against the Kubernetes 1.30 schemas bundled in kubernetes-validate;
     an apiVersion/kind that 1.30 does not serve fails. The Prometheus Operator's CRDs (ServiceMonitor,
     PrometheusRule) are checked by hand below;
-  - every metric that the dashboard, the alert rules and the prometheus-adapter rules reference must
-    exist (docs/API.md's table + Triton 2.51's nv_* names, tests/deploy_metrics.py).
+  - every metric that the dashboard, the alert rules, the prometheus-adapter rules and the HPAs
+    reference must exist (docs/API.md's table + Triton 2.51's nv_* names, tests/deploy_metrics.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 import deploy_metrics as dm
-from minigpt5.serving import server
+from minigpt5.launcher import process as server
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -37,6 +37,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 MONITORING = ROOT / "deploy" / "monitoring"
 DASHBOARD_FILE = MONITORING / "grafana" / "dashboards" / "minigpt5.json"
+ADAPTER_VALUES_FILE = MONITORING / "prometheus-adapter" / "values.yaml"
 
 KUBERNETES_VERSION = "1.30.0"
 KUSTOMIZATIONS = ["deploy/k8s/overlays/cpu-trial", "deploy/k8s/overlays/h100", "deploy/k8s/weights-fill"]
@@ -672,17 +673,20 @@ def test_hpa_scales_the_deployment_on_the_adapters_per_pod_metric(overlay):
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": the(overlay, "Deployment", SERVER)["metadata"]["name"]}
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
-    name = metric["pods"]["metric"]["name"]
-
+    # in-flight requests (proportional to the load) and the decoder's waiting requests (queues form)
+    names = []
     adapter = load_yaml(MONITORING / "prometheus-adapter" / "values.yaml")
-    rule = next(r for r in adapter["rules"]["custom"] if r["name"]["as"] == name)
-    assert re.fullmatch(rule["name"]["matches"], name)
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
-    (series,) = dm.promql_metric_names(rule["seriesQuery"])
-    assert dm.documented_metrics()[series] == "gauge", "the signal is docs/API.md's in-flight gauge"
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+        name = metric["pods"]["metric"]["name"]
+        names.append(name)
+        rule = next(r for r in adapter["rules"]["custom"] if r["name"]["as"] == name)
+        assert re.fullmatch(rule["name"]["matches"], name)
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+        (series,) = dm.promql_metric_names(rule["seriesQuery"])
+        assert dm.documented_metrics()[series] == "gauge", f"{series}: the signals are docs/API.md gauges"
+    assert names == ["minigpt5_inflight_requests", "minigpt5_num_requests_waiting"]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
@@ -923,6 +927,24 @@ def test_template_and_adapter_expressions_are_extracted():
     assert set().union(*map(dm.promql_metric_names, exprs)) == {"y"}
 
 
+def test_hpa_metrics_are_followed_through_the_adapter(tmp_path):
+    assert dm.hpa_metric_series() == {"minigpt5_inflight_requests", "minigpt5_num_requests_waiting"}
+    assert dm.hpa_metric_series() <= dm.referenced_metric_names()
+    adapter = tmp_path / "deploy" / "monitoring" / "prometheus-adapter" / "values.yaml"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_text(ADAPTER_VALUES_FILE.read_text())
+    hpa = tmp_path / "deploy" / "k8s" / "hpa.yaml"
+    hpa.parent.mkdir(parents=True)
+    hpa.write_text(yaml.safe_dump({"kind": "HorizontalPodAutoscaler", "spec": {"metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "minigpt5_num_requests_waiting"}}},
+        {"type": "Resource", "resource": {"name": "cpu"}}]}}))
+    assert dm.hpa_metric_series(tmp_path) == {"minigpt5_num_requests_waiting"}
+    hpa.write_text(yaml.safe_dump({"kind": "HorizontalPodAutoscaler", "spec": {"metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "triton_pending_requests"}}}]}}))
+    with pytest.raises(ValueError, match="triton_pending_requests"):
+        dm.hpa_metric_series(tmp_path)
+
+
 def test_api_md_metric_table_is_read():
     documented = dm.documented_metrics()
     assert documented["minigpt5_inflight_requests"] == "gauge"
@@ -943,9 +965,15 @@ def test_the_dashboard_shows_every_custom_metric_and_tritons():
     used = set().union(*map(dm.promql_metric_names, dm.dashboard_exprs(dashboard)))
     for family, kind in dm.documented_metrics().items():
         assert used & dm.series_names(family, kind), f"the dashboard does not show {family}"
-    for name in ("nv_inference_pending_request_count", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_infer_duration_us", "nv_gpu_utilization", "nv_gpu_memory_used_bytes"):
+    for name in ("nv_inference_request_success", "nv_inference_exec_count", "nv_gpu_utilization",
+                 "nv_gpu_memory_used_bytes"):
         assert name in used
+    # zero by construction: `minigpt5`'s execute returns at once and it calls each stage model one
+    # batch at a time, so requests never queue in Triton (they wait in the decoder and the image
+    # queue, which the minigpt5_* metrics show)
+    for name in ("nv_inference_pending_request_count", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_infer_duration_us"):
+        assert name not in used, name
 
 
 def test_dashboard_is_well_formed():
@@ -980,7 +1008,7 @@ nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
 def serve_invocation(monkeypatch, argv: list[str]):
     """The argparse namespace `minigpt5 <argv>` hands to serve_forever (which is not run)."""
     import minigpt5.cli as cli
-    import minigpt5.serving.server as server
+    import minigpt5.commands.serve as server
     captured = []
     monkeypatch.setattr(server, "serve_forever", lambda args: captured.append(args) or 0)
     assert cli.main(argv) == 0

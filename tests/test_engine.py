@@ -199,10 +199,14 @@ def test_oversize_request_refused_others_wait_their_turn(reference_pipeline):
         engine.submit(r)
     engine.step()
     assert len(engine.rows) == 2 and engine.num_waiting == 1  # the third waits, it is not dropped
+    # what the serving metrics report: the reserved positions, and one prefill timing per admission
+    assert engine.reserved_positions == small[0].reserved_tokens + small[1].reserved_tokens
+    assert len(engine.step_prefill_seconds) == 2 and min(engine.step_prefill_seconds) > 0
     finished = set()
     while engine.has_work:
         finished |= {e.request_id for e in engine.step() if isinstance(e, Finished)}
     assert finished == {"r0", "r1", "r2"}
+    assert engine.reserved_positions == 0 and engine.step_prefill_seconds == []
 
 
 def test_context_limit_is_an_admission_error(reference_pipeline):

@@ -14,7 +14,7 @@ from minigpt5.config import DEFAULT_GENERATION, LN_VISION_EPS, NUM_VOKENS
 from minigpt5.image_decoder import ImageJob
 from minigpt5.request import LIMITS, InvalidRequest, build_request
 from minigpt5.sampling import SamplingParams
-from minigpt5.stages import resolve_dtype
+from minigpt5.placement import resolve_dtype
 from minigpt5.weights.layout import WeightsDir
 
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "API.md"

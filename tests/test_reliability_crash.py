@@ -1,9 +1,9 @@
-"""Issue 8: per-request timeouts, and kill -9 of a model's stub under light load, on a server of this
+"""Per-request timeouts, and kill -9 of a model's stub under light load, on a server of this
 module's own (request_timeout_s=2; the kill ends it). Every client call has a timeout.
 
 What Triton 2.51 does by itself when a python stub dies: nothing. It neither restarts the stub nor
 reports the model unready; requests in flight in it hang forever and later ones fail. TritonProcess's
-watchdog (minigpt5/serving/server.py) therefore stops tritonserver when a stub dies, so that clients
+watchdog (minigpt5/launcher/process.py) therefore stops tritonserver when a stub dies, so that clients
 get an error at once and Kubernetes restarts the container (`minigpt5 serve` exits with code 3)."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import json
 import pytest
 
 from conftest import start_server
-from minigpt5.bench.reliability import probe_crash, probe_timeout
+from minigpt5.bench.reliability.crash import probe_crash
+from minigpt5.bench.reliability.load import probe_timeout
 
 pytestmark = pytest.mark.server
 

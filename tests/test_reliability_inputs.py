@@ -1,13 +1,13 @@
-"""Issue 8, bad inputs: every input class of docs/LIMITS.md over gRPC streaming, HTTP /generate and
+"""Bad inputs: every input class of docs/LIMITS.md over gRPC streaming, HTTP /generate and
 /generate_stream against the shared server (refusals do not break it). The table of cases is
-minigpt5/bench/reliability.py's `input_cases()`, the same one `minigpt5 bench reliability` runs."""
+minigpt5/bench/reliability/inputs.py's `input_cases()`, the same one `minigpt5 bench reliability` runs."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from minigpt5.bench.reliability import input_cases, probe_inputs
+from minigpt5.bench.reliability.inputs import input_cases, probe_inputs
 
 pytestmark = pytest.mark.server
 

@@ -1,4 +1,4 @@
-"""Issue 8 under load, on a server of this module's own (max_inflight_requests=2): admission control,
+"""Reliability under load, on a server of this module's own (max_inflight_requests=2): admission control,
 clients that go away (gRPC cancel, SSE close) and a soak. Timing is reported, not asserted, except
 as loose bounds that only catch hangs; the counts are asserted.
 
@@ -12,8 +12,10 @@ import os
 import pytest
 
 from conftest import start_server
-from minigpt5.bench.reliability import (SHORT, STEADY, grpc_request, grpc_tensors, outcomes, probe_disconnects,
-                                        probe_overload, probe_soak)
+from minigpt5.bench.reliability.disconnects import probe_disconnects
+from minigpt5.bench.reliability.load import probe_overload, probe_soak
+from minigpt5.bench.reliability.measure import outcomes
+from minigpt5.bench.reliability.wire import SHORT, STEADY, grpc_request, grpc_tensors
 
 pytestmark = pytest.mark.server
 

@@ -17,8 +17,8 @@ import urllib.request
 import pytest
 
 from minigpt5 import cli
-from minigpt5.serving import server
-from minigpt5.serving.server import TritonProcess
+from minigpt5.launcher import process as server
+from minigpt5.launcher.process import TritonProcess
 from conftest import free_port
 
 SLOW_CONFIG = """name: "slow"
@@ -132,20 +132,28 @@ def test_serve_refuses_a_bad_weights_directory_before_starting(tmp_path, tiny_we
     assert "tritonserver" not in error  # refused before starting it
 
 
+def _serve(tiny_weights, *triton_flags):
+    """`minigpt5 serve` on the tiny weights, as a process; returns it ready, with its HTTP and gRPC ports."""
+    http_port, grpc_port = free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "minigpt5.cli", "serve", "--weights", str(tiny_weights),
+                              "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                              "--metrics-port", str(free_port()), "--", *triton_flags],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not _ready(http_port):
+        if serve.poll() is not None or time.monotonic() > deadline:
+            serve.kill()
+            pytest.fail(serve.communicate()[1].decode()[-2000:])
+        time.sleep(1)
+    return serve, http_port, grpc_port
+
+
 @pytest.mark.server
 def test_serve_stops_on_sigterm_and_a_second_one_kills_at_once(tmp_path, tiny_weights):
     """`minigpt5 serve` drains on SIGTERM (up to the exit timeout + margin); a second SIGTERM while it
     waits kills tritonserver and its stubs at once, and serve still exits cleanly, leaving nothing behind."""
-    http_port = free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "minigpt5.cli", "serve", "--weights", str(tiny_weights),
-                              "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(free_port()),
-                              "--metrics-port", str(free_port()), "--", "--exit-timeout-secs=120"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    serve, http_port, _ = _serve(tiny_weights, "--exit-timeout-secs=120")
     try:
-        deadline = time.monotonic() + 300
-        while not _ready(http_port):
-            assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read().decode()[-2000:]
-            time.sleep(1)
         release = threading.Event()
         threading.Thread(target=_hold_connection, args=(http_port, release), daemon=True).start()  # Triton drains it
         time.sleep(1)
@@ -162,6 +170,44 @@ def test_serve_stops_on_sigterm_and_a_second_one_kills_at_once(tmp_path, tiny_we
     assert serve.returncode == 0, err.decode()[-2000:]
     assert b"killing tritonserver now" in err and b"Traceback" not in err
     assert not _alive(server_pid)
+
+
+# Text until the context is nearly full, then a 200-step image: several seconds of work on the tiny weights,
+# with decoder calls all along (Triton alone cut such an answer at SIGTERM: "Server not ready").
+LONG_ANSWER = dict(max_tokens=900, temperature=0.0, repetition_penalty=1.0, force_image=True,
+                   force_image_mode="end", num_inference_steps=200)
+
+
+@pytest.mark.server
+def test_sigterm_lets_the_answers_in_flight_finish_and_refuses_new_ones(tiny_weights):
+    from minigpt5_client import Client
+    from minigpt5_client.errors import Overloaded
+
+    serve, _, grpc_port = _serve(tiny_weights, "--exit-timeout-secs=120")
+    url = f"127.0.0.1:{grpc_port}"
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = threading.Event()
+
+            def long_answer():
+                events = []
+                for event in Client(url).stream("A very long story.", **LONG_ANSWER):
+                    events.append(type(event).__name__)
+                    started.set()
+                return events
+            answer = pool.submit(long_answer)
+            assert started.wait(120)
+            serve.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            with pytest.raises(Overloaded, match="shutting down"):
+                Client(url).generate("Hello.", max_tokens=4)
+            events = answer.result(timeout=200)
+        _, err = serve.communicate(timeout=200)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert events[-1] == "Final" and "ImageEvent" in events, events
+    assert serve.returncode == 0 and b"draining: 1 request(s) in flight" in err, err.decode()[-2000:]
 
 
 def _ready(http_port: int) -> bool:

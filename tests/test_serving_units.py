@@ -29,8 +29,8 @@ REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
 # after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
-PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_model", "image_model", "decoder_model",
-            "bls_model")
+PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_encoder_model", "image_decoder_model", "vicuna_decoder_model",
+            "minigpt5_model")
 MODEL_DIRS = ("vision_encoder", "image_decoder", "vicuna_decoder", "minigpt5")
 
 # Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
@@ -186,18 +186,18 @@ def _metric(name: str, label: str, **labels) -> float:
 # ---- model fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vision(serving, make_args):
-    return serving.vision_model.VisionEncoder(make_args("vision_encoder"))
+    return serving.vision_encoder_model.VisionEncoder(make_args("vision_encoder"))
 
 
 @pytest.fixture(scope="module")
 def image_model(serving, make_args):
-    return serving.image_model.ImageDecoderModel(make_args("image_decoder"),
+    return serving.image_decoder_model.ImageDecoderModel(make_args("image_decoder"),
                                                   metrics=serving.metrics.ImageMetrics("image_decoder_units"))
 
 
 @pytest.fixture(scope="module")
 def decoder_model(serving, make_args):
-    model = serving.decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
+    model = serving.vicuna_decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
                                                      metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
     yield model
     model.finalize()
@@ -221,7 +221,7 @@ def children(pb, configs, vision, image_model, decoder_model):
 @pytest.fixture(scope="module")
 def decoder(serving, children):
     """`minigpt5`'s link to `vicuna_decoder`, making the BLS calls `minigpt5` makes (through the fake)."""
-    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    link = serving.decoder_link.DecoderLink(serving.minigpt5_model.MiniGPT5Model._call_decoder)
     yield link
     link.close()
 
@@ -240,7 +240,7 @@ def make_bls(serving, make_args, children):
     made = []
 
     def make(label: str, **parameters):
-        model = serving.bls_model.MiniGPT5Model(make_args("minigpt5", **parameters),
+        model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5", **parameters),
                                                 metrics=serving.metrics.PublicModelMetrics(label))
         made.append(model)
         return model
@@ -419,6 +419,57 @@ def test_wire_merges_a_requests_text_and_keeps_every_event_in_order():
     assert isinstance(got[5].error, InvalidRequest) and "kv_cache_budget_tokens" in str(got[5].error)
 
 
+def test_decoder_metrics_count_waiting_running_and_kv_use(serving):
+    """The gauges follow the engine's figures, set by the metrics thread from the snapshots the engine
+    thread queues; the last snapshot of a burst (engine idle) is always recorded."""
+    from types import SimpleNamespace
+    metrics = serving.metrics.DecoderMetrics("vicuna_decoder_gauges")
+    engine = SimpleNamespace(prefix_cache=None, prefill_positions_computed=0, prefill_positions_reused=0,
+                             num_waiting=3, rows=[object()] * 2, reserved_positions=250, kv_budget_tokens=1000,
+                             has_work=True, step_prefill_seconds=[0.5, 0.25])
+    try:
+        metrics.observe_step(engine)
+        label = "vicuna_decoder_gauges"
+        assert wait_until(lambda: _metric("minigpt5_num_requests_waiting", label) == 3)
+        assert _metric("minigpt5_num_requests_running", label) == 2
+        assert _metric("minigpt5_kv_cache_used_positions", label) == 250
+        assert _metric("minigpt5_kv_cache_usage_ratio", label) == 0.25
+        assert fake_pb_utils.histogram_observations("minigpt5_prefill_latency_seconds", model=label) == [0.5, 0.25]
+        engine.num_waiting, engine.rows, engine.reserved_positions = 0, [], 0
+        engine.has_work, engine.step_prefill_seconds = False, []
+        metrics.observe_step(engine)  # within STATE_METRICS_INTERVAL_S, but the engine is idle now
+        assert wait_until(lambda: _metric("minigpt5_num_requests_waiting", label) == 0)
+        assert wait_until(lambda: _metric("minigpt5_kv_cache_usage_ratio", label) == 0)
+        assert _metric("minigpt5_num_requests_running", label) == 0
+        assert fake_pb_utils.histogram_observations("minigpt5_decoder_batch_size", model=label) == [2]
+    finally:
+        metrics.close()
+
+
+def test_batch_dispatcher_reports_each_jobs_wait_and_the_call(serving):
+    reported, calling, gate = [], threading.Event(), threading.Event()
+
+    def call(jobs):
+        calling.set()
+        gate.wait(WAIT_S)
+        return jobs
+    dispatcher = serving.dispatch.BatchDispatcher("units-timing", call, rows=lambda job: 1, max_rows=8,
+                                                  on_call=lambda waits, seconds: reported.append((waits, seconds)))
+    try:
+        first = dispatcher.submit("a")  # its call waits on the gate; the next two queue behind it
+        assert calling.wait(WAIT_S)
+        later = [dispatcher.submit("b"), dispatcher.submit("c")]
+        time.sleep(0.05)
+        gate.set()
+        assert [f.result(WAIT_S) for f in [first, *later]] == ["a", "b", "c"]
+        assert wait_until(lambda: len(reported) == 2)
+        (first_waits, first_call), (later_waits, later_call) = reported
+        assert len(first_waits) == 1 and len(later_waits) == 2  # one call for the jobs that queued together
+        assert first_call >= 0.05 and min(later_waits) >= 0.05  # b and c waited for a's call
+    finally:
+        dispatcher.close()
+
+
 def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
     from minigpt5.errors import InvalidRequest
     first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))
@@ -463,7 +514,7 @@ def test_engine_loop_close_ends_open_requests_and_joins_its_thread(tiny_weights)
     from minigpt5.serving.decoder_wire import Failure, NewRequest
     from minigpt5.stages import DecoderStage
     from minigpt5.weights.layout import WeightsDir
-    decoder_model = importlib.import_module("minigpt5.serving.decoder_model")
+    decoder_model = importlib.import_module("minigpt5.serving.vicuna_decoder_model")
     before = set(threading.enumerate())
     loop = decoder_model.EngineLoop(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
     assert len(new_threads(before, "minigpt5-engine")) == 1
@@ -504,7 +555,7 @@ def test_held_text_is_gathered_until_due_unless_another_event_comes():
 def test_link_close_ends_open_streams_and_joins_its_thread(serving, children):
     from minigpt5.errors import Overloaded
     before = set(threading.enumerate())
-    link = serving.decoder_link.DecoderLink(serving.bls_model.MiniGPT5Model._call_decoder)
+    link = serving.decoder_link.DecoderLink(serving.minigpt5_model.MiniGPT5Model._call_decoder)
     assert len(new_threads(before, "minigpt5-decoder-link")) == 1
     stream = link.open("units-link-close", PROMPT, None, _sampling(seed=1, **LONG))
     assert stream.next_event(timeout=WAIT_S) is not None
@@ -603,6 +654,17 @@ def test_bls_metrics_after_a_request(pb, bls, streamed):
     assert _metric("minigpt5_images_total", label) == 1
     assert len(pb.histogram_observations("minigpt5_time_to_first_token_seconds", model=label)) == 1
     assert len(pb.histogram_observations("minigpt5_time_to_first_image_seconds", model=label)) == 1
+    # recorded by the model's metrics thread: one observation per answer, per image, per stage call
+    assert wait_until(lambda: len(pb.histogram_observations("minigpt5_image_queue_wait_seconds", model=label)) == 1)
+    assert pb.histogram_observations("minigpt5_request_prompt_tokens", model=label) == [usage["prompt_tokens"]]
+    (e2e,) = pb.histogram_observations("minigpt5_e2e_request_latency_seconds", model=label)
+    ttft = pb.histogram_observations("minigpt5_time_to_first_token_seconds", model=label)[0]
+    assert e2e >= ttft > 0
+    (per_token,) = pb.histogram_observations("minigpt5_time_per_output_token_seconds", model=label)
+    assert 0 <= per_token * (usage["sampled_tokens"] - 1) <= e2e
+    (decode,) = pb.histogram_observations("minigpt5_image_decode_latency_seconds", model=label)
+    assert 0 < decode <= e2e
+    assert pb.histogram_observations("minigpt5_vision_latency_seconds", model=label) == []  # no input image
     kinds = pb.metric_families()
     assert kinds["minigpt5_inflight_requests"] == pb.MetricFamily.GAUGE
     assert kinds["minigpt5_requests_total"] == pb.MetricFamily.COUNTER
@@ -710,11 +772,13 @@ def test_bls_invalid_input_gets_one_final_invalid_arg_naming_the_field(pb, bls, 
 
 @pytest.mark.parametrize("key", ["kv_preallocate", "decode_cuda_graphs"])
 def test_gpu_default_switches(serving, key):
+    from minigpt5 import placement
+
     def choose(setting, device):
-        return serving.decoder_model.on_gpu_by_default({key: setting}, key, device)
+        return placement.on_gpu_by_default({key: setting}, key, device)
     assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
         (False, True, True, False)
-    assert serving.decoder_model.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
+    assert placement.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
     with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
 
@@ -746,7 +810,7 @@ def cancelled_run(pb, serving, make_bls, configs, engine):
     bls = make_bls(label)
     aborted = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
+        mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
         real_abort = engine.abort
         mp.setattr(engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
         request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
@@ -783,7 +847,7 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
     label = "minigpt5_units_cancel_image"
     bls = make_bls(label)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.bls_model, "CANCEL_CHECK_S", 0.0)
+        mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)
         # max_tokens=8 with force_image: the first token is [IMG0], so the decoder sends the voken
         # states, then its Finished; the client is gone at the second check.
         request = public_request(configs, "units-cancel-image", text_input="Draw a kite.", stream=True,
@@ -824,9 +888,9 @@ def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
     names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
-             "minigpt5-decoder-link")
+             "minigpt5-decoder-link", "minigpt5-request-metrics")
     before = set(threading.enumerate())
-    model = serving.bls_model.MiniGPT5Model(make_args("minigpt5"),
+    model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5"),
                                             metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
     request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
                              num_inference_steps=1)
@@ -878,10 +942,10 @@ def _model_py_requests(name: str, configs, hidden):
 
 @pytest.mark.parametrize("name", MODEL_DIRS)
 def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
-    expected = {"vision_encoder": serving.vision_model.VisionEncoder,
-                "image_decoder": serving.image_model.ImageDecoderModel,
-                "vicuna_decoder": serving.decoder_model.VicunaDecoderModel,
-                "minigpt5": serving.bls_model.MiniGPT5Model}[name]
+    expected = {"vision_encoder": serving.vision_encoder_model.VisionEncoder,
+                "image_decoder": serving.image_decoder_model.ImageDecoderModel,
+                "vicuna_decoder": serving.vicuna_decoder_model.VicunaDecoderModel,
+                "minigpt5": serving.minigpt5_model.MiniGPT5Model}[name]
     module = _load_model_py(name)
     before = set(threading.enumerate())
     triton_model = module.TritonPythonModel()
@@ -912,3 +976,69 @@ def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs
             assert wait_until(lambda: not left(), timeout=5.0), left()
     if name in ("minigpt5", "vicuna_decoder"):  # the models that own threads have finalize
         assert hasattr(module.TritonPythonModel, "finalize")
+
+
+# ---- drain before shutdown (minigpt5/launcher/drain.py) ----------------------------------------------
+class _MetricsEndpoint:
+    """A real HTTP /metrics endpoint whose minigpt5_inflight_requests follows `counts`, one per scrape."""
+
+    def __init__(self, counts):
+        import http.server
+
+        counts = list(counts)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                count = counts.pop(0) if len(counts) > 1 else counts[0]
+                body = (f'nv_inference_count{{model="minigpt5"}} 3\n'
+                        f'minigpt5_inflight_requests{{model="minigpt5"}} {count}\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
+    from minigpt5.launcher import drain
+    monkeypatch.setattr(drain, "POLL_S", 0.01)
+    monkeypatch.setattr(drain, "SETTLE_S", 0.0)
+    endpoint, lines = _MetricsEndpoint([2, 2, 1, 0]), []
+    try:
+        assert drain.wait_drained(endpoint.url, time.monotonic() + 30, lines.append)
+        assert drain.inflight_requests(endpoint.url) == 0
+    finally:
+        endpoint.close()
+    assert lines and "draining: 2 request(s) in flight" in lines[0]
+
+
+def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
+    from minigpt5.launcher import drain
+    monkeypatch.setattr(drain, "POLL_S", 0.01)
+    endpoint, lines = _MetricsEndpoint([1]), []
+    try:
+        assert not drain.wait_drained(endpoint.url, time.monotonic() + 0.2, lines.append)
+    finally:
+        endpoint.close()
+    assert "still in flight at the exit timeout" in lines[-1]
+    from conftest import free_port
+    refused = f"http://127.0.0.1:{free_port()}/metrics"
+    assert drain.inflight_requests(refused) is None
+    assert not drain.wait_drained(refused, time.monotonic() + 30, lines.append)
+    assert "cannot read" in lines[-1]
+
+
+def test_the_shutdown_flag_is_a_file_in_the_served_model_directory(tmp_path):
+    from minigpt5.launcher import contract
+    flag = contract.ShutdownFlag(tmp_path)
+    assert not flag.raised() and not contract.ShutdownFlag(None).raised()
+    contract.request_shutdown(tmp_path)
+    assert flag.raised()

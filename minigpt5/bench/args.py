@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .flags import int_list, name_list
+
 
 def add_bench_commands(subparsers) -> None:
     """Register every bench on the `bench` sub-command's subparsers (called by minigpt5/cli.py)."""
@@ -17,21 +19,6 @@ def add_bench_commands(subparsers) -> None:
 
 
 # ---- flags shared by the model benches --------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def name_list(text: str) -> list[str]:
-    """A comma-separated flag value as a list (empty items dropped)."""
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None:
     p.add_argument("--preset", choices=["tiny", "full"], default=default_preset,
                    help="architecture: full = real MiniGPT-5 dims (~9.5 B params), tiny = seconds on a CPU")
@@ -59,14 +46,14 @@ def _add_stages(sub) -> None:
     _add_model_flags(p, default_preset="tiny")
 
     def handler(args):
-        from .stages import main
+        from .stage_latency import main
         return main(args)
     p.set_defaults(handler=handler)
 
 
 def _add_e2e(sub) -> None:
     p = sub.add_parser("e2e", help="stage latencies at several batch sizes, engine decode, end to end, naive baseline",
-                       description="Issue 9's harness: stages at batch 1/8 (vision) and 1/4 (UNet), engine "
+                       description="The whole performance picture in one run: stages at batch 1/8 (vision) and 1/4 (UNet), engine "
                                    "decode ms/token at batch 1/8/32 with its HBM floor, end to end "
                                    "'one image + prompt in, 512 tokens + one image out' through the "
                                    "repository's stages (PNDM 50 and DPM-Solver++ 20), and the naive "
@@ -77,9 +64,9 @@ def _add_e2e(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens generated end to end (image forced)")
     p.add_argument("--steps", type=int, default=50, help="PNDM steps end to end and in the naive baseline")
     p.add_argument("--dpm-steps", type=int, default=20, help="DPM-Solver++ steps of the fast end-to-end option")
-    p.add_argument("--vision-batches", type=_int_list, default=[1, 8], help="vision encoder batch sizes")
-    p.add_argument("--unet-batches", type=_int_list, default=[1, 4], help="images per UNet step (CFG doubles)")
-    p.add_argument("--decode-batches", type=_int_list, default=[1, 8, 32], help="engine decode batch sizes")
+    p.add_argument("--vision-batches", type=int_list, default=[1, 8], help="vision encoder batch sizes")
+    p.add_argument("--unet-batches", type=int_list, default=[1, 4], help="images per UNet step (CFG doubles)")
+    p.add_argument("--decode-batches", type=int_list, default=[1, 8, 32], help="engine decode batch sizes")
     p.add_argument("--decode-steps", type=int, default=32, help="timed engine steps per decode batch size")
     p.add_argument("--hbm-gbps", type=float,
                    help="memory bandwidth for the decode floor, GB/s (default: datasheet value of the GPU "
@@ -103,7 +90,7 @@ def _add_e2e(sub) -> None:
 
 
 def _add_batching(sub) -> None:
-    p = sub.add_parser("batching", help="continuous batching vs the run-to-completion baseline (issue 4)",
+    p = sub.add_parser("batching", help="continuous batching vs the run-to-completion baseline",
                        description="In-process, no Triton: the real DecodeEngine over the tiny weights (or "
                                    "--weights), continuous batching and DecodeEngine(run_to_completion=True) "
                                    "measured in the same run: tokens/s at each --concurrency (requests "
@@ -117,7 +104,7 @@ def _add_batching(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="LLM dtype (auto: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16],
+    p.add_argument("--concurrency", type=int_list, default=[1, 4, 8, 16],
                    help="requests submitted together, one throughput run each (1 is always added)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the throughput runs")
     p.add_argument("--long-tokens", type=int, default=256, help="tokens of each of the 4 long requests")
@@ -178,13 +165,13 @@ def _add_serving(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON result to stdout (always on)")
 
     def handler(args):
-        from .serving import main
+        from .serving_cost import main
         return main(args)
     p.set_defaults(handler=handler)
 
 
 def _add_reliability(sub) -> None:
-    p = sub.add_parser("reliability", help="bad inputs, overload, timeouts, disconnects, crashes, soak (issue 8)",
+    p = sub.add_parser("reliability", help="bad inputs, overload, timeouts, disconnects, crashes, soak",
                        description="Start real tritonservers of its own (free ports, the built-in tiny weights by "
                                    "default) and probe what they do with bad inputs, overload, request timeouts, "
                                    "client disconnects, kill -9 of a model's stub and a steady soak; the HTTP "
@@ -192,9 +179,9 @@ def _add_reliability(sub) -> None:
                                    "`summary` holds the counts (docs/RELIABILITY.md).")
 
     def handler(args):
-        from .reliability import run
+        from .reliability.command import run
         return run(args)
-    from .reliability import add_arguments  # stdlib only at import time
+    from .reliability.command import add_arguments  # no torch at import time
     add_arguments(p)
     p.set_defaults(handler=handler)
 

@@ -1,4 +1,4 @@
-"""`minigpt5 bench batching`: issue 4, continuous batching against the run-to-completion baseline.
+"""`minigpt5 bench batching`: continuous batching against the run-to-completion baseline.
 
 In-process, no Triton: the real `DecodeEngine` over the LLM of a weights directory (the built-in tiny
 weights by default), driven by this thread. Two engines share the one LLM: the served one
@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 
 from .report import Report
 from .timing import log
@@ -68,7 +67,8 @@ def build(ctx: dict, args) -> dict:
     """The LLM, the two engines over it, the prompts, and the bench's token bans."""
     import torch
 
-    from ..stages import DecoderStage, resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
+    from ..stages import DecoderStage
 
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -76,8 +76,9 @@ def build(ctx: dict, args) -> dict:
     if args.weights is not None or args.preset == "tiny":
         from ..stages import PromptBuilder
         from ..weights.layout import WeightsDir
+        from ..weights.tiny import resolve_weights
 
-        weights = WeightsDir(_weights_path(args.weights))
+        weights = WeightsDir(resolve_weights(args.weights))
         stage = DecoderStage.load(weights, device, dtype)
         tokens = weights.tokens
         builder = PromptBuilder(weights, stage.tokenizer)
@@ -103,13 +104,6 @@ def build(ctx: dict, args) -> dict:
     return {**source, "seconds": round(time.perf_counter() - start, 2), "device": device,
             "dtype": str(dtype).split(".")[-1], "vocab_size": len(stage.tokenizer), "banned_ids": len(banned),
             "prompt_positions": sorted({len(p) for p in prompts})}
-
-
-def _weights_path(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from ..weights.tiny import default_tiny_weights
-    return default_tiny_weights()
 
 
 def _request(text: str, defaults: dict):
@@ -354,7 +348,7 @@ def summarize(data: dict, concurrency: list[int]) -> None:
 def main(args) -> int:
     import torch
 
-    from ..stages import resolve_device
+    from ..placement import resolve_device
 
     report = Report("batching", out=args.out)
     default_threads = torch.get_num_threads()

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .cache_served import ttft_by_turn, ttft_ratios
 from .report import Report
 from .timing import log
 
@@ -54,13 +54,15 @@ METHOD = {
 
 
 def build(ctx: dict, args) -> dict:
-    from ..stages import DecoderStage, PromptBuilder, VisionStage, resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
+    from ..stages import DecoderStage, PromptBuilder, VisionStage
     from ..weights.layout import WeightsDir
+    from ..weights.tiny import resolve_weights
 
     start = time.perf_counter()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    weights = WeightsDir(_weights_path(args.weights))
+    weights = WeightsDir(resolve_weights(args.weights))
     cached = DecoderStage.load(weights, device, dtype, prefix_cache_tokens=args.prefix_cache_tokens,
                                prefix_block_tokens=args.block_tokens)
     plain = DecoderStage(cached.llm, cached.tokenizer, weights.tokens)
@@ -73,13 +75,6 @@ def build(ctx: dict, args) -> dict:
     return {"weights": str(weights.path), "device": device, "dtype": str(dtype).split(".")[-1],
             "block_tokens": args.block_tokens, "prefix_cache_tokens": args.prefix_cache_tokens,
             "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _weights_path(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from ..weights.tiny import default_tiny_weights
-    return default_tiny_weights()
 
 
 # ---- one path ---------------------------------------------------------------------------------------
@@ -208,19 +203,6 @@ def chat_section(ctx: dict, args) -> dict:
     return out
 
 
-def ttft_by_turn(results: list[dict], turns: int) -> dict:
-    """Median and best TTFT of each turn over the repeats."""
-    samples = [[r["turns"][t]["ttft_ms"] for r in results] for t in range(turns)]
-    return {"ttft_ms": [round(statistics.median(s), 3) for s in samples],
-            "ttft_ms_best": [round(min(s), 3) for s in samples]}
-
-
-def ttft_ratios(out: dict) -> dict:
-    """cache / no_cache per turn, of the medians and of the best runs."""
-    return {name: [round(c / n, 3) for c, n in zip(out["cache"][key], out["no_cache"][key])]
-            for name, key in (("ttft_ratio", "ttft_ms"), ("ttft_ratio_best", "ttft_ms_best"))}
-
-
 def shared_section(ctx: dict, args) -> dict:
     runs = _alternate(shared, ctx, args, "shared")
     out = {mode: {"tokens_per_s": round(max(r["tokens_per_s"] for r in results), 1),
@@ -268,7 +250,7 @@ def summary(data: dict) -> dict:
 def main(args) -> int:
     import torch
 
-    from ..stages import resolve_device
+    from ..placement import resolve_device
 
     default_threads = torch.get_num_threads()
     threads = args.threads if args.threads is not None else (1 if resolve_device(args.device) == "cpu" else 0)

@@ -12,6 +12,7 @@ Triton's `nv_inference_count` of `vision_encoder`.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -26,8 +27,8 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 def measure(args, weights: Path) -> dict:
-    from ..serving.server import TritonProcess
-    from .serving import free_port
+    from ..launcher.local import free_port
+    from ..launcher.process import TritonProcess
 
     servers = {}
     for mode in ("no_cache", "cache"):
@@ -56,7 +57,7 @@ def measure(args, weights: Path) -> dict:
 
 
 def served_chat(server, args, repeat: int) -> dict:
-    from .serving import _grpc_tensor, _stream, _string
+    from .serving_cost import _grpc_tensor, _stream, _string
 
     rng = np.random.default_rng(args.seed + 1000 + repeat)
     pictures = rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8)
@@ -100,7 +101,6 @@ def _vision_images(metrics_url: str) -> int:
 
 
 def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
-    from .cache import ttft_by_turn, ttft_ratios
 
     out = {"startup_s": round(startup_s, 1), "exit_codes": exit_codes, "caches_off": CACHES_OFF}
     for mode, results in runs.items():
@@ -116,3 +116,16 @@ def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
                            for a, b in zip(runs["cache"], runs["no_cache"]))
     out.update(ttft_ratios(out))
     return out
+
+
+def ttft_by_turn(results: list[dict], turns: int) -> dict:
+    """Median and best TTFT of each turn over the repeats."""
+    samples = [[r["turns"][t]["ttft_ms"] for r in results] for t in range(turns)]
+    return {"ttft_ms": [round(statistics.median(s), 3) for s in samples],
+            "ttft_ms_best": [round(min(s), 3) for s in samples]}
+
+
+def ttft_ratios(out: dict) -> dict:
+    """cache / no_cache per turn, of the medians and of the best runs."""
+    return {name: [round(c / n, 3) for c, n in zip(out["cache"][key], out["no_cache"][key])]
+            for name, key in (("ttft_ratio", "ttft_ms"), ("ttft_ratio_best", "ttft_ms_best"))}

@@ -1,4 +1,4 @@
-"""`minigpt5 bench e2e`: issue 9's one-command harness (docs/BENCHMARKS.md).
+"""`minigpt5 bench e2e`: the whole performance picture in one command (docs/BENCHMARKS.md).
 
 Sections, in priority order (a section the --budget-s cannot fit is skipped, not overrun):
   stages   vision at --vision-batches, prefill, direct decode, mapper, UNet+CFG at --unet-batches, VAE
@@ -21,12 +21,12 @@ import torch
 
 from ..config import SCHEDULER
 from .decode import decode_sweep_estimate_s, engine_decode, hbm_floor
-from .endtoend import input_image, ready, run_once
+from .one_answer import input_image, ready, run_once
 from ..fp8 import fp8_available, quantize_llm_fp8
 from .models import BASE_VOCAB, bench_tokenizer, llm_bytes, make_decoder, make_stages, prompt_ids
 from .naive import make_sd_pipeline, naive_once
 from .report import Report
-from .stages import build, time_decode_direct, time_mapper, time_prefill, time_unet_step, time_vae_decode, time_vision
+from .stage_latency import build, time_decode_direct, time_mapper, time_prefill, time_unet_step, time_vae_decode, time_vision
 from .timing import hbm_bandwidth, log, memory
 
 TARGET_MS = 2000.0  # the product's end-to-end target

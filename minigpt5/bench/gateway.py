@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,18 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..launcher.local import free_port
 from .report import Report
 from .timing import log
 
 PROMPT = "Tell me a story about a cat."
 TARGETS = {"lone_latency_ratio_max": 1.05, "streams_tokens_per_s_ratio_min": 0.95}
 STARTUP_TIMEOUT_S = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GatewayProcess:
@@ -231,11 +225,11 @@ def _ready(gateway: GatewayProcess) -> dict:
 
 
 def _start_server(report: Report, args):
-    from ..serving.server import TritonProcess
-    from ..weights.tiny import default_tiny_weights
+    from ..launcher.process import TritonProcess
+    from ..weights.tiny import resolve_weights
 
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-gateway-"))
-    server = TritonProcess(Path(args.weights or default_tiny_weights()).resolve(), http_port=free_port(),
+    server = TritonProcess(resolve_weights(args.weights), http_port=free_port(),
                            grpc_port=free_port(), metrics_port=free_port(), host="127.0.0.1", device=args.device,
                            workdir=workdir, log_file=workdir / "tritonserver.log")
     report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "log": str(workdir / "tritonserver.log")}

@@ -11,7 +11,7 @@ import torch
 
 from .. import components
 from ..config import NUM_QUERY_TOKENS, SCHEDULER, VOKEN_TOKENS, preset
-from ..stages import resolve_device, resolve_dtype
+from ..placement import resolve_device, resolve_dtype
 
 BASE_VOCAB = {"full": 32000, "tiny": 512}  # LLaMA's vocabulary; tiny as weights/tiny.py
 LLM_SIDE = ("vision", "llm")  # built in --dtype; mapper, unet, vae in --image-dtype (as pipeline.py)

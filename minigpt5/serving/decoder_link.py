@@ -7,7 +7,7 @@ a step has produced events for this link (or after its short wait), so events ar
 after they were made and the engine never waits for the link. With nothing open the thread sleeps.
 
 Triton-free: `call(link_id, commands, image_embeds) -> (events, voken_states)` is the BLS call,
-given by the model (bls_model.py), so the tests can drive the link without Triton.
+given by the model (minigpt5_model.py), so the tests can drive the link without Triton.
 """
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ class DecodeStream:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._held = None  # an event taken from the queue while merging text, not yet handed out
         self._not_text = threading.Event()  # set when an event other than text is put
+        self._first_at: float | None = None  # time.monotonic() of the first event (the first token)
+        self._finished_at: float | None = None  # ... and of the Finished event
+
+    @property
+    def decode_seconds(self) -> float | None:
+        """From the first token's arrival to the Finished event's (metrics); None until both came."""
+        if self._first_at is None or self._finished_at is None:
+            return None
+        return self._finished_at - self._first_at
 
     def next_event(self, timeout: float, hold_text_until: float = 0.0):
         """The next event, or None if none came within `timeout` seconds. Raises the request's error.
@@ -84,6 +93,11 @@ class DecodeStream:
         self._link.abort(self.request_id)
 
     def put(self, event) -> None:
+        now = time.monotonic()
+        if isinstance(event, Finished):
+            self._finished_at = now
+        elif self._first_at is None:
+            self._first_at = now
         self._events.put(event)
         if not isinstance(event, TextDelta):
             self._not_text.set()

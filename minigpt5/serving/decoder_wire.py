@@ -1,6 +1,6 @@
 """What crosses the link between `minigpt5` and `vicuna_decoder`, in both directions. No Triton here.
 
-One unary call per engine step (decoder_link.py drives it, decoder_model.py answers it):
+One unary call per engine step (decoder_link.py drives it, vicuna_decoder_model.py answers it):
 
   in   `link_id`       STRING [1]      the calling `minigpt5` instance (each has its own outbox)
        `commands`      STRING [1]      JSON {"submit": [NewRequest...], "abort": [request ids]}; a

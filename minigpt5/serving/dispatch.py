@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from typing import Callable
 
 _NOTHING = object()
@@ -44,19 +45,23 @@ class ResponseWriter:
 
 
 class BatchDispatcher:
-    """Queue jobs from any thread; one thread sends them in batches of up to `max_rows` rows."""
+    """Queue jobs from any thread; one thread sends them in batches of up to `max_rows` rows.
+    `on_call(waits, seconds)`, if given, hears of each successful call: each job's wait in the queue
+    and the call's duration (metrics; it must not block)."""
 
-    def __init__(self, name: str, call: Callable[[list], list], rows: Callable[[object], int], max_rows: int):
+    def __init__(self, name: str, call: Callable[[list], list], rows: Callable[[object], int], max_rows: int,
+                 on_call: Callable[[list[float], float], None] | None = None):
         self._call = call
         self._rows = rows
         self._max_rows = max_rows
+        self._on_call = on_call
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"minigpt5-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, job) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((job, future))
+        self._queue.put((job, future, time.monotonic()))
         return future
 
     def close(self, timeout: float = 10.0) -> None:
@@ -84,14 +89,17 @@ class BatchDispatcher:
             self._run(batch)
 
     def _run(self, batch: list) -> None:
-        live = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        live = [(job, future, queued) for job, future, queued in batch if future.set_running_or_notify_cancel()]
         if not live:
             return
+        started = time.monotonic()
         try:
-            results = self._call([job for job, _ in live])
+            results = self._call([job for job, _, _ in live])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-            for _, future in live:
+            for _, future, _ in live:
                 future.set_exception(exc)
             return
-        for (_, future), result in zip(live, results):
+        if self._on_call:
+            self._on_call([started - queued for _, _, queued in live], time.monotonic() - started)
+        for (_, future, _), result in zip(live, results):
             future.set_result(result)

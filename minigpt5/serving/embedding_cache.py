@@ -9,7 +9,7 @@ either way (a square image, or pre-processed by the client) share one entry; the
 identity is part of it too. Each entry also keeps its embeddings' content key, which the decoder's
 prefix cache uses to name the image's positions, so it is hashed once per distinct image.
 
-Triton-free (bls_model.py calls `encode(images, encoder)` with its BLS call) and thread-safe.
+Triton-free (minigpt5_model.py calls `encode(images, encoder)` with its BLS call) and thread-safe.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Where a served model finds its weights and device: config.pbtxt parameters, else environment."""
+"""What a served model reads from Triton's arguments: its config.pbtxt parameters, its weights (the
+`weights` parameter, else the environment) and its placement (placement.py decides)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stages import resolve_device, resolve_dtype
+from ..launcher.contract import WEIGHTS_ENV
+from ..placement import device_for, dtype_for, set_cpu_threads
 from ..weights.layout import WeightsDir
-
-WEIGHTS_ENV = "MINIGPT5_WEIGHTS"
-DEVICE_ENV = "MINIGPT5_DEVICE"
 
 
 def open_weights(params: dict) -> WeightsDir:
@@ -19,21 +18,6 @@ def open_weights(params: dict) -> WeightsDir:
     if not path:
         raise RuntimeError(f"no weights: set the `weights` parameter in config.pbtxt or ${WEIGHTS_ENV}")
     return WeightsDir(path)
-
-
-def device_for(args: dict, params: dict) -> str:
-    """Triton's instance kind decides (KIND_GPU → cuda:N); `device` parameter or $MINIGPT5_DEVICE override."""
-    wanted = params.get("device") or os.environ.get(DEVICE_ENV) or "auto"
-    if wanted != "auto":
-        return resolve_device(wanted)
-    if args.get("model_instance_kind") == "GPU":
-        return f"cuda:{args['model_instance_device_id']}"
-    return "cpu"
-
-
-def dtype_for(params: dict, key: str, device: str, gpu_default: str):
-    return resolve_dtype(params.get(key) or ("fp32" if device == "cpu" else gpu_default), device)
-
 
 
 def model_parameters(args: dict) -> dict:
@@ -59,14 +43,3 @@ def placement(args: dict, gpu_dtype: str) -> Placement:
     device = device_for(args, params)
     set_cpu_threads(params)
     return Placement(params, open_weights(params), device, dtype_for(params, "dtype", device, gpu_dtype))
-
-
-def set_cpu_threads(params: dict) -> None:
-    """`cpu_threads` (where a config declares it): torch's intra-op threads in this stub; 0 or absent =
-    torch's default (one per core). Every stub defaults to all cores, so on a small CPU host the
-    stubs' threads compete; one thread for the decoder leaves the other cores to the serving work."""
-    threads = int(params.get("cpu_threads") or 0)
-    if threads < 0:
-        raise ValueError(f"cpu_threads: must be 0 (torch's default) or more, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)

@@ -33,9 +33,8 @@ import torch
 from safetensors import safe_open
 
 from .. import components
-from ..config import IMAGE_PLACEHOLDER, VOKEN_TOKENS, preset
+from ..config import IMAGE_PLACEHOLDER, UPSTREAM_LORA_ALPHA, VOKEN_TOKENS, preset
 from ..tokenizer import add_minigpt5_tokens, load_tokenizer
-from .convert_args import UPSTREAM_LORA_ALPHA
 from .layout import make_manifest, save_weights
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-UPSTREAM_LORA_ALPHA = 16.0  # upstream LoraConfig(r=8, lora_alpha=16); r is read from the lora_A shapes
+from ..config import UPSTREAM_LORA_ALPHA
 
 
 def add_convert_arguments(parser) -> None:

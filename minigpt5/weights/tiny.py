@@ -31,6 +31,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIGPT5_CACHE", Path.home() / ".cache" / "minigpt5"))
 
 
+def resolve_weights(path: str | Path | None) -> Path:
+    """The weights directory a command was given, else the built-in tiny weights (built on first use)."""
+    return Path(path if path is not None else default_tiny_weights()).resolve()
+
+
 def default_tiny_weights(seed: int = 0) -> Path:
     """The built-in tiny weights: built on first use into the cache, then reused."""
     target = cache_dir() / f"tiny-seed{seed}-v{VERSION}-{_recipe_digest()}"

@@ -1,5 +1,5 @@
-"""Triton entry point of `minigpt5`; the logic lives in minigpt5/serving/bls_model.py."""
-from minigpt5.serving.bls_model import MiniGPT5Model
+"""Triton entry point of `minigpt5`; the logic lives in minigpt5/serving/minigpt5_model.py."""
+from minigpt5.serving.minigpt5_model import MiniGPT5Model
 from minigpt5.serving.metrics import PublicModelMetrics
 
 

@@ -1,28 +1,17 @@
-"""`minigpt5 serve`: run the real tritonserver on `model_repository/`.
-
-Where tritonserver comes from:
-- on PATH (the NGC image `nvcr.io/nvidia/tritonserver:24.10-py3`): used as is, with its own backends;
-- else the binary inside the `nvidia-pytriton` wheel (Triton 2.51.0). Its python backend needs a stub
-  built for the running Python: we assemble a backend folder (libtriton_python.so, the utils module
-  and the stub for this Python version) and point `--backend-directory` at it.
-The Python stubs find this package through PYTHONPATH and the weights through $MINIGPT5_WEIGHTS.
+"""One tritonserver process serving the MiniGPT-5 repository: its command line, start, readiness, stop,
+and a watchdog over its python-backend stubs.
 
 Security defaults (docs/RELIABILITY.md): model control stays off (`--model-control-mode=none`), and
 the APIs that change the server or name files on it (model repository, shared memory, trace,
 logging) are refused on HTTP and gRPC unless the request carries the `minigpt5-admin-key` header
 with the admin key (`--admin-key` / $MINIGPT5_ADMIN_KEY; without one, a random key nobody knows).
 
-The served repository is a copy in the work directory holding only the model directories.
-Parameter overrides: `parameters={"minigpt5": {"max_inflight_requests": "4"}}` (or `minigpt5 serve
---param minigpt5.max_inflight_requests=4`) rewrite those `parameters` values of the copied
-config.pbtxt; the repository itself is never edited.
-
 Start and stop at real size: wait_ready has no deadline unless given one (loading the real weights
 takes minutes; the orchestrator's startup probe is the deadline) and reports every LOADING_REPORT_S
 which models are still loading, read from tritonserver's log as TritonProcess copies it through
-(server_log.py: Triton opens its ports only once every model has loaded). stop() waits for the
-effective --exit-timeout-secs (ours, or the operator's after `--`) plus UNLOAD_MARGIN_S before it
-kills anything.
+(log.py: Triton opens its ports only once every model has loaded). stop() drains first (drain.py),
+then stops tritonserver, and kills what is left only after the effective --exit-timeout-secs (ours,
+or the operator's after `--`) plus UNLOAD_MARGIN_S.
 
 Stub watchdog: Triton 2.51 never restarts a python-backend stub that died (kill -9, OOM killer) and
 keeps reporting the model ready; requests in flight in it hang forever. Once the server is ready,
@@ -36,24 +25,22 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
-from .runtime import DEVICE_ENV, WEIGHTS_ENV
-from .server_log import LogFollower
+from . import drain
+from .binary import TritonBinary, check_installed, find_tritonserver, prepare_backend_dir, server_environment
+from .contract import request_shutdown
+from .log import LogFollower
+from .repository import prepare_repository
 
-REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 EXIT_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs: in-flight requests get this long on shutdown
 # After --exit-timeout-secs Triton still unloads the models and the stubs exit: stop() waits this much
 # longer before it kills the process group. Orchestrators must allow exit timeout + this margin.
@@ -66,47 +53,6 @@ ADMIN_HEADER = "minigpt5-admin-key"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 WATCHDOG_POLL_S = 1.0  # how often the stub processes are checked once the server is ready
 CRASH_GRACE_S = 5.0  # after a stub died: SIGTERM, then SIGKILL of the whole group after this long
-EXIT_STUB_DIED = 3  # `minigpt5 serve` exit code when it stopped the server because a stub died
-
-
-@dataclass
-class TritonBinary:
-    executable: Path
-    backend_source: Path | None = None  # pytriton's backends/python (None: the binary's own backends)
-    libraries: list[Path] = field(default_factory=list)
-
-
-def find_tritonserver() -> TritonBinary:
-    on_path = shutil.which("tritonserver")
-    if on_path:
-        return TritonBinary(Path(on_path))
-    try:
-        import pytriton
-    except ImportError:
-        raise RuntimeError("tritonserver not found: not on PATH and nvidia-pytriton is not installed "
-                           "(pip install 'minigpt5-triton[server]')") from None
-    root = Path(pytriton.__file__).resolve().parent
-    libs = root.parent / "nvidia_pytriton.libs"
-    return TritonBinary(root / "tritonserver" / "bin" / "tritonserver", root / "tritonserver" / "backends" / "python",
-                        [libs] if libs.is_dir() else [])
-
-
-def prepare_backend_dir(binary: TritonBinary, workdir: Path) -> Path | None:
-    """A backend directory whose python backend has the stub of this Python (pytriton case only)."""
-    if binary.backend_source is None:
-        return None
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = binary.backend_source.parents[1] / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise RuntimeError(f"nvidia-pytriton has no python-backend stub for Python {version}")
-    target = workdir / "backends" / "python"
-    target.mkdir(parents=True, exist_ok=True)
-    for source in (binary.backend_source / "libtriton_python.so",
-                   binary.backend_source / "triton_python_backend_utils.py", stub):
-        link = target / source.name
-        if not link.exists():
-            link.symlink_to(source)
-    return workdir / "backends"
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -119,128 +65,14 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def server_environment(binary: TritonBinary, weights: Path, device: str) -> dict:
-    env = dict(os.environ)
-    libs = [str(p) for p in binary.libraries] + [sysconfig.get_config_var("LIBDIR") or ""]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs + _split(env.get("LD_LIBRARY_PATH")) if p)
-    # The stub embeds Python and takes its site-packages from the `python3` first on PATH.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # Four stub processes share the CPU cores: idle OpenMP workers must sleep, not spin.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env[WEIGHTS_ENV] = str(weights)
-    if device != "auto":
-        env[DEVICE_ENV] = device
-    return env
-
-
-def check_installed() -> None:
-    """The stubs run in the Python found first on PATH (this one) and ignore PYTHONPATH, so the
-    package must be installed in it (`pip install -e .` or `pip install .[server]`)."""
-    try:
-        metadata.distribution("minigpt5-triton")
-    except metadata.PackageNotFoundError:
-        raise RuntimeError(f"minigpt5-triton is not installed in {sys.prefix}; the Triton python stubs could "
-                           f"not import it. Run `pip install -e '.[server]'` (or `make serve`).") from None
-
 
 def check_weights(weights: Path) -> None:
     """A weights directory the stubs can load (manifest and every module file), checked before
     tritonserver starts: otherwise each stub fails on its own, deep in the server log."""
     from ..weights.layout import WeightsDir
+
     WeightsDir(weights)
 
-
-def _split(value: str | None) -> list[str]:
-    return [p for p in (value or "").split(os.pathsep) if p]
-
-
-# ---- config.pbtxt parameter overrides ---------------------------------------------------------------
-_PARAMETER = re.compile(
-    r'\bkey\s*:\s*"(?P<key>[^"\\]+)"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*'
-    r'"(?P<value>(?:[^"\\\n]|\\.)*)"')
-
-
-def config_parameters(config_text: str) -> dict[str, str]:
-    """The `parameters` string values of a config.pbtxt (comments ignored)."""
-    return {m["key"]: m["value"] for m in _PARAMETER.finditer(_without_comments(config_text))}
-
-
-def rewrite_parameters(config_text: str, values: dict[str, str], model: str = "model") -> str:
-    """config.pbtxt text with the string values of existing `parameters` keys replaced. Unknown keys
-    and values that cannot be a plain pbtxt string are refused (nothing is added, nothing else moves)."""
-    known = config_parameters(config_text)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{model}: no parameter {', '.join(unknown)} in its config.pbtxt "
-                         f"(known: {', '.join(sorted(known))})")
-    for key, value in values.items():
-        if not isinstance(value, str) or any(c in value for c in '"\\\n\r'):
-            raise ValueError(f"{model}.{key}: the value must be a string without quotes, backslashes or "
-                             f"newlines, got {value!r}")
-    # Comments are blanked out (same length) only to find the entries; the text keeps them.
-    matches = [m for m in _PARAMETER.finditer(_without_comments(config_text)) if m["key"] in values]
-    for m in reversed(matches):
-        start, end = m.span("value")
-        config_text = config_text[:start] + values[m["key"]] + config_text[end:]
-    return config_text
-
-
-def _without_comments(text: str) -> str:
-    """`#` comments blanked with spaces (outside strings), so offsets stay those of `text`."""
-    out, in_string, in_comment, escaped = [], False, False, False
-    for c in text:
-        if in_comment:
-            in_comment = c != "\n"
-            out.append(c if c == "\n" else " ")
-            continue
-        if in_string:
-            in_string = escaped or c != '"'
-            escaped = (not escaped) and c == "\\"
-        elif c == '"':
-            in_string = True
-        elif c == "#":
-            in_comment = True
-            out.append(" ")
-            continue
-        out.append(c)
-    return "".join(out)
-
-
-def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | None,
-                       source: Path | None = None) -> Path:
-    """The repository to serve: a copy in `workdir` of the models in `source` (default REPOSITORY)
-    with `parameters` applied. Only directories holding a config.pbtxt are copied: a model directory
-    left behind by an older checkout (its __pycache__ survives `git pull`) would make Triton refuse
-    to start, and the stubs' __pycache__ stays out of the source tree."""
-    source = Path(source or REPOSITORY)
-    parameters = parameters or {}
-    models = sorted(p.parent.name for p in source.glob("*/config.pbtxt"))
-    unknown = sorted(set(parameters) - set(models))
-    if unknown:
-        raise ValueError(f"no model {', '.join(unknown)} in {source} (models: {', '.join(models)})")
-    # Check every override before copying anything.
-    rewritten = {model: rewrite_parameters((source / model / "config.pbtxt").read_text(), {
-        k: str(v) for k, v in values.items()}, model) for model, values in parameters.items()}
-    target = workdir / "model_repository"
-    if target.exists():
-        shutil.rmtree(target)
-    for model in models:
-        shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for model, text in rewritten.items():
-        (target / model / "config.pbtxt").write_text(text)
-    return target
-
-
-def parse_parameter_flags(flags: list[str]) -> dict[str, dict[str, str]]:
-    """`MODEL.KEY=VALUE` strings (serve's --param) as {model: {key: value}}."""
-    parameters: dict[str, dict[str, str]] = {}
-    for flag in flags:
-        name, sep, value = flag.partition("=")
-        model, dot, key = name.strip().partition(".")
-        if not sep or not dot or not model or not key:
-            raise ValueError(f"--param {flag!r}: expected MODEL.KEY=VALUE, e.g. minigpt5.max_inflight_requests=8")
-        parameters.setdefault(model, {})[key] = value
-    return parameters
 
 
 def security_args(admin_key: str | None, extra_args: list[str]) -> list[str]:
@@ -256,6 +88,7 @@ def security_args(admin_key: str | None, extra_args: list[str]) -> list[str]:
     if not any(a.startswith("--grpc-restricted-protocol") for a in extra_args):
         args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
     return args
+
 
 
 # ---- python-backend stub processes ----------------------------------------------------------------
@@ -293,6 +126,7 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+
 class TritonProcess:
     """One tritonserver process serving the MiniGPT-5 repository.
 
@@ -326,6 +160,18 @@ class TritonProcess:
         # Triton's server id (`GET /v2` "name"): tells our server from another one on the same port
         self._id_given = _flag_value(self.extra_args, "--id")  # the operator's own --id, passed as is
         self.server_id = self._id_given or f"minigpt5-{secrets.token_hex(4)}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"  # tritonclient's form: host:port
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def command(self, binary: TritonBinary) -> list[str]:
         if self.repository is None:
@@ -406,17 +252,22 @@ class TritonProcess:
     def _loading_line(self, elapsed: float) -> str:
         return f"minigpt5: loading models ({elapsed:.0f} s): {self.loading_state()}"
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests for --exit-timeout-secs, then unloads the models),
-        then SIGKILL of the whole process group. `timeout`: how long to wait before the kill; default
-        the effective exit timeout + UNLOAD_MARGIN_S."""
+    def stop(self, timeout: float | None = None, report=None) -> int | None:
+        """Drain, then SIGTERM, then SIGKILL of the whole process group. Draining: `minigpt5` refuses
+        new requests and the ones in flight get up to the effective exit timeout to finish (drain.py says
+        why Triton cannot do this itself). Then tritonserver gets SIGTERM and exits (Triton also waits
+        for open HTTP connections), and the kill comes at `timeout` after the call: by default the
+        effective exit timeout + UNLOAD_MARGIN_S. `report(line)` hears about the drain."""
         if self.process is None:
             return None
         self._stopping = True
         if self.process.poll() is None:
+            started = time.monotonic()
+            deadline = started + (self.exit_timeout_s + UNLOAD_MARGIN_S if timeout is None else timeout)
+            self._drain(min(deadline, started + self.exit_timeout_s), report)
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=self.exit_timeout_s + UNLOAD_MARGIN_S if timeout is None else timeout)
+                self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self._kill_group()  # python stubs left behind by a crashed or hung server
@@ -424,6 +275,14 @@ class TritonProcess:
         if self.log:
             self.log.close()
         return code
+
+    def _drain(self, deadline: float, report=None) -> None:
+        public = self.repository / "minigpt5" if self.repository else None
+        if public is None or not public.is_dir():
+            return  # not our repository (a test's own models): nothing to drain
+        request_shutdown(public)
+        drain.wait_drained(self.metrics_url, deadline, report,
+                           alive=lambda: self.process.poll() is None)
 
     def stubs(self) -> dict[int, str]:
         """The live python-backend stub processes of this server, {pid: model}."""
@@ -463,82 +322,3 @@ class TritonProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def serve_forever(args) -> int:
-    from ..cli import resolve_weights
-
-    try:
-        parameters = parse_parameter_flags(getattr(args, "param", None) or [])
-        if parameters:  # fail on an unknown model or key before loading anything
-            with tempfile.TemporaryDirectory(prefix="minigpt5-check-") as scratch:
-                prepare_repository(Path(scratch), parameters)
-    except ValueError as exc:
-        print(f"minigpt5 serve: {exc}", file=sys.stderr)
-        return 2
-    weights = resolve_weights(args.weights)
-    try:
-        check_weights(weights)
-    except (OSError, ValueError) as exc:
-        print(f"minigpt5 serve: weights {weights}: {exc}", file=sys.stderr)
-        return 2
-    server = TritonProcess(weights, http_port=args.http_port, grpc_port=args.grpc_port,
-                           metrics_port=args.metrics_port, host=args.host, device=args.device,
-                           workdir=args.workdir, log_verbose=args.log_verbose, extra_args=args.tritonserver_args,
-                           parameters=parameters, admin_key=getattr(args, "admin_key", None))
-    print(f"minigpt5: starting tritonserver on weights {weights}", file=sys.stderr, flush=True)
-    stopping = False
-
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        server.start()
-        server.wait_ready(getattr(args, "ready_timeout", None), report=_say)
-        _print_endpoints(args)
-        code = server.process.wait() if server.process else 1
-        return EXIT_STUB_DIED if server.crash else code
-    except KeyboardInterrupt:
-        print(f"\nminigpt5: stopping tritonserver (requests in flight get up to {server.exit_timeout_s} s) ...",
-              file=sys.stderr, flush=True)
-        return 0
-    except (RuntimeError, TimeoutError, ValueError) as exc:
-        print(f"minigpt5 serve: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        _second_signal_kills(server)
-        code = server.stop()
-        if stopping or code is not None:
-            print(f"minigpt5: tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
-
-
-def _second_signal_kills(server: TritonProcess) -> None:
-    """While stop() waits for the requests in flight, another Ctrl-C or SIGTERM kills the server at once
-    (instead of interrupting the wait and leaving tritonserver running in its own session)."""
-    def kill_now(signum, _frame):
-        print("minigpt5: killing tritonserver now", file=sys.stderr, flush=True)
-        server.kill()
-    signal.signal(signal.SIGTERM, kill_now)
-    signal.signal(signal.SIGINT, kill_now)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _print_endpoints(args) -> None:
-    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"""
-MiniGPT-5 is ready.
-  HTTP     http://{host}:{args.http_port}   (/v2/models/minigpt5/generate, /generate_stream)
-  gRPC     {host}:{args.grpc_port}          (streaming; `minigpt5 generate --url {host}:{args.grpc_port}`)
-  metrics  http://{host}:{args.metrics_port}/metrics
-
-Try it:
-  curl -sN -X POST http://{host}:{args.http_port}/v2/models/minigpt5/generate_stream \\
-       -d '{{"text_input": "Tell me a story about a cat.", "stream": true, "force_image": true, "max_tokens": 48}}'
-
-Ctrl-C stops the server.""", flush=True)

@@ -15,6 +15,7 @@ import torch
 
 from ..engine import AdmissionError, Finished
 from ..errors import InvalidRequest, Overloaded
+from ..placement import on_gpu_by_default
 from ..stages import DecoderStage
 from . import runtime, triton_io
 from .decoder_wire import Failure, NewRequest, decode_commands, encode_events
@@ -164,11 +165,3 @@ class VicunaDecoderModel:
         self.loop.close()
         if self.metrics:
             self.metrics.close()
-
-
-def on_gpu_by_default(params: dict, key: str, device: str) -> bool:
-    """A config.pbtxt switch: true, false, or auto (= on a GPU only)."""
-    setting = params.get(key, "auto")
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"{key}: must be auto, true or false, got {setting!r}")
-    return device != "cpu" if setting == "auto" else setting == "true"

@@ -12,9 +12,9 @@ def run(args) -> int:
     from minigpt5_client.errors import ImageError
     from minigpt5_client.preprocess import encode_png, preprocess_images
 
-    from .cli import resolve_weights
-    from .pipeline import MiniGPT5Pipeline
-    from .request import InvalidRequest
+    from ..weights.tiny import resolve_weights
+    from ..pipeline import MiniGPT5Pipeline
+    from ..request import InvalidRequest
 
     try:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None

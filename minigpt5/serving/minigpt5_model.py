@@ -16,8 +16,6 @@ freed at the next step) and its pending images dropped.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import concurrent.futures
 import threading
 import time
@@ -29,8 +27,8 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine import Finished, TextDelta, VokenStates
 from ..image_decoder import SCHEDULERS, image_seed
-from ..prompt import parse_history
-from ..request import LIMITS, InvalidRequest, build_request
+from ..launcher.contract import ShutdownFlag
+from ..request import SCALAR_INPUTS, InvalidRequest, request_from_inputs
 from ..stages import PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
@@ -38,7 +36,6 @@ from .decoder_link import DecodeStream, DecoderLink
 from .dispatch import BatchDispatcher, ResponseWriter
 from .embedding_cache import EmbeddingCache, weights_key
 
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 VISION_MAX_BATCH = 8  # = vision_encoder's max_batch_size
 IMAGE_MAX_BATCH = 8  # = image_decoder's max_batch_size
 CANCEL_CHECK_S = 0.1  # client-gone checks per request at most this often: each is an IPC round trip
@@ -66,15 +63,18 @@ class MiniGPT5Model:
         cache_bytes = int(float(params.get("image_embedding_cache_mb", 256)) * 2**20)
         self.embeddings = EmbeddingCache(cache_bytes, weights_key(weights))
         self.decoder = DecoderLink(self._call_decoder)
+        self._shutdown = ShutdownFlag(args.get("model_repository"))
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
         self._encoders = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minigpt5-png")
         self._writer = ResponseWriter(triton_io.send, lambda exc: triton_io.log_warn(
             f"minigpt5: could not send a response: {exc!r}"))
-        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH)
+        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH,
+                                             on_call=metrics.observe_vision_call if metrics else None)
         self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
-                                            max_rows=IMAGE_MAX_BATCH)
+                                            max_rows=IMAGE_MAX_BATCH,
+                                            on_call=metrics.observe_image_call if metrics else None)
         triton_io.log_info(f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
                            f"request timeout {self.request_timeout_s:g} s; image embedding cache "
                            f"{cache_bytes / 2**20:g} MiB")
@@ -82,19 +82,24 @@ class MiniGPT5Model:
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
-            with self._inflight_lock:
-                admitted = self._inflight < self.max_inflight
-                if admitted:
-                    self._inflight += 1
-            if not admitted:
+            refusal = self._admit()
+            if refusal:
                 self._count("overloaded")
-                self._writer.put(sender, triton_io.error_response(triton_io.Overloaded(
-                    f"server busy: {self.max_inflight} requests in flight (max_inflight_requests); retry later")),
-                    True)
+                self._writer.put(sender, triton_io.error_response(triton_io.Overloaded(refusal)), True)
                 continue
             self._set_inflight_gauge()
             self._workers.submit(self._serve_and_release, request, sender)
         return None
+
+    def _admit(self) -> str | None:
+        """Take an in-flight slot, or say why not."""
+        if self._shutdown.raised():  # `minigpt5 serve` is draining before it stops tritonserver
+            return "server busy: shutting down, not accepting new requests; retry on another replica"
+        with self._inflight_lock:
+            if self._inflight < self.max_inflight:
+                self._inflight += 1
+                return None
+        return f"server busy: {self.max_inflight} requests in flight (max_inflight_requests); retry later"
 
     def finalize(self) -> None:
         # Triton waits for in-flight requests (--exit-timeout-secs) before unloading; whatever is
@@ -105,6 +110,8 @@ class MiniGPT5Model:
         self._image_calls.close()
         self._encoders.shutdown(wait=False, cancel_futures=True)
         self._writer.close()
+        if self.metrics:
+            self.metrics.close()
 
     # ---- one request ----------------------------------------------------------------------------
     def _serve_and_release(self, request, sender) -> None:
@@ -150,42 +157,9 @@ class MiniGPT5Model:
             answer.fail(exc)
 
     def _parse(self, request):
-        text = triton_io.input_scalar(request, "text_input")
-        images = self._images(request)
-        history = parse_history(triton_io.input_scalar(request, "history"))
-        params = {name: triton_io.input_scalar(request, name) for name in (
-            "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "random_seed",
-            "force_image", "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler",
-            "stream")}
-        if text is None:
-            raise InvalidRequest("text_input: required")
-        return build_request(text, images, history, defaults=self.defaults, **params)
-
-    def _images(self, request) -> np.ndarray | None:
-        """`images` (pre-processed uint8) first, then decoded `image_bytes`, in order."""
-        from minigpt5_client.errors import ImageError
-        from minigpt5_client.preprocess import preprocess_image
-
-        arrays = []
-        raw = triton_io.input_array(request, "images")
-        if raw is not None and raw.size:
-            if raw.dtype != np.uint8 or raw.ndim != 4 or raw.shape[1:] != (224, 224, 3):
-                raise InvalidRequest(f"images: must be UINT8 [N, 224, 224, 3], got {raw.dtype} {list(raw.shape)}")
-            arrays += list(raw)
-        encoded = triton_io.input_strings(request, "image_bytes")
-        if len(arrays) + len(encoded) > LIMITS.max_images:
-            raise InvalidRequest(f"images: {len(arrays) + len(encoded)} images, the limit is {LIMITS.max_images}")
-        mode = triton_io.input_scalar(request, "image_preprocess") or "pad"
-        if mode not in ("pad", "crop"):
-            raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
-        for index, data in enumerate(encoded):
-            try:
-                arrays.append(preprocess_image(_image_bytes(data, index), mode,
-                                               max_file_bytes=LIMITS.max_image_bytes,
-                                               max_pixels=LIMITS.max_image_pixels))
-            except ImageError as exc:
-                raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
-        return np.stack(arrays) if arrays else None
+        return request_from_inputs({name: triton_io.input_scalar(request, name) for name in SCALAR_INPUTS},
+                                   triton_io.input_array(request, "images"),
+                                   triton_io.input_strings(request, "image_bytes"), defaults=self.defaults)
 
     def _encode_images(self, images: np.ndarray) -> tuple[np.ndarray | None, list[str] | None]:
         """Embeddings [N, 32, H] and their content keys; only images not in the cache go to `vision_encoder`."""
@@ -233,6 +207,9 @@ class MiniGPT5Model:
         if self.metrics:
             self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
         answer.finish(finished.reason, usage)
+        if self.metrics:
+            self.metrics.observe_answer(time.monotonic() - arrived, usage["prompt_tokens"] + usage["image_tokens"],
+                                        finished.sampled_tokens, stream.decode_seconds)
         return "ok"
 
     def _relay(self, stream: DecodeStream, generation, answer: AnswerStream, images: list, sender,
@@ -352,16 +329,3 @@ def _stop(stream: DecodeStream, images: list[concurrent.futures.Future]) -> None
     stream.abort()
     for future in images:
         future.cancel()
-
-
-def _image_bytes(data: bytes, index: int) -> bytes:
-    """Raw encoded bytes, or base64 text of them (optionally as a data: URI), as JSON clients send."""
-    if data.startswith(IMAGE_MAGIC):
-        return data
-    if data[:5].lower() == b"data:" and b"," in data:
-        data = data.split(b",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) "
-                             f"nor base64 of one") from None

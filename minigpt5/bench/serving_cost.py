@@ -29,14 +29,13 @@ import base64
 import io
 import os
 import queue
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# The Triton python stubs run with OMP_WAIT_POLICY=PASSIVE (serving/server.py). The in-process pipeline
+# The Triton python stubs run with OMP_WAIT_POLICY=PASSIVE (launcher/binary.py). The in-process pipeline
 # must too, or on a busy machine its spinning OpenMP workers make it up to 10x slower than the served
 # path, and the ratio measures the spinning. OpenMP reads it once, when torch is first imported, so it
 # is set here, before anything imports torch; `in_process_openmp.applied` says whether it was in time.
@@ -45,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from ..launcher.local import free_port  # noqa: E402
 from . import streaming  # noqa: E402
 from .report import Report  # noqa: E402
 from .timing import log  # noqa: E402
@@ -70,12 +70,6 @@ METHOD = {
 
 
 # ---- the server -------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -312,16 +306,13 @@ def _ratio(a, b, digits: int = 3):
 def main(args) -> int:
     import torch
 
-    from ..serving.server import TritonProcess
+    from ..launcher.process import TritonProcess
+    from ..weights.tiny import resolve_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report("serving", out=args.out)
-    weights = args.weights
-    if weights is None:
-        from ..weights.tiny import default_tiny_weights
-        weights = default_tiny_weights()
-    weights = Path(weights).resolve()
+    weights = resolve_weights(args.weights)
     report.data.update({"weights": str(weights), "device": args.device, "prompt": PROMPT, "method": METHOD,
                         "in_process_openmp": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                                               "applied": not _TORCH_LOADED_BEFORE,
