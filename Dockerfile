@@ -10,6 +10,11 @@
 # and .dockerignore keeps weight files out of the build context altogether.
 
 # The exact Triton the tests run on: 24.10 = Triton 2.51.0, Ubuntu 22.04, Python 3.10 python-backend stub.
+# That image carries every Triton backend (TensorRT, ONNX Runtime, OpenVINO, PyTorch/libtorch, ...); we
+# use only the python backend. A smaller base with only that one, made by NVIDIA's own tool on the
+# 24.10-py3-min image (docs/DEPLOY.md, "A smaller image"), goes in here unchanged:
+#   python3 compose.py --backend python --container-version 24.10 --output-name tritonserver-python:24.10
+#   docker build --build-arg TRITON_IMAGE=tritonserver-python:24.10 -t minigpt5-triton .
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
 # ---------------------------------------------------------------------------------------------------
@@ -21,7 +26,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /opt/minigpt5
 COPY . .
-RUN pip install ".[loadtest]"
+RUN pip install ".[loadtest]" \
+ && mkdir /reports && chown nobody:nogroup /reports
+# Reports: docker-compose.yml mounts a named volume on /reports (it takes this folder's owner).
 # Locust's master UI (8089) and the master <-> worker channel (5557).
 EXPOSE 8089 5557
 USER nobody
@@ -77,6 +84,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 # numpy-2 arrays ("output tensor shape does not match size of output").
 RUN printf 'torch==%s\nnumpy<2\n' "${TORCH_VERSION}" > /etc/minigpt5-constraints.txt
 ENV PIP_CONSTRAINT=/etc/minigpt5-constraints.txt
+
+# 0) curl, for the health checks: the full Triton image has it, a composed python-only one may not.
+RUN command -v curl >/dev/null || (apt-get update && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*)
 
 # 1) torch alone: the biggest layer (several GB) and the one that changes least, so it stays cached.
 #    python3 is the system Python 3.10, the interpreter the python-backend stub embeds.

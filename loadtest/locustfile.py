@@ -106,6 +106,9 @@ def _add_options(parser):
     option("tokens-per-user", type=float, default=7000.0, help="tokens per user per month (default 7000)")
     option("monthly-users", type=int, default=100_000, help="monthly users to size for (default 100000)")
     option("target-usd-per-1k-tokens", type=float, default=0.15, help="cost target to compare with (default 0.15)")
+    option("request-log", default="",
+           help="append one CSV row per request to this file (unix time, Type, Name, ms, tokens, error): "
+                "what loadtest/soak.py bins into p95 per time window; local runs, one file per process")
     option("cost-json", default="",
            help="where to write the cost report (default: CSV_PREFIX_cost.json, else next to --html, "
                 "else ./minigpt5_cost.json)")
@@ -330,6 +333,29 @@ class HttpStreamUser(_StreamUser):
     label = "HTTP"
 
 
+# --- the per-request log (--request-log) ---------------------------------------------------------------
+
+REQUEST_LOG_HEADER = ("time", "type", "name", "ms", "tokens", "error")
+_request_log: dict = {}  # {"file": open file, "writer": csv writer} once the first request is logged
+
+
+@events.request.add_listener
+def _log_request(request_type, name, response_time, response_length, exception=None, **_kwargs):
+    path = _opt(_environment.get("environment"), "request_log", "") if _environment else ""
+    if not path:
+        return
+    if not _request_log:
+        file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed at quit
+        writer = csv.writer(file)
+        if file.tell() == 0:
+            writer.writerow(REQUEST_LOG_HEADER)
+        _request_log.update(file=file, writer=writer)
+    error = "" if exception is None else f"{type(exception).__name__}: {exception}"[:200]
+    _request_log["writer"].writerow((f"{time.time():.3f}", request_type, name, f"{response_time:.1f}",
+                                     response_length, error))
+    _request_log["file"].flush()  # a soak read while it runs, or cut short, still has every row
+
+
 # --- run totals: workers -> master, the run's wall time -------------------------------------------------
 
 @events.report_to_master.add_listener
@@ -515,5 +541,7 @@ def _on_quitting(environment, **_kwargs):
 
 @events.quit.add_listener
 def _on_quit(**_kwargs):
+    if _request_log:
+        _request_log["file"].close()
     if _summary_lines:
         print("\n".join(_summary_lines), flush=True)

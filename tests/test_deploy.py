@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -154,7 +155,7 @@ def test_compose_validates_against_the_compose_specification():
 
 def test_compose_triton_service(compose):
     triton = compose["services"]["triton"]
-    assert "profiles" not in triton, "the server must start with a plain `docker compose up`"
+    assert triton["profiles"] == ["gpu"], "the GPU server is one profile, the CPU one the other"
     assert triton["build"]["target"] == "server"
     published = {int(p.split(":")[-1]) for p in triton["ports"]}
     assert published == {TRITON_HTTP, TRITON_GRPC, TRITON_METRICS}
@@ -194,7 +195,7 @@ def test_compose_loadtest_profile_runs_distributed_locust(compose):
     assert "--worker" in worker["command"]
     assert worker["command"][worker["command"].index("--master-host") + 1] == "locust-master"
     assert master["depends_on"]["triton"]["condition"] == "service_healthy"
-    assert "8089:8089" in master["ports"]
+    assert "${MINIGPT5_BIND:-127.0.0.1}:8089:8089" in master["ports"]
 
 
 def test_compose_monitoring_profile(compose):
@@ -218,6 +219,134 @@ def test_compose_monitoring_profile(compose):
     providers = load_yaml(MONITORING / "grafana" / "provisioning" / "dashboards" / "minigpt5.yaml")
     path = providers["providers"][0]["options"]["path"]
     assert f"./deploy/monitoring/grafana/dashboards:{path}:ro" in grafana["volumes"]
+
+
+# --- docker-compose.yml: profiles, interpolation, what each `--profile` starts ---------------------------
+# No `docker compose` here (the docker CLI without its compose plugin): these helpers do the two steps of
+# `docker compose --profile P config` the tests need: ${VAR:-default} interpolation and profile selection.
+
+INTERPOLATION = re.compile(r"\$(?:\$|\{(\w+)(?:(:?-)([^}]*))?\})")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and $$, applied to every string in `value`."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, default = m.groups()
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+    return INTERPOLATION.sub(one, value)
+
+
+def compose_services(compose_file: dict, profiles: set[str], env: dict[str, str] | None = None) -> dict[str, dict]:
+    """The services `docker compose --profile ...` starts (those without profiles always), interpolated."""
+    services = interpolate(compose_file["services"], env or {})
+    return {name: svc for name, svc in services.items() if not svc.get("profiles") or profiles & set(svc["profiles"])}
+
+
+def published(service: dict) -> list[tuple[str, int]]:
+    """(host address, host port) of each "ADDRESS:HOST:CONTAINER" port."""
+    out = []
+    for port in service.get("ports", []):
+        address, host, _container = port.rsplit(":", 2)
+        out.append((address, int(host)))
+    return out
+
+
+PROFILE_SETS = [{"cpu"}, {"gpu"}, {"cpu", "monitoring", "loadtest"}, {"gpu", "monitoring", "loadtest"}]
+
+
+def test_interpolation_helper():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${EMPTY-d} ${UNSET-d} ${UNSET} $$HOME", env) == "x d  d  $HOME"
+
+
+@pytest.mark.parametrize("profiles", PROFILE_SETS, ids=lambda p: "+".join(sorted(p)))
+def test_every_dependency_of_a_profile_is_started_or_optional(compose, profiles):
+    services = compose_services(compose, profiles)
+    servers = {n for n in services if n.startswith("triton")}
+    assert len(servers) == 1, f"--profile {profiles}: exactly one server, got {servers}"
+    for name, svc in services.items():
+        depends = svc.get("depends_on", {})
+        depends = dict.fromkeys(depends, {}) if isinstance(depends, list) else depends
+        for target, spec in depends.items():
+            assert target in services or spec.get("required") is False, f"{name} needs {target}"
+        assert not depends or set(depends) & set(services), f"{name} waits for nothing that runs"
+
+
+def test_cpu_profile_needs_no_gpu_and_no_weights(compose, monkeypatch):
+    services = compose_services(compose, {"cpu"})
+    assert set(services) == {"triton-cpu", "gateway"}
+    for name, svc in services.items():
+        assert "devices" not in json.dumps(svc.get("deploy", {})), f"{name} reserves a device"
+        for volume in svc.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            assert source.startswith("./deploy/"), f"{name} mounts {source}: only repository files"
+    server = services["triton-cpu"]
+    assert server["build"]["target"] == "server"
+    assert server["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    args = serve_invocation(monkeypatch, server["command"][1:])
+    assert args.weights is None and args.device == "cpu", "tiny weights on the CPU"
+    # reachable as `triton`, the name the gateway, Prometheus and Locust use
+    assert "triton" in server["networks"]["default"]["aliases"]
+    assert "http://localhost:8000/v2/health/ready" in server["healthcheck"]["test"]  # what the others wait for
+    assert parse_duration(server["stop_grace_period"]) >= exit_timeout_secs(server["command"]) + UNLOAD_MARGIN_S
+
+
+def test_both_servers_share_everything_but_gpu_weights_and_image(compose):
+    gpu, cpu = compose["services"]["triton"], compose["services"]["triton-cpu"]
+    shared = {"ports", "networks", "shm_size", "ulimits", "init", "stop_grace_period", "environment"}
+    for key in shared:
+        assert gpu[key] == cpu[key], key
+    assert cpu["image"] != gpu["image"], "a CPU build must not overwrite the CUDA image's tag"
+
+
+@pytest.mark.parametrize("profiles", PROFILE_SETS, ids=lambda p: "+".join(sorted(p)))
+def test_ports_are_published_on_localhost_unless_asked(compose, profiles):
+    for env, address in (({}, "127.0.0.1"), ({"MINIGPT5_BIND": "0.0.0.0"}, "0.0.0.0")):
+        ports = [p for svc in compose_services(compose, profiles, env).values() for p in published(svc)]
+        assert ports and {a for a, _ in ports} == {address}, (env, ports)
+        assert len({p for _, p in ports}) == len(ports), "two services on one host port"
+
+
+def test_grafana_has_no_anonymous_access_and_no_default_password(compose):
+    grafana = compose_services(compose, {"monitoring"})["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "", "no default: the operator must set it"
+    entrypoint = " ".join(grafana["entrypoint"])
+    # the container refuses to start without it ($$ is compose's escape for a literal $)
+    assert '[ -z "${GF_SECURITY_ADMIN_PASSWORD}" ]' in entrypoint and "exit 64" in entrypoint
+    assert entrypoint.endswith("exec /run.sh")
+    assert "${GRAFANA_ADMIN_PASSWORD:-}" in json.dumps(compose["services"]["grafana"]["environment"])
+
+
+def test_locust_reports_go_to_a_volume(compose):
+    master = compose["services"]["locust-master"]
+    (mount,) = [v for v in master["volumes"] if v.split(":")[1] == "/reports"]
+    assert mount.split(":")[0] in compose["volumes"], "a named volume, kept between runs"
+    env = interpolate(master["environment"], {})
+    assert env["LOCUST_CSV"] == "/reports/run" and env["LOCUST_HTML"] == "/reports/run.html"
+    assert env["LOCUST_CSV_FULL_HISTORY"] == "true"
+    # the loadtest image runs as nobody: /reports must exist and be its (a new named volume copies it)
+    instructions = dockerfile_instructions()
+    froms = [n for n, i in enumerate(instructions) if i.cmd == "FROM"] + [len(instructions)]
+    start = next(n for n in froms[:-1] if instructions[n].value[-1] == "loadtest")
+    stage = instructions[start:froms[froms.index(start) + 1]]
+    runs = " ".join(i.value[0] for i in stage if i.cmd == "RUN")
+    assert "mkdir /reports && chown nobody:nogroup /reports" in runs
+    assert [i.value[0] for i in stage if i.cmd == "USER"][-1] == "nobody"
 
 
 # --- Dockerfile and .dockerignore ----------------------------------------------------------------------
@@ -389,10 +518,10 @@ def test_the_validation_catches_what_it_must():
 @pytest.mark.parametrize("kustomization,kinds", [
     ("deploy/k8s/overlays/cpu-trial",
      {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-      "ConfigMap"}),
+      "ConfigMap", "NetworkPolicy"}),
     ("deploy/k8s/overlays/h100",
      {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-      "PersistentVolumeClaim", "ServiceMonitor", "PrometheusRule", "ConfigMap"}),
+      "PersistentVolumeClaim", "ServiceMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "Ingress"}),
     ("deploy/k8s/weights-fill", {"PersistentVolumeClaim", "Job"}),
 ])
 def test_each_kustomization_holds_the_expected_objects(kustomization, kinds):
@@ -564,7 +693,121 @@ def test_hpa_scales_the_deployment_on_the_adapters_per_pod_metric(overlay):
 def test_h100_keeps_two_servers_at_least():
     hpa = the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler", SERVER)
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    assert the("deploy/k8s/overlays/h100", "Deployment", SERVER)["spec"]["replicas"] >= hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
+def test_replicas_are_left_to_the_hpa(overlay):
+    """A `replicas` field would be re-applied by every `kubectl apply`, undoing the HPA's count."""
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in objects(overlay, "HorizontalPodAutoscaler")}
+    assert scaled == {SERVER, GATEWAY}
+    for name in scaled:
+        assert "replicas" not in the(overlay, "Deployment", name)["spec"], name
+
+
+# --- Kubernetes: exposure (Ingress), NetworkPolicy, images pinned by digest ----------------------------------
+
+INFERENCE_HTTP_PATHS = {"/v2/models/minigpt5/generate", "/v2/models/minigpt5/generate_stream", "/v2/health/ready"}
+INFERENCE_GRPC_PATHS = {"/inference.GRPCInferenceService/ModelStreamInfer", "/inference.GRPCInferenceService/ModelReady"}
+TRITON_HTTP_BODY_CRASH = 4_184_700  # docs/LIMITS.md: Triton 2.51's HTTP frontend dies on form bodies above this
+
+
+def ingress_routes(overlay: str) -> list[tuple[dict, str, str, dict]]:
+    """(ingress, path, pathType, backend service) for every path of every Ingress."""
+    return [(ing, p["path"], p["pathType"], p["backend"]["service"])
+            for ing in objects(overlay, "Ingress") for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]]
+
+
+def test_ingress_routes_only_inference_and_the_gateway():
+    overlay = "deploy/k8s/overlays/h100"
+    routes = ingress_routes(overlay)
+    assert routes
+    services = {s["metadata"]["name"]: s for s in objects(overlay, "Service")}
+    grpc_paths, http_paths = set(), set()
+    for ingress, path, path_type, backend in routes:
+        service = services[backend["service"]["name"] if "service" in backend else backend["name"]]
+        port = next(p for p in service["spec"]["ports"] if p["name"] == backend["port"]["name"])
+        assert service["metadata"]["name"] != "minigpt5-metrics", "metrics stay inside"
+        if service["metadata"]["name"] == GATEWAY:
+            assert port["port"] == GATEWAY_PORT
+        elif port["port"] == TRITON_GRPC:
+            assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+            assert path_type == "Exact"
+            grpc_paths.add(path)
+        else:
+            assert port["port"] == TRITON_HTTP and path_type == "Exact", path
+            http_paths.add(path)
+    # only these of Triton: no /v2/repository, /v2/logging, /v2/trace, no RepositoryModelLoad & co.
+    assert http_paths == INFERENCE_HTTP_PATHS and grpc_paths == INFERENCE_GRPC_PATHS
+
+
+def test_every_ingress_has_tls_and_a_body_size_cap():
+    for ingress in objects("deploy/k8s/overlays/h100", "Ingress"):
+        name, annotations = ingress["metadata"]["name"], ingress["metadata"]["annotations"]
+        hosts = {r["host"] for r in ingress["spec"]["rules"]}
+        assert hosts <= {h for t in ingress["spec"]["tls"] for h in t["hosts"]} and all(
+            t["secretName"] for t in ingress["spec"]["tls"]), name
+        assert annotations["nginx.ingress.kubernetes.io/ssl-redirect"] == "true", name
+        cap = parse_bytes(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
+        assert 0 < cap <= 64 * 2**20, name
+        backends = {p["backend"]["service"]["port"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
+        if name != GATEWAY and "http" in backends:  # Triton's own HTTP frontend
+            assert cap < TRITON_HTTP_BODY_CRASH, name
+        if "grpc" not in backends:  # streams (SSE) must not be buffered
+            assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off", name
+        assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 300, name
+
+
+def policy_rules(overlay: str, name: str) -> tuple[dict, list[dict]]:
+    policy = the(overlay, "NetworkPolicy", name)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    return policy, policy["spec"]["ingress"]
+
+
+@pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
+def test_network_policy_keeps_metrics_and_triton_inside(overlay):
+    server_pods = the(overlay, "Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    policy, rules = policy_rules(overlay, "minigpt5-server")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], server_pods)
+    by_port = {}
+    for rule in rules:
+        for port in rule["ports"]:
+            by_port[port["port"]] = rule["from"]
+    container_ports = {p["name"] for p in server_container(the(overlay, "Deployment", SERVER))["ports"]}
+    assert set(by_port) == container_ports == {"http", "grpc", "metrics"}
+    namespaces = lambda sources: {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                                  for s in sources if "namespaceSelector" in s}
+    # metrics: Prometheus' namespace only, not even this namespace's pods
+    assert namespaces(by_port["metrics"]) == {"monitoring"} and len(by_port["metrics"]) == 1
+    for port in ("http", "grpc"):
+        assert namespaces(by_port[port]) == {"ingress-nginx"}
+        assert {"podSelector": {}} in by_port[port], "the gateway and in-cluster clients"
+    for source in [s for sources in by_port.values() for s in sources]:
+        assert source, "an empty `from` entry would admit every source"
+
+    gateway_pods = the(overlay, "Deployment", GATEWAY)["spec"]["template"]["metadata"]["labels"]
+    policy, (rule,) = policy_rules(overlay, "minigpt5-gateway")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], gateway_pods)
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert namespaces(rule["from"]) == {"ingress-nginx"}
+
+
+def test_images_can_be_pinned_by_digest(tmp_path):
+    """kustomize's images: digest turns every image of the overlay into NAME@sha256:..."""
+    digest = "sha256:" + "ab" * 32
+    overlay = ROOT / "deploy/k8s/overlays/h100"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(overlay, tmp_path)],  # kustomize takes no absolute bases
+        "images": [{"name": f"registry.example.com/minigpt5/{n}", "digest": digest}
+                   for n in ("minigpt5-triton", "minigpt5-gateway")]}))
+    proc = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    images = [c["image"] for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in ("Deployment", "Job")
+              for c in all_containers(d["spec"]["template"]["spec"])]
+    assert images and all(i.endswith("@" + digest) for i in images), images
+    names = {i.split("@")[0] for i in images}
+    assert names == {"registry.example.com/minigpt5/minigpt5-triton", "registry.example.com/minigpt5/minigpt5-gateway"}
 
 
 # --- Prometheus Operator custom resources (no schema in kubernetes-validate) -------------------------
@@ -783,6 +1026,7 @@ def serve_commands(compose_file: dict) -> dict[str, tuple[list[str], str | None]
     commands = {}
     commands["Dockerfile CMD"] = (final_cmd(), "/weights")
     commands["docker-compose triton"] = (compose_file["services"]["triton"]["command"], "/weights")
+    commands["docker-compose triton-cpu"] = (compose_file["services"]["triton-cpu"]["command"], None)
     for overlay in SERVER_OVERLAYS:
         container = server_container(the(overlay, "Deployment", SERVER))
         env = {e["name"]: e["value"] for e in container["env"]}
@@ -840,12 +1084,12 @@ def test_compose_gateway_service(compose, monkeypatch):
     from minigpt5_client.gateway.handoff_config import load_handoff_config
 
     gateway = compose["services"]["gateway"]
-    assert "profiles" not in gateway and gateway["build"]["target"] == "gateway"
+    assert set(gateway["profiles"]) == {"cpu", "gpu"} and gateway["build"]["target"] == "gateway"
     assert gateway["depends_on"]["triton"]["condition"] == "service_healthy"
     assert gateway["command"][:2] == ["minigpt5", "gateway"]
     args = gateway_invocation(monkeypatch, gateway["command"][1:])
     assert args.url == f"triton:{TRITON_GRPC}" and args.host == "0.0.0.0"
-    assert f"{args.port}:{args.port}" in gateway["ports"]
+    assert f"${{MINIGPT5_BIND:-127.0.0.1}}:{args.port}:{args.port}" in gateway["ports"]
     (mount,) = [v for v in gateway["volumes"] if v.split(":")[1] == str(args.handoff_config)]
     config = load_handoff_config(ROOT / mount.split(":")[0])  # mounted from the repository, and valid
     variables = {"MINIGPT5_GATEWAY_API_KEYS"} | {t.api_key_env for t in config.targets.values() if t.api_key_env}
