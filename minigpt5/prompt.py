@@ -3,7 +3,7 @@
 A turn's text may place its images itself: each `<image>` marker (IMAGE_MARKER) in the text becomes the
 next image's `<Img><ImageHere></Img>` block, in the order written; `\\<image>` is the literal text
 `<image>`. A turn without markers gets its images where its format puts them (below). The strings are
-upstream's, whitespace included (eric-ai-lab/MiniGPT-5 dataloader.py; tests/test_prompt_golden.py
+upstream's, whitespace included (eric-ai-lab/MiniGPT-5 dataloader.py; tests/unit/test_prompt_golden.py
 holds the expected strings):
 
 - `vist` (dataloader.py:236-303, VISTDataset): `system + "###Human:" + story + " " + instruction +

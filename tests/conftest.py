@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny weights built once per session, the in-process reference pipeline."""
+"""Shared fixtures: tiny weights built once per session, the in-process reference pipeline, one
+tritonserver for the session. The tests are grouped by what they need: unit/ (no server), server/ (the
+real tritonserver; marked `server`), deploy/ (the deployment files and packaging), browser/ (a real
+browser against the gateway's page; marked `browser`); support/ holds their shared code."""
 from __future__ import annotations
 
 import pytest
 
-from minigpt5.launcher.local import LocalServer, free_port  # noqa: F401  (free_port: for the tests)
+from support.servers import start_server
 
 
 @pytest.fixture(scope="session")
@@ -18,20 +21,16 @@ def reference_pipeline(tiny_weights):
     return MiniGPT5Pipeline(tiny_weights, device="cpu")
 
 
-def start_server(weights, log_dir, parameters=None):
-    """The real tritonserver on the real model repository, on free ports; fails the test if it cannot start.
-    `parameters`: config.pbtxt overrides, e.g. {"minigpt5": {"max_inflight_requests": "2"}}."""
-    server = LocalServer(weights, parameters=parameters, workdir=log_dir)
-    try:
-        server.start(timeout=300)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    return server
-
-
 @pytest.fixture(scope="session")
 def triton_server(tiny_weights, tmp_path_factory):
     """One server shared by the whole session (tests that may break a server use their own)."""
     server = start_server(tiny_weights, tmp_path_factory.mktemp("triton"))
     yield server
     server.process.stop()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = item.path.parent.name
+        if group in ("server", "browser"):
+            item.add_marker(getattr(pytest.mark, group))

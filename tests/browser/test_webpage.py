@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from minigpt5_client.gateway.settings import GatewaySettings
 
-from conftest import start_server
-from test_gateway import InProcessGateway, metric, picture
+from support.servers import start_server
+from support.gateway import InProcessGateway, metric, picture
 
 pytestmark = pytest.mark.server
 
 CHROMIUM = os.environ.get("MINIGPT5_CHROMIUM", "/usr/bin/chromium")
-REPORTS = Path(__file__).resolve().parent.parent / "reports" / "browser"
+REPORTS = Path(__file__).resolve().parents[2] / "reports" / "browser"
 ANSWER_S = 120_000  # ms: an answer with a 2-step image on 2 busy CPU cores
 
 
@@ -144,7 +144,7 @@ def test_upload_stream_image_and_a_second_turn(page, tmp_path):
 
 
 def test_stop_cancels_the_request_on_the_server(page, triton):
-    # Greedy without repetition penalty the tiny weights never stop (tests/test_gateway.py): a long answer
+    # Greedy without repetition penalty the tiny weights never stop (tests/server/test_gateway.py): a long answer
     # to stop. The page has no control for those two, so they are added to its request on the way out.
     def longer(route):
         body = json.loads(route.request.post_data)

@@ -1,4 +1,4 @@
-"""`minigpt5 weights convert` on synthetic upstream-format files (tests/upstream_fixtures.py).
+"""`minigpt5 weights convert` on synthetic upstream-format files (tests/support/upstream_fixtures.py).
 
 No real MiniGPT-5 checkpoint exists on our machines: these tests show the converter is right for files
 with the upstream key names as read from upstream code, at tiny dims (docs/CONVERT.md).
@@ -22,7 +22,7 @@ from minigpt5.weights import convert as convert_module
 from minigpt5.weights.convert import DTYPES, ConversionError, ConvertOptions, convert, load_pickle, plan
 from minigpt5.weights.convert_args import add_convert_arguments
 from minigpt5.weights.layout import WeightsDir, component_file, save_weights
-from upstream_fixtures import (LORA_ALPHA, LORA_RANK, NUM_ADDED_TOKENS, PEFT_LLM, STAGE_LLM, build_upstream_files,
+from support.upstream_fixtures import (LORA_ALPHA, LORA_RANK, NUM_ADDED_TOKENS, PEFT_LLM, STAGE_LLM, build_upstream_files,
                                eva_forward, write_hf_blip2)
 
 

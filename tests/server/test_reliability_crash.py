@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import start_server
+from support.servers import start_server
 from minigpt5.bench.reliability.crash import probe_crash
 from minigpt5.bench.reliability.load import probe_timeout
 

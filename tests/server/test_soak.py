@@ -12,7 +12,7 @@ import pytest
 
 from loadtest.soak import parse_duration, percentile, server_processes, windows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUBS = {"stub:minigpt5", "stub:vision_encoder", "stub:vicuna_decoder", "stub:image_decoder"}
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.server
 
-CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 PROMPT = "Tell a short story about this picture."
 # Small and forced, so that every answer holds an image and stays quick with the tiny weights.
 PARAMS = dict(seed=7, max_tokens=24, force_image=True, num_inference_steps=2)

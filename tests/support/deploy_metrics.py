@@ -27,7 +27,7 @@ from pathlib import Path
 import promql_parser
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 DASHBOARDS_DIR = MONITORING / "grafana" / "dashboards"
 PROMETHEUS_RULE = MONITORING / "prometheusrule.yaml"

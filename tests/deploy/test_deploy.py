@@ -9,7 +9,7 @@ Nothing here needs Docker, a cluster or the network:
     an apiVersion/kind that 1.30 does not serve fails. The Prometheus Operator's CRDs (ServiceMonitor,
     PrometheusRule) are checked by hand below;
   - every metric that the dashboard, the alert rules, the prometheus-adapter rules and the HPAs
-    reference must exist (docs/API.md's table + Triton 2.51's nv_* names, tests/deploy_metrics.py).
+    reference must exist (docs/API.md's table + Triton 2.51's nv_* names, tests/support/deploy_metrics.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-import deploy_metrics as dm
+from support import deploy_metrics as dm
 from minigpt5.launcher import process as server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -441,7 +441,7 @@ def dockerignore_excludes(path: str) -> bool:
 @pytest.mark.parametrize("path", [
     "weights/manifest.json", "weights/vicuna.safetensors", ".venv/bin/python", ".git/config",
     "minigpt5/stray_checkpoint.safetensors", "model_repository/minigpt5/1/model.pt",
-    "minigpt5/__pycache__/cli.cpython-310.pyc", "tests/test_deploy.py",
+    "minigpt5/__pycache__/cli.cpython-310.pyc", "tests/deploy/test_deploy.py",
 ])
 def test_dockerignore_keeps_weights_and_clutter_out_of_the_build_context(path):
     assert dockerignore_excludes(path)

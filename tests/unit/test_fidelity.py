@@ -17,7 +17,7 @@ from minigpt5.sampling import SamplingParams
 from minigpt5.placement import resolve_dtype
 from minigpt5.weights.layout import WeightsDir
 
-API_MD = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
 
 
 def _blocks(result, voken_ids) -> list[int]:

@@ -7,8 +7,8 @@ import concurrent.futures
 
 import pytest
 
-from conftest import start_server
-from serving_helpers import assemble, grpc_stream, http_generate
+from support.servers import start_server
+from support.serving_helpers import assemble, grpc_stream, http_generate
 
 pytestmark = pytest.mark.server
 

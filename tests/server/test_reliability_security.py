@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from minigpt5.launcher.local import free_port
 from minigpt5.bench.reliability.bodies import FORM, echo_repository, infer_body, post_body
 from minigpt5.bench.reliability.security import probe_security
 from minigpt5.launcher.binary import TritonBinary
@@ -22,7 +22,7 @@ from minigpt5.launcher.process import ADMIN_HEADER, RESTRICTED_APIS, TritonProce
 from minigpt5.launcher.repository import (REPOSITORY, config_parameters, parse_parameter_flags, prepare_repository,
                                          rewrite_parameters)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- the control APIs -------------------------------------------------------------------------------

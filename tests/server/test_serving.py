@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from serving_helpers import assemble, grpc_stream, http_generate, sse_events
+from support.serving_helpers import assemble, grpc_stream, http_generate, sse_events
 
 pytestmark = pytest.mark.server
 

@@ -1,5 +1,5 @@
 """Unit tests of the Triton model logic (minigpt5/serving, model_repository/*/1/model.py) without Triton:
-`triton_python_backend_utils` is replaced by tests/fake_pb_utils.py, the real model classes run on
+`triton_python_backend_utils` is replaced by tests/support/fake_pb_utils.py, the real model classes run on
 the tiny weights, and the BLS model's child calls go in-process to the real child model instances
 (through the fake's `InferenceRequest.exec`, which copies tensors, checks inputs against each
 child's config.pbtxt and returns only the requested outputs, as the server does)."""
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fake_pb_utils
+from support import fake_pb_utils
 from minigpt5.engine import TextDelta
 from minigpt5.prompt import parse_history
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
@@ -1029,7 +1029,7 @@ def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
     finally:
         endpoint.close()
     assert "still in flight at the exit timeout" in lines[-1]
-    from conftest import free_port
+    from minigpt5.launcher.local import free_port
     refused = f"http://127.0.0.1:{free_port()}/metrics"
     assert drain.inflight_requests(refused) is None
     assert not drain.wait_drained(refused, time.monotonic() + 30, lines.append)

@@ -14,7 +14,7 @@ import pytest
 from loadtest.cost import CostAssumptions, compute_cost, rates
 from loadtest.slo import SloTargets, evaluate, parse_mix
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = "loadtest/locustfile.py"
 GATE_FAILED = 3
 

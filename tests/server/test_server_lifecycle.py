@@ -19,7 +19,7 @@ import pytest
 from minigpt5 import cli
 from minigpt5.launcher import process as server
 from minigpt5.launcher.process import TritonProcess
-from conftest import free_port
+from minigpt5.launcher.local import free_port
 
 SLOW_CONFIG = """name: "slow"
 backend: "python"

@@ -4,7 +4,7 @@ between the stubs and a real 512x512 PNG comes out, equal to the in-process pipe
 
 CPU-friendly settings, as for the full-preset rehearsal (docs/BENCHMARKS.md): bf16 everywhere,
 DPM-Solver++ with 2 steps, a few tokens, no classifier-free guidance (the guided path is the tiny
-preset's, tests/test_serving.py)."""
+preset's, tests/server/test_serving.py)."""
 from __future__ import annotations
 
 import gc
@@ -16,8 +16,8 @@ from safetensors import safe_open
 from minigpt5.pipeline import MiniGPT5Pipeline
 from minigpt5.weights.layout import WeightsDir, component_file
 from minigpt5.weights.random_weights import build_random_weights
-from conftest import start_server
-from serving_helpers import assemble, grpc_stream
+from support.servers import start_server
+from support.serving_helpers import assemble, grpc_stream
 
 pytestmark = pytest.mark.server
 

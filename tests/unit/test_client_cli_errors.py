@@ -14,7 +14,7 @@ import pytest
 from minigpt5_client.cli import main
 from minigpt5_client.preprocess import MAX_IMAGE_FILE_BYTES, encode_png
 
-CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from minigpt5.image_decoder import SCHEDULERS
 from minigpt5.request import build_request
 from minigpt5.sampling import FORCE_IMAGE_MODES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _declared(tensors) -> dict:

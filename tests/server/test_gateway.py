@@ -3,7 +3,7 @@
 hand-off to a second model (a second gateway process), and `minigpt5 bench gateway`'s JSON.
 
 One server of this module's own with max_inflight_requests=2, so that overload is real; and the
-disconnect tests cancel gRPC streams, which the session server must never see (tests/test_disconnects.py).
+disconnect tests cancel gRPC streams, which the session server must never see (tests/server/test_disconnects.py).
 """
 from __future__ import annotations
 
@@ -15,22 +15,18 @@ import io
 import json
 import threading
 import time
-import urllib.request
 
 import httpx
-import numpy as np
 import openai
 import pytest
-import uvicorn
 from minigpt5_client import Client, Conversation
-from minigpt5_client.gateway.app import create_app
 from minigpt5_client.gateway.handoff_config import DEFAULT_INSTRUCTION, parse_handoff_config
 from minigpt5_client.gateway.settings import GatewaySettings
-from minigpt5_client.preprocess import encode_png
 from PIL import Image
 
-from conftest import free_port, start_server
 from minigpt5.bench.gateway import GatewayProcess
+from support.gateway import InProcessGateway, metric, picture
+from support.servers import start_server
 
 pytestmark = pytest.mark.server
 
@@ -41,7 +37,7 @@ PROMPT = "Tell a short story."
 SMALL = dict(max_tokens=16, seed=7)  # quick with the tiny weights
 IMAGE = dict(max_tokens=24, seed=7, extra_body={"num_inference_steps": 2})  # with modalities text+image
 # Greedy without repetition penalty, the tiny random weights loop and never stop by themselves
-# (tests/test_disconnects.py): 900 tokens, seconds of decoding. Cancelled while it decodes, a request
+# (tests/server/test_disconnects.py): 900 tokens, seconds of decoding. Cancelled while it decodes, a request
 # ends at once; the server does not watch for cancels while it awaits an image.
 LONG_PROMPT = "A very long story."
 LONG = dict(max_tokens=900, temperature=0.0, extra_body={"repetition_penalty": 1.0})  # SDK keywords
@@ -55,29 +51,6 @@ def triton(tiny_weights, tmp_path_factory):
                           parameters={"minigpt5": {"max_inflight_requests": str(LIMIT)}})
     yield server
     server.process.stop()
-
-
-class InProcessGateway:
-    """uvicorn serving create_app(settings) in a thread of this process, on a free port."""
-
-    def __init__(self, settings: GatewaySettings):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                                    log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the gateway did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +111,6 @@ def data_url(png: bytes) -> str:
 def png_of(url: str) -> bytes:
     assert url.startswith("data:image/png;base64,")
     return base64.b64decode(url.split(",", 1)[1])
-
-
-def picture() -> bytes:
-    y, x = np.mgrid[0:120, 0:200]
-    return encode_png(np.stack([x % 256, y * 2, (x * y) % 256], axis=-1).astype(np.uint8))
-
-
-def metric(triton, name: str, **labels) -> float:
-    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 def wait_until_cancelled(triton, cancelled_before: float, count: int, within_s: float = 20) -> None:

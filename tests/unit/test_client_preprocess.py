@@ -17,7 +17,7 @@ from minigpt5_client.errors import ImageError, InvalidArgument
 from minigpt5_client.preprocess import encode_png, load_image, preprocess_image, preprocess_images
 from PIL import Image
 
-CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 
 
 def photo(width=300, height=200, seed=0) -> np.ndarray:

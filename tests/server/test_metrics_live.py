@@ -13,9 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import start_server
-from deploy_metrics import TRITON_251_METRICS, documented_metrics, exposition_series_names, referenced_metric_names
-from serving_helpers import assemble, grpc_stream
+from support.servers import start_server
+from support.deploy_metrics import TRITON_251_METRICS, documented_metrics, exposition_series_names, referenced_metric_names
+from support.serving_helpers import assemble, grpc_stream
 
 pytestmark = pytest.mark.server
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import start_server
+from support.servers import start_server
 from minigpt5.bench.reliability.disconnects import probe_disconnects
 from minigpt5.bench.reliability.load import probe_overload, probe_soak
 from minigpt5.bench.reliability.measure import outcomes

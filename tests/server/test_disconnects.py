@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import start_server
-from serving_helpers import assemble, grpc_inputs, grpc_stream
+from support.servers import start_server
+from support.serving_helpers import assemble, grpc_inputs, grpc_stream
 
 pytestmark = pytest.mark.server
 
