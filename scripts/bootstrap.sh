@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
-# promtool (Debian's prometheus package) checks the alert rules in tests/test_deploy.py.
+# promtool (Debian's prometheus package) checks the alert rules in tests/deploy/test_deploy.py.
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
         || echo "bootstrap: could not install promtool; the alert-rule tests will fail" >&2
 fi
 
-# Debian's chromium: the web page's tests (tests/test_webpage.py) drive it headless with Playwright
+# Debian's chromium: the web page's tests (tests/browser/test_webpage.py) drive it headless with Playwright
 # (Playwright's own browser download is not used).
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \

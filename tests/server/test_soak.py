@@ -3,7 +3,6 @@ same command for a few seconds against the real tiny server, so that it cannot r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +34,13 @@ def test_windows_bin_requests_by_end_time_and_the_tail_counts_in_the_last():
 
 
 def test_a_pid_without_tritonserver_is_refused():
-    with pytest.raises(ValueError, match="no tritonserver"):
-        server_processes(os.getpid())
+    lone = subprocess.Popen(["sleep", "30"])  # not this process: the session's tritonserver is its child
+    try:
+        with pytest.raises(ValueError, match="no tritonserver"):
+            server_processes(lone.pid)
+    finally:
+        lone.kill()
+        lone.wait()
 
 
 @pytest.mark.server
