@@ -13,7 +13,8 @@ import threading
 import time
 from typing import TextIO
 
-from .client import DEFAULT_PORTS, DEFAULT_TIMEOUT_S, PROTOCOLS, Client
+from .client import DEFAULT_TIMEOUT_S, Client
+from .connection import DEFAULT_PORTS, PROTOCOLS, TOKEN_ENV
 from .conversation import Conversation
 from .document import SAVE_FORMATS, Document
 from .errors import InvalidArgument, MiniGPT5Error
@@ -224,12 +225,24 @@ class StreamPrinter:
 
 def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None) -> None:
     server = parser.add_argument_group("server")
-    server.add_argument("--url", metavar="HOST:PORT",
+    server.add_argument("--url", metavar="[SCHEME://]HOST:PORT",
                         help=f"server address (default localhost:{DEFAULT_PORTS['grpc']} for grpc, "
-                             f"localhost:{DEFAULT_PORTS['http']} for http)")
-    server.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default: grpc")
+                             f"localhost:{DEFAULT_PORTS['http']} for http); the scheme grpc://, grpcs:// (TLS), "
+                             f"http:// or https:// sets the protocol")
+    server.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="default: the URL's scheme, else grpc")
     server.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help=f"limit for each answer (default {DEFAULT_TIMEOUT_S:g})")
+    server.add_argument("--ca-cert", metavar="PEM",
+                        help="CA certificate(s) to verify the server's TLS certificate with (default: the system's)")
+    server.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra header for every request (repeatable), e.g. for a proxy in front")
+    server.add_argument("--token", default=None,
+                        help=f"bearer token sent as `authorization: Bearer ...` (default: ${TOKEN_ENV}; prefer the "
+                             f"variable, a flag shows in `ps`)")
+    server.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="send a request refused as busy up to N more times, with growing jittered pauses, "
+                             "as long as no part of the answer came (default 0)")
 
     inputs = parser.add_argument_group("input and output")
     inputs.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
@@ -265,7 +278,18 @@ def _generation_params(args: argparse.Namespace) -> dict:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.protocol, args.timeout, args.preprocess)
+    return Client(args.url, args.protocol, args.timeout, args.preprocess, ca_cert=args.ca_cert,
+                  headers=_headers(args.header), token=args.token, retries=args.retries)
+
+
+def _headers(flags: list[str]) -> dict[str, str]:
+    headers = {}
+    for flag in flags:
+        name, sep, value = flag.partition("=")
+        if not sep or not name.strip():
+            raise InvalidArgument(f"--header {flag!r}: expected NAME=VALUE")
+        headers[name.strip()] = value
+    return headers
 
 
 def _report(error: Exception) -> int:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from .connection import Connection
 from .conversation import Conversation
 from .document import Document
-from .errors import InvalidArgument, ServerError
+from .errors import InvalidArgument, Overloaded, ServerError
 from .events import Event, Final
 from .preprocess import IMAGE_SIZE, PREPROCESS_MODES, ImageSource, preprocess_images
 from .request import GenerateRequest, build_request
 
-PROTOCOLS = ("grpc", "http")
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 DEFAULT_TIMEOUT_S = 300.0
 
 Images = ImageSource | Iterable[ImageSource]  # one source, several, or pre-processed uint8 [N, 224, 224, 3]
@@ -26,38 +26,47 @@ History = Conversation | Sequence[dict] | None
 
 
 class _ClientBase:
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float = DEFAULT_TIMEOUT_S,
-                 preprocess: str = "pad"):
+    def __init__(self, url: str | None = None, protocol: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 preprocess: str = "pad", *, ca_cert: str | os.PathLike | None = None,
+                 headers: dict[str, str] | None = None, token: str | None = None, retries: int = 0,
+                 retry_backoff_s: float = 0.5):
         if preprocess not in PREPROCESS_MODES:
             raise InvalidArgument(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-        self.url = server_address(url, protocol)
-        self.protocol = protocol
+        self.connection = Connection.from_url(url, protocol, ca_cert=ca_cert, headers=headers, token=token,
+                                              retries=retries, retry_backoff_s=retry_backoff_s)
+        self.url = self.connection.address
+        self.protocol = self.connection.protocol
         self.timeout = timeout
         self.preprocess = preprocess
-        self._transport = self._open_transport()  # tritonclient/aiohttp are imported here, by protocol
+        self._transport = self._open_transport()  # grpc/aiohttp are imported here, by protocol
 
     def _open_transport(self):
         raise NotImplementedError
 
 
 class Client(_ClientBase):
-    """Synchronous client; safe to share between threads (each request has its own stream/connection).
+    """Synchronous client; safe to share between threads (one gRPC channel, one call per request).
 
-    >>> client = Client("localhost:8001")
-    >>> for event in client.stream("Tell a story about this cat", images=["cat.jpg"], force_image=True): ...
-    >>> document = client.generate("A short story", seed=1); document.save("out", "html")
+    >>> with Client("localhost:8001") as client:
+    ...     for event in client.stream("Tell a story about this cat", images=["cat.jpg"], force_image=True): ...
+    ...     document = client.generate("A short story", seed=1); document.save("out", "html")
 
-    ``url``: HOST:PORT (default localhost and 8001 for grpc, 8000 for http). ``timeout`` (seconds) bounds
-    each whole request. ``preprocess``: "pad" (white square, upstream demo) or "crop" (centre crop).
+    ``url``: HOST:PORT (default localhost and 8001 for grpc, 8000 for http), or with a scheme: grpc://,
+    grpcs:// (TLS), http://, https:// (the scheme sets the protocol). ``ca_cert``: the PEM file of the
+    CA that signed the server's certificate (default: the system's). ``headers``: sent with every
+    request; ``token`` (default $MINIGPT5_TOKEN) as ``authorization: Bearer``. ``retries``: how many
+    more times a request refused as Overloaded is sent, after ``retry_backoff_s`` doubled each time,
+    with jitter; only before its first event (a started answer is never sent again). ``timeout``
+    (seconds) bounds each attempt. ``preprocess``: "pad" (white square, upstream demo) or "crop".
     Generation parameters (keywords of stream/generate): see ``contract.PARAMETERS``.
     """
 
     def _open_transport(self):
         if self.protocol == "grpc":
             from .transport_grpc import GrpcTransport
-            return GrpcTransport(self.url)
+            return GrpcTransport(self.connection)
         from .transport_http import HttpTransport
-        return HttpTransport(self.url)
+        return HttpTransport(self.connection)
 
     def stream(self, prompt: str, images: Images = (), history: History = None, **params) -> Iterator[Event]:
         """Events in arrival order: TextDelta..., ImageStart, ImageEvent, ..., Final.
@@ -68,11 +77,24 @@ class Client(_ClientBase):
         `history` list, in which case ``images`` must start with the earlier turns' images.
         """
         request, turn = _prepare(prompt, images, history, params, self.preprocess)
-        return _completed(self._transport.stream(request, self.timeout), turn)
+        events = _with_retries(lambda: self._transport.stream(request, self.timeout), self.connection)
+        return _completed(events, turn)
 
     def generate(self, prompt: str, images: Images = (), history: History = None, **params) -> Document:
         """The whole answer as a Document."""
         return Document.from_events(self.stream(prompt, images, history, **params))
+
+    def close(self) -> None:
+        """Close the channel (gRPC); requests after this fail."""
+        close = getattr(self._transport, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class AsyncClient(_ClientBase):
@@ -87,15 +109,16 @@ class AsyncClient(_ClientBase):
     def _open_transport(self):
         if self.protocol == "grpc":
             from .transport_grpc import AsyncGrpcTransport
-            return AsyncGrpcTransport(self.url)
+            return AsyncGrpcTransport(self.connection)
         from .transport_http import AsyncHttpTransport
-        return AsyncHttpTransport(self.url)
+        return AsyncHttpTransport(self.connection)
 
     async def stream(self, prompt: str, images: Images = (), history: History = None,
                      **params) -> AsyncIterator[Event]:
         # Reading files and URLs and resizing would block the event loop: do it in a worker thread.
         request, turn = await asyncio.to_thread(_prepare, prompt, images, history, params, self.preprocess)
-        async for event in self._transport.stream(request, self.timeout):
+        async for event in _with_retries_async(lambda: self._transport.stream(request, self.timeout),
+                                               self.connection):
             turn.observe(event)
             yield event
         turn.check_complete()
@@ -113,20 +136,52 @@ class AsyncClient(_ClientBase):
         await self.close()
 
 
-def server_address(url: str | None, protocol: str) -> str:
-    """``host:port`` from "host", "host:port" or "http://host:port/"; the port defaults by protocol."""
-    if protocol not in PROTOCOLS:
-        raise InvalidArgument(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    scheme, _, rest = (url or "localhost").rpartition("://")
-    if scheme not in ("", "http", "grpc"):
-        raise InvalidArgument(f"only plain {' and '.join(PROTOCOLS)} are supported (no TLS), got {url!r}")
-    address = rest.rstrip("/")
-    host, colon, port = address.rpartition(":")
-    if not colon or "]" in port:  # no port given (or a bare IPv6 address in brackets)
-        return f"{address}:{DEFAULT_PORTS[protocol]}"
-    if not port.isdigit() or not host:
-        raise InvalidArgument(f"server URL must be HOST:PORT, got {url!r}")
-    return address
+def server_address(url: str | None, protocol: str | None = None) -> str:
+    """``host:port`` of a server URL (see Client); the port defaults by protocol."""
+    return Connection.from_url(url, protocol).address
+
+
+def _with_retries(open_stream: Callable[[], Iterator[Event]], connection: Connection) -> Iterator[Event]:
+    """The events of one request, sent again (up to `connection.retries` more times, after a jittered
+    backoff) while it is refused as Overloaded before its first event."""
+    for attempt in range(connection.retries + 1):
+        events = open_stream()
+        try:
+            first = next(events)
+        except StopIteration:
+            return
+        except Overloaded:
+            if attempt == connection.retries:
+                raise
+            time.sleep(connection.retry_delay(attempt))
+            continue
+        try:
+            yield first
+            yield from events
+        finally:
+            events.close()  # an answer abandoned early is cancelled now, not when collected
+        return
+
+
+async def _with_retries_async(open_stream, connection: Connection) -> AsyncIterator[Event]:
+    for attempt in range(connection.retries + 1):
+        events = open_stream()
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            return
+        except Overloaded:
+            if attempt == connection.retries:
+                raise
+            await asyncio.sleep(connection.retry_delay(attempt))
+            continue
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+        return
 
 
 @dataclass

@@ -4,7 +4,8 @@ parameter, the choices of the string inputs, and the event types of a streamed a
 
 The server (minigpt5/request.py), this client, the tests and the benches read it, and a test checks it
 against model_repository/minigpt5/config.pbtxt. Numeric limits and the defaults are the server's
-(docs/LIMITS.md; docs/API.md lists each default and where it comes from): they depend on the checkpoint.
+(docs/LIMITS.md; docs/API.md lists each default and where it comes from); the history limits below are
+repeated for clients that trim a conversation, and a test holds them equal to the server's.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import numpy as np
 
 MODEL_NAME = "minigpt5"
 IMAGE_SIZE = 224  # pre-processed images are IMAGE_SIZE x IMAGE_SIZE RGB
+# The server's limits on a request's history (docs/LIMITS.md), for clients that trim a conversation.
+MAX_IMAGES = 8  # input images per request, all turns together
+MAX_HISTORY_TURNS = 32
+MAX_HISTORY_CHARS = 64_000
 
 
 @dataclass(frozen=True)

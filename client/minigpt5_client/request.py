@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import IMAGE_SIZE, MODEL_NAME, PARAMETERS, input_array  # noqa: F401  (MODEL_NAME: the transports')
+from .contract import IMAGE_SIZE, PARAMETERS, input_array
 from .errors import InvalidArgument
 from .preprocess import encode_png
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from .errors import MiniGPT5Error, ServerError, ServerUnreachable, Timeout, from_http_status
+from .connection import Connection
+from .contract import MODEL_NAME
+from .errors import MiniGPT5Error, ServerError, ServerUnreachable, Timeout, from_http_status, from_server_message
 from .events import Event, events_from_outputs
-from .request import MODEL_NAME, GenerateRequest
+from .request import GenerateRequest
 
 GENERATE_STREAM_PATH = f"/v2/models/{MODEL_NAME}/generate_stream"
 _HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -24,26 +27,33 @@ _READ_SIZE = 1 << 16
 
 
 class HttpTransport:
-    """Synchronous, over http.client: one connection per request."""
+    """Synchronous, over http.client: one connection per request (Triton answers an SSE stream with
+    "Connection: close")."""
 
-    def __init__(self, url: str):
-        self.url = url
-        self.host, _, port = url.rpartition(":")
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.url = connection.url
+        self.host, _, port = connection.address.rpartition(":")
         self.port = int(port)
+        self._tls = _tls_context(connection) if connection.tls else None
+        self._headers = {**_HEADERS, **connection.headers}
 
     def stream(self, request: GenerateRequest, timeout: float) -> Iterator[Event]:
         body = json.dumps(request.json_body()).encode("utf-8")
         deadline = time.monotonic() + timeout
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        connection = (http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
+                      if self._tls else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         try:
             connection.connect()
             sock = connection.sock  # the connection lets go of it when the server says "Connection: close"
         except TimeoutError:
             raise Timeout(f"connecting to {self.url} timed out after {timeout:g} s") from None
+        except ssl.SSLError as error:
+            raise ServerUnreachable(f"TLS with {self.url} failed: {error}") from None
         except OSError as error:
             raise ServerUnreachable(f"cannot reach the server at {self.url} (HTTP): {error}") from None
         try:
-            connection.request("POST", GENERATE_STREAM_PATH, body, _HEADERS)
+            connection.request("POST", GENERATE_STREAM_PATH, body, self._headers)
             response = connection.getresponse()
             if response.status != 200:
                 raise from_http_status(response.status, _error_message(response.read()), self.url)
@@ -71,8 +81,9 @@ class HttpTransport:
 class AsyncHttpTransport:
     """asyncio, over aiohttp (already a dependency of tritonclient[http]): one session for the client's lifetime."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.url = connection.url
         self._session = None
 
     async def stream(self, request: GenerateRequest, timeout: float) -> AsyncIterator[Event]:
@@ -82,10 +93,11 @@ class AsyncHttpTransport:
             self._session = aiohttp.ClientSession()
         try:
             async with self._session.post(
-                f"http://{self.url}{GENERATE_STREAM_PATH}",
+                f"{self.url}{GENERATE_STREAM_PATH}",
                 json=request.json_body(),
-                headers={"Accept": "text/event-stream"},
+                headers={"Accept": "text/event-stream", **self.connection.headers},
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                ssl=_tls_context(self.connection) if self.connection.tls else None,
             ) as response:
                 if response.status != 200:
                     raise from_http_status(response.status, _error_message(await response.read()), self.url)
@@ -137,8 +149,8 @@ def _events(payload: str) -> list[Event]:
         message = json.loads(payload)
     except ValueError:
         raise ServerError(f"malformed event from the server: {payload[:200]!r}") from None
-    if "error" in message:
-        raise ServerError(str(message["error"]))
+    if "error" in message:  # after the first event: classified by its text, as before it
+        raise from_server_message(str(message["error"]))
 
     def output(name: str) -> list:
         value = message.get(name)
@@ -147,6 +159,11 @@ def _events(payload: str) -> list[Event]:
         return value if isinstance(value, list) else [value]  # Triton unwraps one-element outputs
 
     return events_from_outputs(output)
+
+
+def _tls_context(connection: Connection) -> ssl.SSLContext:
+    """Verifies the server's certificate against `ca_cert`, else the system's CAs."""
+    return ssl.create_default_context(cafile=connection.ca_cert)
 
 
 def _error_message(body: bytes) -> str:

@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import MiniGPT5Error
-from ..request import MODEL_NAME
+from ..contract import MODEL_NAME
 from . import completion
 from .answer import Delta, Finished
 from .chat import Backends, answer
