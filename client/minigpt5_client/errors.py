@@ -64,6 +64,8 @@ def from_grpc_status(status: str | None, message: str, url: str, server_listenin
     if code == "DEADLINE_EXCEEDED":
         return Timeout(f"the request to {url} timed out")
     if code == "UNAVAILABLE":
+        if "protocol is restricted" in message:  # Triton's --grpc-restricted-protocol: a header is missing
+            return ServerError(f"refused by {url}: {message}")
         if not server_listening:
             return ServerUnreachable(f"cannot reach the server at {url} (gRPC): {message}")
         return Overloaded(f"server busy: {message}")
