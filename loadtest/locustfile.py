@@ -68,6 +68,7 @@ _environment: dict = {}  # the Environment, for listeners that are not given it
 
 # --- options -----------------------------------------------------------------------------------------
 
+
 def _env(name: str) -> str:
     return "LOCUST_" + name.upper().replace("-", "_")
 
@@ -79,39 +80,70 @@ def _add_options(parser):
 
     # what the users send
     option("grpc-url", default="", help="gRPC address HOST:PORT of the server (default: --host's host, port 8001)")
-    option("mix", default=DEFAULT_MIX,
-           help=f"relative weights of the request kinds {', '.join(KINDS)} (default {DEFAULT_MIX})")
-    option("max-tokens", type=int, default=256, help="max_tokens per request: sampled ids, an image's 7 forced vokens come on top (default 256)")
+    option(
+        "mix",
+        default=DEFAULT_MIX,
+        help=f"relative weights of the request kinds {', '.join(KINDS)} (default {DEFAULT_MIX})",
+    )
+    option(
+        "max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens per request: sampled ids, an image's 7 forced vokens come on top (default 256)",
+    )
     option("steps", type=int, default=0, help="num_inference_steps of the image decoder (default 0: the server's, 50)")
     option("scheduler", default="", choices=["", "pndm", "dpm"], help="diffusion scheduler (default: the server's)")
     option("image", default="", help="image file sent by image_in requests (default: a built-in 224x224 picture)")
     option("prompts-file", default="", help="text file, one prompt per line (default: built-in story prompts)")
     option("request-timeout", type=float, default=120.0, help="seconds one whole answer may take (default 120)")
-    option("think-time", type=float, default=0.0,
-           help="mean pause of a user between answer and next request, seconds (default 0)")
-    option("failure-pause", type=float, default=1.0,
-           help="pause of a user after a failed request, seconds (default 1)")
+    option(
+        "think-time",
+        type=float,
+        default=0.0,
+        help="mean pause of a user between answer and next request, seconds (default 0)",
+    )
+    option("failure-pause", type=float, default=1.0, help="pause of a user after a failed request, seconds (default 1)")
     # the SLO gate
-    option("slo-p95-ms", type=float, default=2000.0,
-           help="gate: p95 end-to-end time of the completed answers, ms (default 2000; 0 = off)")
-    option("slo-ttft-p95-ms", type=float, default=2000.0,
-           help="gate: p95 time to first token, ms (default 2000; 0 = off)")
-    option("max-fail-ratio", type=float, default=0.01,
-           help="gate: largest share of failed requests (default 0.01; 1 = off)")
+    option(
+        "slo-p95-ms",
+        type=float,
+        default=2000.0,
+        help="gate: p95 end-to-end time of the completed answers, ms (default 2000; 0 = off)",
+    )
+    option(
+        "slo-ttft-p95-ms", type=float, default=2000.0, help="gate: p95 time to first token, ms (default 2000; 0 = off)"
+    )
+    option(
+        "max-fail-ratio",
+        type=float,
+        default=0.01,
+        help="gate: largest share of failed requests (default 0.01; 1 = off)",
+    )
     # the cost report
-    option("gpu-hourly-usd", type=float, default=2.50,
-           help="price of one server (one GPU) per hour, USD (default 2.50)")
-    option("target-utilization", type=float, default=0.5,
-           help="average share of the measured throughput a server delivers over a month (default 0.5)")
+    option(
+        "gpu-hourly-usd", type=float, default=2.50, help="price of one server (one GPU) per hour, USD (default 2.50)"
+    )
+    option(
+        "target-utilization",
+        type=float,
+        default=0.5,
+        help="average share of the measured throughput a server delivers over a month (default 0.5)",
+    )
     option("tokens-per-user", type=float, default=7000.0, help="tokens per user per month (default 7000)")
     option("monthly-users", type=int, default=100_000, help="monthly users to size for (default 100000)")
     option("target-usd-per-1k-tokens", type=float, default=0.15, help="cost target to compare with (default 0.15)")
-    option("request-log", default="",
-           help="append one CSV row per request to this file (unix time, Type, Name, ms, tokens, error): "
-                "what loadtest/soak.py bins into p95 per time window; local runs, one file per process")
-    option("cost-json", default="",
-           help="where to write the cost report (default: CSV_PREFIX_cost.json, else next to --html, "
-                "else ./minigpt5_cost.json)")
+    option(
+        "request-log",
+        default="",
+        help="append one CSV row per request to this file (unix time, Type, Name, ms, tokens, error): "
+        "what loadtest/soak.py bins into p95 per time window; local runs, one file per process",
+    )
+    option(
+        "cost-json",
+        default="",
+        help="where to write the cost report (default: CSV_PREFIX_cost.json, else next to --html, "
+        "else ./minigpt5_cost.json)",
+    )
 
 
 def _opt(environment, name: str, default=None):
@@ -138,8 +170,21 @@ _settings_cache: dict[tuple, Settings] = {}
 
 
 def settings(environment) -> Settings:
-    key = tuple(_opt(environment, n) for n in ("grpc_url", "mix", "max_tokens", "steps", "scheduler", "image",
-                                                "prompts_file", "request_timeout", "think_time", "failure_pause"))
+    key = tuple(
+        _opt(environment, n)
+        for n in (
+            "grpc_url",
+            "mix",
+            "max_tokens",
+            "steps",
+            "scheduler",
+            "image",
+            "prompts_file",
+            "request_timeout",
+            "think_time",
+            "failure_pause",
+        )
+    )
     key += (environment.host,)
     if key not in _settings_cache:
         _settings_cache[key] = _build_settings(environment)
@@ -150,8 +195,10 @@ def _build_settings(environment) -> Settings:
     mix = parse_mix(_opt(environment, "mix", DEFAULT_MIX))
     max_tokens = int(_opt(environment, "max_tokens", 256))
     if mix["image_out"] > 0 and max_tokens < NUM_VOKENS:
-        raise ValueError(f"image_out requests need --max-tokens >= {NUM_VOKENS} (an image takes {NUM_VOKENS} "
-                         f"positions), got {max_tokens}")
+        raise ValueError(
+            f"image_out requests need --max-tokens >= {NUM_VOKENS} (an image takes {NUM_VOKENS} "
+            f"positions), got {max_tokens}"
+        )
     params = {"max_tokens": max_tokens}
     if _opt(environment, "steps", 0):
         params["num_inference_steps"] = int(_opt(environment, "steps"))
@@ -170,9 +217,17 @@ def _build_settings(environment) -> Settings:
     if timeout <= 0 or think_time < 0 or failure_pause < 0:
         raise ValueError("--request-timeout must be > 0, --think-time and --failure-pause >= 0")
     kinds = tuple(k for k in KINDS if mix[k] > 0)
-    return Settings(grpc_url=_grpc_url(environment), kinds=kinds, weights=tuple(mix[k] for k in kinds), params=params,
-                    image=image, prompts=tuple(prompts), timeout=timeout, think_time=think_time,
-                    failure_pause=failure_pause)
+    return Settings(
+        grpc_url=_grpc_url(environment),
+        kinds=kinds,
+        weights=tuple(mix[k] for k in kinds),
+        params=params,
+        image=image,
+        prompts=tuple(prompts),
+        timeout=timeout,
+        think_time=think_time,
+        failure_pause=failure_pause,
+    )
 
 
 def _grpc_url(environment) -> str:
@@ -191,7 +246,7 @@ def _builtin_image() -> np.ndarray:
     image[..., 0] = 90 + y // 4
     image[..., 1] = 150 + y // 8
     image[..., 2] = 255 - y // 3
-    image[(x - 160) ** 2 + (y - 60) ** 2 < 24 ** 2] = (255, 220, 60)
+    image[(x - 160) ** 2 + (y - 60) ** 2 < 24**2] = (255, 220, 60)
     image[y > 150 + 20 * np.sin(x / 30)] = (60, 140, 60)
     return image[None]
 
@@ -207,9 +262,11 @@ def cost_assumptions(environment) -> CostAssumptions:
 
 
 def slo_targets(environment) -> SloTargets:
-    return SloTargets(p95_ms=float(_opt(environment, "slo_p95_ms", 2000.0)),
-                      ttft_p95_ms=float(_opt(environment, "slo_ttft_p95_ms", 2000.0)),
-                      max_fail_ratio=float(_opt(environment, "max_fail_ratio", 0.01)))
+    return SloTargets(
+        p95_ms=float(_opt(environment, "slo_p95_ms", 2000.0)),
+        ttft_p95_ms=float(_opt(environment, "slo_ttft_p95_ms", 2000.0)),
+        max_fail_ratio=float(_opt(environment, "max_fail_ratio", 0.01)),
+    )
 
 
 @events.init.add_listener
@@ -230,10 +287,12 @@ def _on_init(environment, runner=None, **_kwargs):
         # run before the first channel, and here rather than at import: `--processes` forks after the
         # import, and grpc set up before a fork is not usable in the child.
         from grpc.experimental import gevent as grpc_gevent
+
         grpc_gevent.init_gevent()
 
 
 # --- the users ---------------------------------------------------------------------------------------
+
 
 class NoImage(Exception):
     """An image_out request (force_image) whose answer holds no image."""
@@ -288,8 +347,14 @@ class _StreamUser(User):
         elapsed = (done if done is not None and exception is None else time.perf_counter()) - start
         usage = final.usage if final is not None and exception is None else {}
         tokens = int(usage.get("completion_tokens", 0))
-        self.environment.events.request.fire(request_type=self.label, name=kind, response_time=elapsed * 1000,
-                                             response_length=tokens, exception=exception, context={})
+        self.environment.events.request.fire(
+            request_type=self.label,
+            name=kind,
+            response_time=elapsed * 1000,
+            response_length=tokens,
+            exception=exception,
+            context={},
+        )
         self.failed = exception is not None
         if self.failed:
             return
@@ -351,12 +416,14 @@ def _log_request(request_type, name, response_time, response_length, exception=N
             writer.writerow(REQUEST_LOG_HEADER)
         _request_log.update(file=file, writer=writer)
     error = "" if exception is None else f"{type(exception).__name__}: {exception}"[:200]
-    _request_log["writer"].writerow((f"{time.time():.3f}", request_type, name, f"{response_time:.1f}",
-                                     response_length, error))
+    _request_log["writer"].writerow(
+        (f"{time.time():.3f}", request_type, name, f"{response_time:.1f}", response_length, error)
+    )
     _request_log["file"].flush()  # a soak read while it runs, or cut short, still has every row
 
 
 # --- run totals: workers -> master, the run's wall time -------------------------------------------------
+
 
 @events.report_to_master.add_listener
 def _send_usage(client_id, data, **_kwargs):
@@ -402,6 +469,7 @@ def _on_spawning_complete(**_kwargs):
 
 # --- the end: gate, cost report ------------------------------------------------------------------------
 
+
 def merged_entry(stats, method: str) -> StatsEntry:
     """All rows of one Type (e.g. TTFT of every protocol) as one entry."""
     merged = StatsEntry(stats, method, "")
@@ -414,9 +482,14 @@ def merged_entry(stats, method: str) -> StatsEntry:
 def _percentiles(entry: StatsEntry) -> dict:
     if entry.num_requests == 0:
         return {"count": 0, "failures": entry.num_failures, "p50": None, "p95": None, "avg": None, "max": None}
-    return {"count": entry.num_requests, "failures": entry.num_failures,
-            "p50": entry.get_response_time_percentile(0.5), "p95": entry.get_response_time_percentile(0.95),
-            "avg": round(entry.avg_response_time, 2), "max": round(entry.max_response_time, 2)}
+    return {
+        "count": entry.num_requests,
+        "failures": entry.num_failures,
+        "p50": entry.get_response_time_percentile(0.5),
+        "p95": entry.get_response_time_percentile(0.95),
+        "avg": round(entry.avg_response_time, 2),
+        "max": round(entry.max_response_time, 2),
+    }
 
 
 def summarize(environment) -> dict:
@@ -434,9 +507,13 @@ def summarize(environment) -> dict:
     wall_s = max(0.0, end - start)
     tokens_per_s, requests_per_s = rates(_usage["completion_tokens"], _usage["requests"], wall_s)
     targets = slo_targets(environment)
-    checks = evaluate(targets, requests=total.num_requests, failures=total.num_failures,
-                      e2e_p95_ms=e2e.get_response_time_percentile(0.95) if e2e.num_requests else None,
-                      ttft_p95_ms=ttft.get_response_time_percentile(0.95) if ttft.num_requests else None)
+    checks = evaluate(
+        targets,
+        requests=total.num_requests,
+        failures=total.num_failures,
+        e2e_p95_ms=e2e.get_response_time_percentile(0.95) if e2e.num_requests else None,
+        ttft_p95_ms=ttft.get_response_time_percentile(0.95) if ttft.num_requests else None,
+    )
     report = compute_cost(tokens_per_s, requests_per_s, cost_assumptions(environment))
     runner = environment.runner
     return {
@@ -460,8 +537,10 @@ def summarize(environment) -> dict:
             "requests_per_s": round(requests_per_s, 4),
         },
         "latency_ms": {"e2e": _percentiles(e2e), "ttft": _percentiles(ttft), "ttfi": _percentiles(ttfi)},
-        "rows": [{"type": entry.method, "name": entry.name, **_percentiles(entry)}
-                 for entry in sorted(stats.entries.values(), key=lambda e: (e.method, e.name))],
+        "rows": [
+            {"type": entry.method, "name": entry.name, **_percentiles(entry)}
+            for entry in sorted(stats.entries.values(), key=lambda e: (e.method, e.name))
+        ],
         "slo": {**verdict(targets, checks), "lines": [c.line() for c in checks]},
         "cost": _finite(report.to_dict()),
         "cost_lines": report.lines(),
@@ -496,8 +575,11 @@ def write_final_csv(environment) -> None:
     if not prefix:
         return
     writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
-    for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv),
-                          ("_exceptions.csv", writer.exceptions_csv)):
+    for suffix, write in (
+        ("_stats.csv", writer.requests_csv),
+        ("_failures.csv", writer.failures_csv),
+        ("_exceptions.csv", writer.exceptions_csv),
+    ):
         with open(f"{prefix}{suffix}", "w", newline="", encoding="utf-8") as file:
             write(csv.writer(file))
 

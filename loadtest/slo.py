@@ -61,22 +61,37 @@ class Check:
         return f"{verdict}  {self.name}: {measured} (target {relation} {self.target:g})"
 
 
-def evaluate(targets: SloTargets, *, requests: int, failures: int, e2e_p95_ms: float | None,
-             ttft_p95_ms: float | None) -> list[Check]:
+def evaluate(
+    targets: SloTargets, *, requests: int, failures: int, e2e_p95_ms: float | None, ttft_p95_ms: float | None
+) -> list[Check]:
     """The gate's checks; the run passes when every one passes. A run without a completed request fails."""
     fail_ratio = failures / requests if requests else None
     checks = [Check("completed requests", 1, requests - failures, requests - failures >= 1)]
     if targets.p95_ms > 0:
-        checks.append(Check("p95 end-to-end ms", targets.p95_ms, e2e_p95_ms,
-                            e2e_p95_ms is not None and e2e_p95_ms <= targets.p95_ms))
+        checks.append(
+            Check(
+                "p95 end-to-end ms", targets.p95_ms, e2e_p95_ms, e2e_p95_ms is not None and e2e_p95_ms <= targets.p95_ms
+            )
+        )
     if targets.ttft_p95_ms > 0:
-        checks.append(Check("p95 time to first token ms", targets.ttft_p95_ms, ttft_p95_ms,
-                            ttft_p95_ms is not None and ttft_p95_ms <= targets.ttft_p95_ms))
-    checks.append(Check("failure ratio", targets.max_fail_ratio, fail_ratio,
-                        fail_ratio is not None and fail_ratio <= targets.max_fail_ratio))
+        checks.append(
+            Check(
+                "p95 time to first token ms",
+                targets.ttft_p95_ms,
+                ttft_p95_ms,
+                ttft_p95_ms is not None and ttft_p95_ms <= targets.ttft_p95_ms,
+            )
+        )
+    checks.append(
+        Check(
+            "failure ratio",
+            targets.max_fail_ratio,
+            fail_ratio,
+            fail_ratio is not None and fail_ratio <= targets.max_fail_ratio,
+        )
+    )
     return checks
 
 
 def verdict(targets: SloTargets, checks: list[Check]) -> dict:
-    return {"passed": all(c.passed for c in checks), "targets": asdict(targets),
-            "checks": [asdict(c) for c in checks]}
+    return {"passed": all(c.passed for c in checks), "targets": asdict(targets), "checks": [asdict(c) for c in checks]}

@@ -12,8 +12,24 @@ from .events import Event, Final, ImageEvent, ImageStart, TextDelta
 from .preprocess import load_image, preprocess_image, preprocess_images
 
 __all__ = [
-    "AsyncClient", "Client", "Conversation", "Document", "SAVE_FORMATS",
-    "ImageError", "InvalidArgument", "MiniGPT5Error", "Overloaded", "ServerError", "ServerUnreachable", "Timeout",
-    "Event", "Final", "ImageEvent", "ImageStart", "TextDelta",
-    "load_image", "preprocess_image", "preprocess_images",
+    "AsyncClient",
+    "Client",
+    "Conversation",
+    "Document",
+    "SAVE_FORMATS",
+    "ImageError",
+    "InvalidArgument",
+    "MiniGPT5Error",
+    "Overloaded",
+    "ServerError",
+    "ServerUnreachable",
+    "Timeout",
+    "Event",
+    "Final",
+    "ImageEvent",
+    "ImageStart",
+    "TextDelta",
+    "load_image",
+    "preprocess_image",
+    "preprocess_images",
 ]

@@ -28,20 +28,25 @@ CHAT_HELP = "Type a message. /image PATH_OR_URL attaches an image to the next on
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `generate`, `chat` and `gateway`; each sets ``handler``: ``sys.exit(args.handler(args))``."""
     generate = subparsers.add_parser(
-        "generate", help="one answer: stream it, then save it as a document",
-        description="Stream MiniGPT-5's answer (text and images) and save it as Markdown, HTML or JSON.")
+        "generate",
+        help="one answer: stream it, then save it as a document",
+        description="Stream MiniGPT-5's answer (text and images) and save it as Markdown, HTML or JSON.",
+    )
     generate.add_argument("--prompt", required=True, help="the message")
     _add_common_options(generate, out_default="minigpt5-out")
     generate.set_defaults(handler=run_generate)
 
     chat = subparsers.add_parser(
-        "chat", help="a multi-turn conversation read from stdin",
+        "chat",
+        help="a multi-turn conversation read from stdin",
         description="Talk turn by turn; earlier text and images (generated ones too) are sent back as context. "
-                    + CHAT_HELP)
+        + CHAT_HELP,
+    )
     _add_common_options(chat, out_default=None)
     chat.set_defaults(handler=run_chat)
 
     from .gateway.command import add_gateway_command  # standard library only until it runs
+
     add_gateway_command(subparsers)
 
 
@@ -121,8 +126,9 @@ def run_chat(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-def _chat_turn(client: Client, conversation: Conversation, message: str, images: list[str],
-               args: argparse.Namespace) -> None:
+def _chat_turn(
+    client: Client, conversation: Conversation, message: str, images: list[str], args: argparse.Namespace
+) -> None:
     printer = StreamPrinter()
     try:
         for event in client.stream(message, images, history=conversation, **_generation_params(args)):
@@ -225,32 +231,68 @@ class StreamPrinter:
 
 def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None) -> None:
     server = parser.add_argument_group("server")
-    server.add_argument("--url", metavar="[SCHEME://]HOST:PORT",
-                        help=f"server address (default localhost:{DEFAULT_PORTS['grpc']} for grpc, "
-                             f"localhost:{DEFAULT_PORTS['http']} for http); the scheme grpc://, grpcs:// (TLS), "
-                             f"http:// or https:// sets the protocol")
-    server.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                        help="default: the URL's scheme, else grpc")
-    server.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                        help=f"limit for each answer (default {DEFAULT_TIMEOUT_S:g})")
-    server.add_argument("--ca-cert", metavar="PEM",
-                        help="CA certificate(s) to verify the server's TLS certificate with (default: the system's)")
-    server.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
-                        help="an extra header for every request (repeatable), e.g. for a proxy in front")
-    server.add_argument("--token", default=None,
-                        help=f"bearer token sent as `authorization: Bearer ...` (default: ${TOKEN_ENV}; prefer the "
-                             f"variable, a flag shows in `ps`)")
-    server.add_argument("--retries", type=int, default=0, metavar="N",
-                        help="send a request refused as busy up to N more times, with growing jittered pauses, "
-                             "as long as no part of the answer came (default 0)")
+    server.add_argument(
+        "--url",
+        metavar="[SCHEME://]HOST:PORT",
+        help=f"server address (default localhost:{DEFAULT_PORTS['grpc']} for grpc, "
+        f"localhost:{DEFAULT_PORTS['http']} for http); the scheme grpc://, grpcs:// (TLS), "
+        f"http:// or https:// sets the protocol",
+    )
+    server.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: the URL's scheme, else grpc")
+    server.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"limit for each answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    server.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        help="CA certificate(s) to verify the server's TLS certificate with (default: the system's)",
+    )
+    server.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra header for every request (repeatable), e.g. for a proxy in front",
+    )
+    server.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token sent as `authorization: Bearer ...` (default: ${TOKEN_ENV}; prefer the "
+        f"variable, a flag shows in `ps`)",
+    )
+    server.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send a request refused as busy up to N more times, with growing jittered pauses, "
+        "as long as no part of the answer came (default 0)",
+    )
 
     inputs = parser.add_argument_group("input and output")
-    inputs.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
-                        help="an image for the (first) message; repeat for several, in prompt order")
-    inputs.add_argument("--preprocess", choices=PREPROCESS_MODES, default="pad",
-                        help="pad to a white square (upstream demo, default) or centre-crop")
-    inputs.add_argument("--out", default=out_default, metavar="DIR",
-                        help=f"where to write the document (default: {out_default or 'not saved'})")
+    inputs.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH_OR_URL",
+        help="an image for the (first) message; repeat for several, in prompt order",
+    )
+    inputs.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        default="pad",
+        help="pad to a white square (upstream demo, default) or centre-crop",
+    )
+    inputs.add_argument(
+        "--out",
+        default=out_default,
+        metavar="DIR",
+        help=f"where to write the document (default: {out_default or 'not saved'})",
+    )
     inputs.add_argument("--format", choices=SAVE_FORMATS, default="md", help="document format (default md)")
 
     generation = parser.add_argument_group("generation (default: the server's)")
@@ -260,11 +302,18 @@ def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None
     generation.add_argument("--top-k", type=int)
     generation.add_argument("--repetition-penalty", type=float)
     generation.add_argument("--seed", type=int, help="same seed, same text and images")
-    generation.add_argument("--force-image", action="store_true", default=None,
-                            help="make sure the answer contains --max-images images (default one)")
-    generation.add_argument("--force-image-mode", choices=("first", "end"),
-                            help="where a forced image goes: first (before the text, upstream's default) or "
-                                 "end (where the answer would end)")
+    generation.add_argument(
+        "--force-image",
+        action="store_true",
+        default=None,
+        help="make sure the answer contains --max-images images (default one)",
+    )
+    generation.add_argument(
+        "--force-image-mode",
+        choices=("first", "end"),
+        help="where a forced image goes: first (before the text, upstream's default) or "
+        "end (where the answer would end)",
+    )
     generation.add_argument("--max-images", type=int, help="images per answer (server default 1)")
     generation.add_argument("--guidance-scale", type=float)
     generation.add_argument("--steps", type=int, dest="num_inference_steps", help="diffusion steps")
@@ -272,14 +321,34 @@ def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None
 
 
 def _generation_params(args: argparse.Namespace) -> dict:
-    names = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "force_image",
-             "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler")
+    names = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "force_image",
+        "force_image_mode",
+        "max_images",
+        "guidance_scale",
+        "num_inference_steps",
+        "scheduler",
+    )
     return {name: getattr(args, name) for name in names}
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.protocol, args.timeout, args.preprocess, ca_cert=args.ca_cert,
-                  headers=_headers(args.header), token=args.token, retries=args.retries)
+    return Client(
+        args.url,
+        args.protocol,
+        args.timeout,
+        args.preprocess,
+        ca_cert=args.ca_cert,
+        headers=_headers(args.header),
+        token=args.token,
+        retries=args.retries,
+    )
 
 
 def _headers(flags: list[str]) -> dict[str, str]:

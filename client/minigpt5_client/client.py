@@ -26,14 +26,30 @@ History = Conversation | Sequence[dict] | None
 
 
 class _ClientBase:
-    def __init__(self, url: str | None = None, protocol: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 preprocess: str = "pad", *, ca_cert: str | os.PathLike | None = None,
-                 headers: dict[str, str] | None = None, token: str | None = None, retries: int = 0,
-                 retry_backoff_s: float = 0.5):
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        preprocess: str = "pad",
+        *,
+        ca_cert: str | os.PathLike | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+        retries: int = 0,
+        retry_backoff_s: float = 0.5,
+    ):
         if preprocess not in PREPROCESS_MODES:
             raise InvalidArgument(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-        self.connection = Connection.from_url(url, protocol, ca_cert=ca_cert, headers=headers, token=token,
-                                              retries=retries, retry_backoff_s=retry_backoff_s)
+        self.connection = Connection.from_url(
+            url,
+            protocol,
+            ca_cert=ca_cert,
+            headers=headers,
+            token=token,
+            retries=retries,
+            retry_backoff_s=retry_backoff_s,
+        )
         self.url = self.connection.address
         self.protocol = self.connection.protocol
         self.timeout = timeout
@@ -64,8 +80,10 @@ class Client(_ClientBase):
     def _open_transport(self):
         if self.protocol == "grpc":
             from .transport_grpc import GrpcTransport
+
             return GrpcTransport(self.connection)
         from .transport_http import HttpTransport
+
         return HttpTransport(self.connection)
 
     def stream(self, prompt: str, images: Images = (), history: History = None, **params) -> Iterator[Event]:
@@ -109,16 +127,16 @@ class AsyncClient(_ClientBase):
     def _open_transport(self):
         if self.protocol == "grpc":
             from .transport_grpc import AsyncGrpcTransport
+
             return AsyncGrpcTransport(self.connection)
         from .transport_http import AsyncHttpTransport
+
         return AsyncHttpTransport(self.connection)
 
-    async def stream(self, prompt: str, images: Images = (), history: History = None,
-                     **params) -> AsyncIterator[Event]:
+    async def stream(self, prompt: str, images: Images = (), history: History = None, **params) -> AsyncIterator[Event]:
         # Reading files and URLs and resizing would block the event loop: do it in a worker thread.
         request, turn = await asyncio.to_thread(_prepare, prompt, images, history, params, self.preprocess)
-        async for event in _with_retries_async(lambda: self._transport.stream(request, self.timeout),
-                                               self.connection):
+        async for event in _with_retries_async(lambda: self._transport.stream(request, self.timeout), self.connection):
             turn.observe(event)
             yield event
         turn.check_complete()
@@ -207,8 +225,9 @@ class _TurnInProgress:
             raise ServerError("the server ended the answer without its final event")
 
 
-def _prepare(prompt: str, images: Images, history: History, params: dict,
-             preprocess: str) -> tuple[GenerateRequest, _TurnInProgress]:
+def _prepare(
+    prompt: str, images: Images, history: History, params: dict, preprocess: str
+) -> tuple[GenerateRequest, _TurnInProgress]:
     pixels = _pixels(images, preprocess)
     if isinstance(history, Conversation):
         turns, all_pixels = history.history(), np.concatenate([history.images(), pixels])
@@ -222,8 +241,10 @@ def _prepare(prompt: str, images: Images, history: History, params: dict,
 def _pixels(images: Images, preprocess: str) -> np.ndarray:
     if isinstance(images, np.ndarray) and images.ndim == 4:
         if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise InvalidArgument(f"pre-processed images must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
-                                  f"got {images.dtype} {list(images.shape)}")
+            raise InvalidArgument(
+                f"pre-processed images must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
+                f"got {images.dtype} {list(images.shape)}"
+            )
         return images
     if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)):
         images = [images]  # one source rather than a sequence of them

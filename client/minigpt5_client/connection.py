@@ -28,9 +28,17 @@ class Connection:
     retry_backoff_s: float = 0.5  # the first wait; doubled per attempt, with jitter
 
     @classmethod
-    def from_url(cls, url: str | None, protocol: str | None = None, *, ca_cert: str | os.PathLike | None = None,
-                 headers: dict[str, str] | None = None, token: str | None = None, retries: int = 0,
-                 retry_backoff_s: float = 0.5) -> Connection:
+    def from_url(
+        cls,
+        url: str | None,
+        protocol: str | None = None,
+        *,
+        ca_cert: str | os.PathLike | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+        retries: int = 0,
+        retry_backoff_s: float = 0.5,
+    ) -> Connection:
         """``url``: "host", "host:port", or with a scheme: grpc://, grpcs:// (gRPC over TLS), http://,
         https://. The scheme sets the protocol; without one, ``protocol`` does (default grpc). ``token``
         (default $MINIGPT5_TOKEN) goes out as ``authorization: Bearer <token>``."""
@@ -54,14 +62,22 @@ class Connection:
         for name, value in all_headers.items():
             if not name or any(c in name + value for c in "\r\n"):
                 raise InvalidArgument(f"header {name!r}: names must be non-empty, values on one line")
-        return cls(_address(rest, protocol, url), protocol, tls, os.fspath(ca_cert) if ca_cert else None,
-                   all_headers, retries, retry_backoff_s)
+        return cls(
+            _address(rest, protocol, url),
+            protocol,
+            tls,
+            os.fspath(ca_cert) if ca_cert else None,
+            all_headers,
+            retries,
+            retry_backoff_s,
+        )
 
     @property
     def url(self) -> str:
         """The address with its scheme, for messages."""
-        scheme = {("grpc", False): "grpc", ("grpc", True): "grpcs", ("http", False): "http",
-                  ("http", True): "https"}[self.protocol, self.tls]
+        scheme = {("grpc", False): "grpc", ("grpc", True): "grpcs", ("http", False): "http", ("http", True): "https"}[
+            self.protocol, self.tls
+        ]
         return f"{scheme}://{self.address}"
 
     def ca_pem(self) -> bytes | None:
@@ -73,7 +89,7 @@ class Connection:
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt`` + 1: exponential, with "full jitter" between 50 %
         and 100 % so that refused clients do not come back all at once."""
-        return self.retry_backoff_s * (2 ** attempt) * random.uniform(0.5, 1.0)
+        return self.retry_backoff_s * (2**attempt) * random.uniform(0.5, 1.0)
 
 
 def _address(rest: str, protocol: str, url: str | None) -> str:

@@ -7,6 +7,7 @@ against model_repository/minigpt5/config.pbtxt. Numeric limits and the defaults 
 (docs/LIMITS.md; docs/API.md lists each default and where it comes from); the history limits below are
 repeated for clients that trim a conversation, and a test holds them equal to the server's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,14 @@ class Tensor:
         return NUMPY_DTYPES[self.datatype]
 
 
-NUMPY_DTYPES = {"BYTES": np.object_, "UINT8": np.uint8, "INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32,
-                "BOOL": np.bool_}
+NUMPY_DTYPES = {
+    "BYTES": np.object_,
+    "UINT8": np.uint8,
+    "INT32": np.int32,
+    "UINT64": np.uint64,
+    "FP32": np.float32,
+    "BOOL": np.bool_,
+}
 
 INPUTS = (
     Tensor("text_input", "BYTES", optional=False),

@@ -57,9 +57,16 @@ class Conversation:
         self.turns.append(Turn("assistant", answer.text, answer_images, list(answer.segments)))
 
     # ---- trimming --------------------------------------------------------------------------------
-    def trim(self, *, reserve_images: int = 0, reserve_positions: int = 0, context: int | None = None,
-             max_images: int = MAX_IMAGES, max_turns: int = MAX_HISTORY_TURNS,
-             max_chars: int = MAX_HISTORY_CHARS) -> int:
+    def trim(
+        self,
+        *,
+        reserve_images: int = 0,
+        reserve_positions: int = 0,
+        context: int | None = None,
+        max_images: int = MAX_IMAGES,
+        max_turns: int = MAX_HISTORY_TURNS,
+        max_chars: int = MAX_HISTORY_CHARS,
+    ) -> int:
         """Drop the oldest exchanges (a user turn with its answer) until the history fits the server's
         limits with room for the next turn; returns how many turns went. It fits when it has at most
         ``max_turns`` turns and ``max_chars`` characters of text, at most ``max_images`` images counting
@@ -69,8 +76,9 @@ class Conversation:
         large side: 32 positions an image, one per 3 characters, 16 a turn; the server's own count
         decides in the end."""
         dropped = 0
-        while self.turns and not self._fits(reserve_images, reserve_positions, context, max_images, max_turns,
-                                            max_chars):
+        while self.turns and not self._fits(
+            reserve_images, reserve_positions, context, max_images, max_turns, max_chars
+        ):
             drop = 2 if len(self.turns) > 1 and self.turns[1].role == "assistant" else 1
             del self.turns[:drop]
             dropped += drop
@@ -78,30 +86,44 @@ class Conversation:
 
     def estimated_positions(self) -> int:
         chars = sum(len(turn.text) for turn in self.turns)
-        return (IMAGE_POSITIONS * sum(len(turn.images) for turn in self.turns)
-                + math.ceil(chars / CHARS_PER_POSITION) + TURN_POSITIONS * len(self.turns))
+        return (
+            IMAGE_POSITIONS * sum(len(turn.images) for turn in self.turns)
+            + math.ceil(chars / CHARS_PER_POSITION)
+            + TURN_POSITIONS * len(self.turns)
+        )
 
     def _fits(self, reserve_images, reserve_positions, context, max_images, max_turns, max_chars) -> bool:
-        return (len(self.turns) <= max_turns
-                and sum(len(turn.text) for turn in self.turns) <= max_chars
-                and len(self.images()) + reserve_images <= max_images
-                and (context is None or self.estimated_positions() + reserve_positions <= context))
+        return (
+            len(self.turns) <= max_turns
+            and sum(len(turn.text) for turn in self.turns) <= max_chars
+            and len(self.images()) + reserve_images <= max_images
+            and (context is None or self.estimated_positions() + reserve_positions <= context)
+        )
 
     # ---- saving ----------------------------------------------------------------------------------
     def to_json(self) -> dict:
         """The conversation as JSON-ready data; images as base64 PNG (lossless: they load back exactly)."""
-        return {"format": "minigpt5-conversation", "version": FORMAT_VERSION, "preprocess": self.preprocess,
-                "turns": [{"role": turn.role, "text": turn.text, "images": [_b64_png(image) for image in turn.images],
-                           "segments": [_segment_json(segment) for segment in turn.segments]}
-                          for turn in self.turns]}
+        return {
+            "format": "minigpt5-conversation",
+            "version": FORMAT_VERSION,
+            "preprocess": self.preprocess,
+            "turns": [
+                {
+                    "role": turn.role,
+                    "text": turn.text,
+                    "images": [_b64_png(image) for image in turn.images],
+                    "segments": [_segment_json(segment) for segment in turn.segments],
+                }
+                for turn in self.turns
+            ],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Conversation:
         if not isinstance(data, dict) or data.get("format") != "minigpt5-conversation":
             raise ValueError("not a saved MiniGPT-5 conversation (format: minigpt5-conversation)")
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"conversation format version {data.get('version')!r}; this client reads "
-                             f"{FORMAT_VERSION}")
+            raise ValueError(f"conversation format version {data.get('version')!r}; this client reads {FORMAT_VERSION}")
         conversation = cls(data.get("preprocess", "pad"))
         for index, turn in enumerate(data["turns"]):
             if turn.get("role") not in ("human", "assistant"):

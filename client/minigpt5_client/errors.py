@@ -83,11 +83,21 @@ def from_grpc_status(status: str | None, message: str, url: str, server_listenin
 _UNAVAILABLE_MESSAGES = ("server busy", "request_timeout_s", "model is unloading", "maximum queue size")
 # Invalid requests: the server's own refusals name the input first (`max_tokens: must be ...`,
 # `image_bytes[0]: ...`) or the decoder's limits; Triton's name the input in its own words.
-_INPUT_FIELD = re.compile(r"^(text_input|images|image_bytes|image_preprocess|history|max_tokens|stream|temperature|"
-                          r"top_p|top_k|repetition_penalty|random_seed|force_image|force_image_mode|max_images|"
-                          r"guidance_scale|num_inference_steps|scheduler)(\[\d+\])?: ")
-_INVALID_MESSAGES = ("kv_cache_budget_tokens", "exceeds the context", "inference input", "unexpected shape",
-                     "expected number of inputs", "data-type", "can not convert input", "failed to parse")
+_INPUT_FIELD = re.compile(
+    r"^(text_input|images|image_bytes|image_preprocess|history|max_tokens|stream|temperature|"
+    r"top_p|top_k|repetition_penalty|random_seed|force_image|force_image_mode|max_images|"
+    r"guidance_scale|num_inference_steps|scheduler)(\[\d+\])?: "
+)
+_INVALID_MESSAGES = (
+    "kv_cache_budget_tokens",
+    "exceeds the context",
+    "inference input",
+    "unexpected shape",
+    "expected number of inputs",
+    "data-type",
+    "can not convert input",
+    "failed to parse",
+)
 
 
 def from_server_message(message: str) -> MiniGPT5Error:

@@ -68,8 +68,10 @@ def events_from_outputs(output: Callable[[str], list]) -> list[Event]:
             pngs, offsets = output("image_output"), output("image_offset")
             if len(pngs) != len(offsets):
                 raise ValueError(f"{len(pngs)} images but {len(offsets)} offsets")
-            events.extend(ImageEvent(base64.b64decode(png, validate=True), int(offset))
-                          for png, offset in zip(pngs, offsets, strict=True))
+            events.extend(
+                ImageEvent(base64.b64decode(png, validate=True), int(offset))
+                for png, offset in zip(pngs, offsets, strict=True)
+            )
         elif kind == "final":
             usage = output("usage")
             finish_reason = output("finish_reason")

@@ -59,8 +59,10 @@ def build_request(prompt: str, images: np.ndarray, history: list[dict], params: 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise InvalidArgument(f"pre-processed images must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
-                              f"got {images.dtype} {list(images.shape)}")
+        raise InvalidArgument(
+            f"pre-processed images must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
+            f"got {images.dtype} {list(images.shape)}"
+        )
     parameters = {}
     for keyword, value in params.items():
         if keyword not in PARAMETERS:

@@ -33,8 +33,9 @@ class GrpcTransport:
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def stream(self, request: GenerateRequest, timeout: float) -> Iterator[Event]:
-        call = self._stub.ModelStreamInfer(iter([_infer_request(request)]), timeout=timeout,
-                                           metadata=tuple(self.connection.headers.items()))
+        call = self._stub.ModelStreamInfer(
+            iter([_infer_request(request)]), timeout=timeout, metadata=tuple(self.connection.headers.items())
+        )
         answer = _Answer(self.connection)
         try:
             for response in call:  # to the end of the call, which Triton ends once the answer is complete
@@ -67,8 +68,9 @@ class AsyncGrpcTransport:
             self._channel = _channel(grpc.aio, self.connection)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # Ending the request side right away is fine: Triton ends the call once the answer is complete.
-        call = stub.ModelStreamInfer(iter([_infer_request(request)]), timeout=timeout,
-                                     metadata=tuple(self.connection.headers.items()))
+        call = stub.ModelStreamInfer(
+            iter([_infer_request(request)]), timeout=timeout, metadata=tuple(self.connection.headers.items())
+        )
         answer = _Answer(self.connection)
         try:
             async for response in call:
@@ -104,8 +106,9 @@ def _infer_request(request: GenerateRequest) -> service_pb2.ModelInferRequest:
     for name, array in request.tensors().items():
         datatype = np_to_triton_dtype(array.dtype)
         message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        message.raw_input_contents.append(serialize_byte_tensor(array).item() if datatype == "BYTES"
-                                          else array.tobytes())
+        message.raw_input_contents.append(
+            serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes()
+        )
     return message
 
 
@@ -132,8 +135,9 @@ class _Answer:
             array = result.as_numpy(name)
             if array is None:
                 return []
-            return [item.decode("utf-8", "replace") if isinstance(item, bytes) else item
-                    for item in array.ravel().tolist()]
+            return [
+                item.decode("utf-8", "replace") if isinstance(item, bytes) else item for item in array.ravel().tolist()
+            ]
 
         return events_from_outputs(output)
 
@@ -154,8 +158,9 @@ def _error_from_status(status: str | None, message: str, connection: Connection)
     listening = True
     if (status or "").endswith("UNAVAILABLE"):
         lowered = message.lower()
-        listening = (not any(marker in lowered for marker in _CONNECTION_FAILURES)
-                     and _accepts_connections(connection.address))
+        listening = not any(marker in lowered for marker in _CONNECTION_FAILURES) and _accepts_connections(
+            connection.address
+        )
     return from_grpc_status(status, message, connection.url, listening)
 
 

@@ -41,8 +41,11 @@ class HttpTransport:
     def stream(self, request: GenerateRequest, timeout: float) -> Iterator[Event]:
         body = json.dumps(request.json_body()).encode("utf-8")
         deadline = time.monotonic() + timeout
-        connection = (http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
-                      if self._tls else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
+        connection = (
+            http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
+            if self._tls
+            else http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        )
         try:
             connection.connect()
             sock = connection.sock  # the connection lets go of it when the server says "Connection: close"
@@ -174,4 +177,3 @@ def _error_message(body: bytes) -> str:
     except ValueError:
         return text or "(no message)"
     return str(message.get("error", text)) if isinstance(message, dict) else text
-

@@ -5,6 +5,7 @@ request, and the error for a file that is not an image. Screenshots go to report
 
 A server of this module's own: Stop cancels a gRPC stream, which the session server must never see.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from minigpt5_client.gateway.settings import GatewaySettings
 
-from support.servers import start_server
+from minigpt5_client.gateway.settings import GatewaySettings
 from support.gateway import InProcessGateway, metric, picture
+from support.servers import start_server
 
 pytestmark = pytest.mark.server
 
@@ -41,13 +42,24 @@ def gateway(triton):
 @pytest.fixture(scope="module")
 def browser():
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: the web page's tests need Debian's chromium "
-                    "(scripts/bootstrap.sh installs it: apt-get install chromium)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: the web page's tests need Debian's chromium "
+            "(scripts/bootstrap.sh installs it: apt-get install chromium)"
+        )
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         yield browser
         browser.close()
 
@@ -106,11 +118,14 @@ def test_upload_stream_image_and_a_second_turn(page, tmp_path):
     page.wait_for_selector(".preview img")
     settings(page, **{"force-image": True, "steps": 2, "max-tokens": 24, "seed": 7})
     bodies = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.on(
+        "request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None
+    )
     page.evaluate(WATCH)
     send(page, "Tell a short story about this picture.")
-    page.wait_for_function("document.querySelector('.turn.assistant .meta').textContent.includes('seed')",
-                           timeout=ANSWER_S)
+    page.wait_for_function(
+        "document.querySelector('.turn.assistant .meta').textContent.includes('seed')", timeout=ANSWER_S
+    )
     seen = page.evaluate("window.seen")
     lengths = [s["text"] for s in seen]
     assert len({n for n in lengths if n > 0}) > 1 and lengths == sorted(lengths), "the text did not stream in"
@@ -133,12 +148,14 @@ def test_upload_stream_image_and_a_second_turn(page, tmp_path):
     page.uncheck("#force-image")
     page.click("#settings summary")
     send(page, "And then?")
-    page.wait_for_function("document.querySelectorAll('.turn.assistant .meta')[1]?.textContent.includes('seed')",
-                           timeout=ANSWER_S)
+    page.wait_for_function(
+        "document.querySelectorAll('.turn.assistant .meta')[1]?.textContent.includes('seed')", timeout=ANSWER_S
+    )
     history = bodies[1]["messages"]
     assert [m["role"] for m in history] == ["user", "assistant", "user"]
     assert history[1]["images"][0]["image_url"]["url"] == page.evaluate(
-        "document.querySelector('img.generated').src")  # the generated image is fed back
+        "document.querySelector('img.generated').src"
+    )  # the generated image is fed back
     assert page.locator(".turn.assistant").count() == 2 and page.locator(".turn.user").count() == 2
     assert page.inner_text(".turn.assistant .body >> nth=1").strip()
 
@@ -149,6 +166,7 @@ def test_stop_cancels_the_request_on_the_server(page, triton):
     def longer(route):
         body = json.loads(route.request.post_data)
         route.continue_(post_data=json.dumps({**body, "temperature": 0.0, "repetition_penalty": 1.0}))
+
     page.route("**/v1/chat/completions", longer)
     settings(page, **{"max-tokens": 900})
     send(page, "A very long story.")

@@ -4,6 +4,7 @@ Installs the project the way a user of the client does (`pip install <project>`:
 into a new venv without system site-packages; last, the `gateway` extra on top (still no torch).
 Takes about a minute and a half (pip).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,10 @@ def test_only_base_dependencies_are_installed(client_venv):
 
 
 def test_client_imports_without_torch(client_venv):
-    code = ("import sys, minigpt5_client, minigpt5_client.transport_grpc, minigpt5_client.transport_http, aiohttp; "
-            "assert not {'torch', 'transformers', 'diffusers'} & set(sys.modules)")
+    code = (
+        "import sys, minigpt5_client, minigpt5_client.transport_grpc, minigpt5_client.transport_http, aiohttp; "
+        "assert not {'torch', 'transformers', 'diffusers'} & set(sys.modules)"
+    )
     run(client_venv / "bin" / "python", "-c", code)
 
 
@@ -69,15 +72,27 @@ def test_cli_help_and_unreachable_server(client_venv, closed_port):
     python = client_venv / "bin" / "python"
     assert "--force-image" in run(python, "-m", "minigpt5_client", "generate", "--help").stdout
     for protocol in ("grpc", "http"):
-        result = run(python, "-m", "minigpt5_client", "generate", "--url", f"127.0.0.1:{closed_port}",
-                     "--protocol", protocol, "--prompt", "hi", check=False)
+        result = run(
+            python,
+            "-m",
+            "minigpt5_client",
+            "generate",
+            "--url",
+            f"127.0.0.1:{closed_port}",
+            "--protocol",
+            protocol,
+            "--prompt",
+            "hi",
+            check=False,
+        )
         assert result.returncode == 3, result.stderr
         assert result.stderr.startswith("error: cannot reach the server")
 
 
 def test_minigpt5_command_runs_the_client_without_torch(client_venv, closed_port):
-    result = run(client_venv / "bin" / "minigpt5", "generate", "--url", f"127.0.0.1:{closed_port}",
-                 "--prompt", "hi", check=False)
+    result = run(
+        client_venv / "bin" / "minigpt5", "generate", "--url", f"127.0.0.1:{closed_port}", "--prompt", "hi", check=False
+    )
     assert result.returncode == 3, result.stderr
 
 
@@ -90,13 +105,26 @@ def test_the_gateway_extra_installs_and_serves_without_torch(client_venv, closed
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    gateway = subprocess.Popen([client_venv / "bin" / "minigpt5", "gateway", "--url", f"127.0.0.1:{closed_port}",
-                                "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    gateway = subprocess.Popen(
+        [
+            client_venv / "bin" / "minigpt5",
+            "gateway",
+            "--url",
+            f"127.0.0.1:{closed_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         body = json.dumps({"model": "minigpt5", "messages": [{"role": "user", "content": "hi"}]}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         deadline = time.monotonic() + 60
         while True:
             try:

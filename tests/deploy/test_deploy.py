@@ -28,8 +28,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from support import deploy_metrics as dm
 from minigpt5.launcher import process as server
+from support import deploy_metrics as dm
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -80,15 +80,25 @@ def parse_quantity(text) -> float:
     """Kubernetes quantity ('8Gi', '500m', '2') -> a number (bytes or cores)."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", str(text))
     assert m, f"not a quantity: {text!r}"
-    mult = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    mult = {
+        None: 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }[m.group(2)]
     return float(m.group(1)) * mult
 
 
 def exit_timeout_secs(args: list[str]) -> int:
     """The --exit-timeout-secs passed to tritonserver (after `--`), or Triton's default 30."""
     assert "--" in args, f"no tritonserver flags after `--`: {args}"
-    for arg in args[args.index("--") + 1:]:
+    for arg in args[args.index("--") + 1 :]:
         if arg.startswith("--exit-timeout-secs="):
             return int(arg.split("=", 1)[1])
     return 30
@@ -103,13 +113,14 @@ def compose() -> dict:
     return load_yaml(COMPOSE_FILE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def render(kustomization: str) -> tuple[dict, ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: cannot render the kustomizations")
-    proc = subprocess.run([kubectl, "kustomize", str(ROOT / kustomization)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / kustomization)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{proc.stderr}"
     docs = tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
     assert docs, f"{kustomization} renders nothing"
@@ -148,7 +159,9 @@ def validate_k8s(obj: dict) -> None:
 def test_compose_validates_against_the_compose_specification():
     proc = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -212,7 +225,9 @@ def test_compose_monitoring_profile(compose):
     targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert f"triton:{TRITON_METRICS}" in targets
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
-    assert any(v.startswith("./deploy/monitoring/prometheus/rules:/etc/prometheus/rules") for v in prometheus["volumes"])
+    assert any(
+        v.startswith("./deploy/monitoring/prometheus/rules:/etc/prometheus/rules") for v in prometheus["volumes"]
+    )
 
     datasources = load_yaml(MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
@@ -246,6 +261,7 @@ def interpolate(value, env: dict[str, str]):
         if op == "-":
             return env.get(name, default)
         return env.get(name, "")
+
     return INTERPOLATION.sub(one, value)
 
 
@@ -343,7 +359,7 @@ def test_locust_reports_go_to_a_volume(compose):
     instructions = dockerfile_instructions()
     froms = [n for n, i in enumerate(instructions) if i.cmd == "FROM"] + [len(instructions)]
     start = next(n for n in froms[:-1] if instructions[n].value[-1] == "loadtest")
-    stage = instructions[start:froms[froms.index(start) + 1]]
+    stage = instructions[start : froms[froms.index(start) + 1]]
     runs = " ".join(i.value[0] for i in stage if i.cmd == "RUN")
     assert "mkdir /reports && chown nobody:nogroup /reports" in runs
     assert [i.value[0] for i in stage if i.cmd == "USER"][-1] == "nobody"
@@ -415,7 +431,9 @@ def test_dockerfile_never_bakes_weights_in():
         text = " ".join(i.value)
         if i.cmd in ("COPY", "ADD"):
             assert not re.search(r"weights|\.safetensors|\.bin\b|\.pth?\b|\.ckpt", text), text
-        assert not (i.cmd == "RUN" and re.search(r"weights (convert|download|tiny)|huggingface-cli|hf download", text)), text
+        assert not (
+            i.cmd == "RUN" and re.search(r"weights (convert|download|tiny)|huggingface-cli|hf download", text)
+        ), text
 
 
 def dockerignore_excludes(path: str) -> bool:
@@ -438,19 +456,35 @@ def dockerignore_excludes(path: str) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("path", [
-    "weights/manifest.json", "weights/vicuna.safetensors", ".venv/bin/python", ".git/config",
-    "minigpt5/stray_checkpoint.safetensors", "model_repository/minigpt5/1/model.pt",
-    "minigpt5/__pycache__/cli.cpython-310.pyc", "tests/deploy/test_deploy.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "weights/manifest.json",
+        "weights/vicuna.safetensors",
+        ".venv/bin/python",
+        ".git/config",
+        "minigpt5/stray_checkpoint.safetensors",
+        "model_repository/minigpt5/1/model.pt",
+        "minigpt5/__pycache__/cli.cpython-310.pyc",
+        "tests/deploy/test_deploy.py",
+    ],
+)
 def test_dockerignore_keeps_weights_and_clutter_out_of_the_build_context(path):
     assert dockerignore_excludes(path)
 
 
-@pytest.mark.parametrize("path", [
-    "pyproject.toml", "README.md", "minigpt5/__init__.py", "minigpt5/weights.py",
-    "client/minigpt5_client/__init__.py", "model_repository/minigpt5/config.pbtxt", "loadtest/locustfile.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pyproject.toml",
+        "README.md",
+        "minigpt5/__init__.py",
+        "minigpt5/weights.py",
+        "client/minigpt5_client/__init__.py",
+        "model_repository/minigpt5/config.pbtxt",
+        "loadtest/locustfile.py",
+    ],
+)
 def test_dockerignore_sends_what_the_images_need(path):
     assert not dockerignore_excludes(path)
 
@@ -506,7 +540,9 @@ def test_the_validation_catches_what_it_must():
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate_k8s(removed)  # removed in 1.25
 
-    hpa_v2beta2 = dict(the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler", SERVER), apiVersion="autoscaling/v2beta2")
+    hpa_v2beta2 = dict(
+        the("deploy/k8s/overlays/h100", "HorizontalPodAutoscaler", SERVER), apiVersion="autoscaling/v2beta2"
+    )
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         validate_k8s(hpa_v2beta2)  # removed in 1.26
 
@@ -515,15 +551,42 @@ def test_the_validation_catches_what_it_must():
         validate_k8s(impostor)
 
 
-@pytest.mark.parametrize("kustomization,kinds", [
-    ("deploy/k8s/overlays/cpu-trial",
-     {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-      "ConfigMap", "NetworkPolicy"}),
-    ("deploy/k8s/overlays/h100",
-     {"Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-      "PersistentVolumeClaim", "ServiceMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "Ingress"}),
-    ("deploy/k8s/weights-fill", {"PersistentVolumeClaim", "Job"}),
-])
+@pytest.mark.parametrize(
+    "kustomization,kinds",
+    [
+        (
+            "deploy/k8s/overlays/cpu-trial",
+            {
+                "Namespace",
+                "ServiceAccount",
+                "Deployment",
+                "Service",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "ConfigMap",
+                "NetworkPolicy",
+            },
+        ),
+        (
+            "deploy/k8s/overlays/h100",
+            {
+                "Namespace",
+                "ServiceAccount",
+                "Deployment",
+                "Service",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "PersistentVolumeClaim",
+                "ServiceMonitor",
+                "PrometheusRule",
+                "ConfigMap",
+                "NetworkPolicy",
+                "Ingress",
+            },
+        ),
+        ("deploy/k8s/weights-fill", {"PersistentVolumeClaim", "Job"}),
+    ],
+)
 def test_each_kustomization_holds_the_expected_objects(kustomization, kinds):
     assert {d["kind"] for d in render(kustomization)} == kinds
 
@@ -630,17 +693,23 @@ def test_weights_fill_job_writes_where_the_servers_read():
     job = the("deploy/k8s/weights-fill", "Job")
     pod = job["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    server_claims = {v["persistentVolumeClaim"]["claimName"]
-                     for v in the("deploy/k8s/overlays/h100", "Deployment", SERVER)["spec"]["template"]["spec"]["volumes"]
-                     if "persistentVolumeClaim" in v}
+    server_claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in the("deploy/k8s/overlays/h100", "Deployment", SERVER)["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert server_claims <= claims
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    server_env = {e["name"]: e["value"] for e in server_container(the("deploy/k8s/overlays/h100", "Deployment", SERVER))["env"]}
+    server_env = {
+        e["name"]: e["value"] for e in server_container(the("deploy/k8s/overlays/h100", "Deployment", SERVER))["env"]
+    }
     assert server_env["WEIGHTS_DIR"] == f"/weights/{env['WEIGHTS_VERSION']}"
     assert "minigpt5 weights convert" in pod["containers"][0]["command"][-1]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
-    assert the("deploy/k8s/weights-fill", "Job")["metadata"]["namespace"] == \
-        the("deploy/k8s/overlays/h100", "Deployment", SERVER)["metadata"]["namespace"]
+    assert (
+        the("deploy/k8s/weights-fill", "Job")["metadata"]["namespace"]
+        == the("deploy/k8s/overlays/h100", "Deployment", SERVER)["metadata"]["namespace"]
+    )
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -671,8 +740,11 @@ def test_services_and_pdb_select_the_server_pods(overlay):
 def test_hpa_scales_the_deployment_on_the_adapters_per_pod_metric(overlay):
     hpa = the(overlay, "HorizontalPodAutoscaler", SERVER)
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": the(overlay, "Deployment", SERVER)["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": the(overlay, "Deployment", SERVER)["metadata"]["name"],
+    }
     # in-flight requests (proportional to the load) and the decoder's waiting requests (queues form)
     names = []
     adapter = load_yaml(MONITORING / "prometheus-adapter" / "values.yaml")
@@ -707,14 +779,21 @@ def test_replicas_are_left_to_the_hpa(overlay):
 # --- Kubernetes: exposure (Ingress), NetworkPolicy, images pinned by digest ----------------------------------
 
 INFERENCE_HTTP_PATHS = {"/v2/models/minigpt5/generate", "/v2/models/minigpt5/generate_stream", "/v2/health/ready"}
-INFERENCE_GRPC_PATHS = {"/inference.GRPCInferenceService/ModelStreamInfer", "/inference.GRPCInferenceService/ModelReady"}
+INFERENCE_GRPC_PATHS = {
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/inference.GRPCInferenceService/ModelReady",
+}
 TRITON_HTTP_BODY_CRASH = 4_184_700  # docs/LIMITS.md: Triton 2.51's HTTP frontend dies on form bodies above this
 
 
 def ingress_routes(overlay: str) -> list[tuple[dict, str, str, dict]]:
     """(ingress, path, pathType, backend service) for every path of every Ingress."""
-    return [(ing, p["path"], p["pathType"], p["backend"]["service"])
-            for ing in objects(overlay, "Ingress") for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]]
+    return [
+        (ing, p["path"], p["pathType"], p["backend"]["service"])
+        for ing in objects(overlay, "Ingress")
+        for rule in ing["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    ]
 
 
 def test_ingress_routes_only_inference_and_the_gateway():
@@ -745,11 +824,14 @@ def test_every_ingress_has_tls_and_a_body_size_cap():
         name, annotations = ingress["metadata"]["name"], ingress["metadata"]["annotations"]
         hosts = {r["host"] for r in ingress["spec"]["rules"]}
         assert hosts <= {h for t in ingress["spec"]["tls"] for h in t["hosts"]} and all(
-            t["secretName"] for t in ingress["spec"]["tls"]), name
+            t["secretName"] for t in ingress["spec"]["tls"]
+        ), name
         assert annotations["nginx.ingress.kubernetes.io/ssl-redirect"] == "true", name
         cap = parse_bytes(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
         assert 0 < cap <= 64 * 2**20, name
-        backends = {p["backend"]["service"]["port"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
+        backends = {
+            p["backend"]["service"]["port"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]
+        }
         if name != GATEWAY and "http" in backends:  # Triton's own HTTP frontend
             assert cap < TRITON_HTTP_BODY_CRASH, name
         if "grpc" not in backends:  # streams (SSE) must not be buffered
@@ -774,8 +856,14 @@ def test_network_policy_keeps_metrics_and_triton_inside(overlay):
             by_port[port["port"]] = rule["from"]
     container_ports = {p["name"] for p in server_container(the(overlay, "Deployment", SERVER))["ports"]}
     assert set(by_port) == container_ports == {"http", "grpc", "metrics"}
-    namespaces = lambda sources: {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                                  for s in sources if "namespaceSelector" in s}
+
+    def namespaces(sources):
+        return {
+            s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for s in sources
+            if "namespaceSelector" in s
+        }
+
     # metrics: Prometheus' namespace only, not even this namespace's pods
     assert namespaces(by_port["metrics"]) == {"monitoring"} and len(by_port["metrics"]) == 1
     for port in ("http", "grpc"):
@@ -795,16 +883,29 @@ def test_images_can_be_pinned_by_digest(tmp_path):
     """kustomize's images: digest turns every image of the overlay into NAME@sha256:..."""
     digest = "sha256:" + "ab" * 32
     overlay = ROOT / "deploy/k8s/overlays/h100"
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(overlay, tmp_path)],  # kustomize takes no absolute bases
-        "images": [{"name": f"registry.example.com/minigpt5/{n}", "digest": digest}
-                   for n in ("minigpt5-triton", "minigpt5-gateway")]}))
-    proc = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(overlay, tmp_path)],  # kustomize takes no absolute bases
+                "images": [
+                    {"name": f"registry.example.com/minigpt5/{n}", "digest": digest}
+                    for n in ("minigpt5-triton", "minigpt5-gateway")
+                ],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [shutil.which("kubectl") or "kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
-    images = [c["image"] for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] in ("Deployment", "Job")
-              for c in all_containers(d["spec"]["template"]["spec"])]
+    images = [
+        c["image"]
+        for d in yaml.safe_load_all(proc.stdout)
+        if d and d["kind"] in ("Deployment", "Job")
+        for c in all_containers(d["spec"]["template"]["spec"])
+    ]
     assert images and all(i.endswith("@" + digest) for i in images), images
     names = {i.split("@")[0] for i in images}
     assert names == {"registry.example.com/minigpt5/minigpt5-triton", "registry.example.com/minigpt5/minigpt5-gateway"}
@@ -812,10 +913,25 @@ def test_images_can_be_pinned_by_digest(tmp_path):
 
 # --- Prometheus Operator custom resources (no schema in kubernetes-validate) -------------------------
 
-SERVICEMONITOR_SPEC_FIELDS = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels",
-                              "podTargetLabels", "sampleLimit"}
-SERVICEMONITOR_ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
-                                  "relabelings", "metricRelabelings"}
+SERVICEMONITOR_SPEC_FIELDS = {
+    "selector",
+    "endpoints",
+    "namespaceSelector",
+    "jobLabel",
+    "targetLabels",
+    "podTargetLabels",
+    "sampleLimit",
+}
+SERVICEMONITOR_ENDPOINT_FIELDS = {
+    "port",
+    "path",
+    "interval",
+    "scrapeTimeout",
+    "scheme",
+    "honorLabels",
+    "relabelings",
+    "metricRelabelings",
+}
 RULE_GROUP_FIELDS = {"name", "interval", "rules", "labels", "limit"}
 RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
 
@@ -843,7 +959,9 @@ def test_servicemonitor():
     assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
     spec = monitor["spec"]
     assert {"selector", "endpoints"} <= spec.keys() <= SERVICEMONITOR_SPEC_FIELDS
-    services = [s for s in objects(overlay, "Service") if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])]
+    services = [
+        s for s in objects(overlay, "Service") if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     assert [s["metadata"]["name"] for s in services] == ["minigpt5-metrics"]
     port_names = {p["name"] for p in services[0]["spec"]["ports"]}
     for endpoint in spec["endpoints"]:
@@ -879,9 +997,11 @@ def test_prometheus_config_and_alert_rules_with_promtool(tmp_path):
     # the config names the rules by their in-container path: point it at the repository's copy
     config = (prometheus / "prometheus.yml").read_text().replace("/etc/prometheus/rules/", f"{prometheus / 'rules'}/")
     (tmp_path / "prometheus.yml").write_text(config)
-    for cmd in ([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                [promtool, "check", "rules", *map(str, sorted((prometheus / "rules").glob("*.yml")))],
-                [promtool, "test", "rules", *map(str, sorted((prometheus / "tests").glob("*.yml")))]):
+    for cmd in (
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        [promtool, "check", "rules", *map(str, sorted((prometheus / "rules").glob("*.yml")))],
+        [promtool, "test", "rules", *map(str, sorted((prometheus / "tests").glob("*.yml")))],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{' '.join(cmd[1:3])}:\n{proc.stdout}{proc.stderr}"
 
@@ -895,14 +1015,20 @@ def test_dashboard_configmap_carries_the_dashboard_file():
 # --- metrics: every name referenced exists ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("expr,names", [
-    ('sum(rate(minigpt5_requests_total{job=~"$job", outcome="error"}[$__rate_interval]))', {"minigpt5_requests_total"}),
-    ("histogram_quantile(0.95, sum by (le) (rate(a_bucket[5m]))) / on (job) group_left b", {"a_bucket", "b"}),
-    ('{__name__="c"} + max_over_time(d[10m:1m] offset 5m)', {"c", "d"}),
-    ("sum without (instance) (e) > bool 3 and f unless g or vector(1)", {"e", "f", "g"}),
-    ("rate(h[${__rate_interval}]) * 2", {"h"}),
-    ("time() - 1e3", set()),
-])
+@pytest.mark.parametrize(
+    "expr,names",
+    [
+        (
+            'sum(rate(minigpt5_requests_total{job=~"$job", outcome="error"}[$__rate_interval]))',
+            {"minigpt5_requests_total"},
+        ),
+        ("histogram_quantile(0.95, sum by (le) (rate(a_bucket[5m]))) / on (job) group_left b", {"a_bucket", "b"}),
+        ('{__name__="c"} + max_over_time(d[10m:1m] offset 5m)', {"c", "d"}),
+        ("sum without (instance) (e) > bool 3 and f unless g or vector(1)", {"e", "f", "g"}),
+        ("rate(h[${__rate_interval}]) * 2", {"h"}),
+        ("time() - 1e3", set()),
+    ],
+)
 def test_promql_metric_names(expr, names):
     assert dm.promql_metric_names(expr) == names
 
@@ -915,14 +1041,27 @@ def test_promql_metric_names_rejects_what_it_cannot_check():
 
 
 def test_template_and_adapter_expressions_are_extracted():
-    dashboard = {"templating": {"list": [
-        {"type": "query", "query": {"query": 'label_values(nv_inference_count{model="minigpt5"}, job)'}},
-        {"type": "query", "query": "label_values(instance)"},
-        {"type": "datasource", "query": "prometheus"}]},
-        "panels": [{"type": "row", "panels": [{"targets": [{"expr": "x_total"}]}]}]}
+    dashboard = {
+        "templating": {
+            "list": [
+                {"type": "query", "query": {"query": 'label_values(nv_inference_count{model="minigpt5"}, job)'}},
+                {"type": "query", "query": "label_values(instance)"},
+                {"type": "datasource", "query": "prometheus"},
+            ]
+        },
+        "panels": [{"type": "row", "panels": [{"targets": [{"expr": "x_total"}]}]}],
+    }
     assert sorted(dm.dashboard_exprs(dashboard)) == ['nv_inference_count{model="minigpt5"}', "x_total"]
-    adapter = {"rules": {"custom": [{"seriesQuery": 'y{namespace!="",pod!=""}',
-                                     "metricsQuery": "sum by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})"}]}}
+    adapter = {
+        "rules": {
+            "custom": [
+                {
+                    "seriesQuery": 'y{namespace!="",pod!=""}',
+                    "metricsQuery": "sum by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})",
+                }
+            ]
+        }
+    }
     exprs = dm.adapter_rule_exprs(adapter)
     assert set().union(*map(dm.promql_metric_names, exprs)) == {"y"}
 
@@ -935,12 +1074,28 @@ def test_hpa_metrics_are_followed_through_the_adapter(tmp_path):
     adapter.write_text(ADAPTER_VALUES_FILE.read_text())
     hpa = tmp_path / "deploy" / "k8s" / "hpa.yaml"
     hpa.parent.mkdir(parents=True)
-    hpa.write_text(yaml.safe_dump({"kind": "HorizontalPodAutoscaler", "spec": {"metrics": [
-        {"type": "Pods", "pods": {"metric": {"name": "minigpt5_num_requests_waiting"}}},
-        {"type": "Resource", "resource": {"name": "cpu"}}]}}))
+    hpa.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "HorizontalPodAutoscaler",
+                "spec": {
+                    "metrics": [
+                        {"type": "Pods", "pods": {"metric": {"name": "minigpt5_num_requests_waiting"}}},
+                        {"type": "Resource", "resource": {"name": "cpu"}},
+                    ]
+                },
+            }
+        )
+    )
     assert dm.hpa_metric_series(tmp_path) == {"minigpt5_num_requests_waiting"}
-    hpa.write_text(yaml.safe_dump({"kind": "HorizontalPodAutoscaler", "spec": {"metrics": [
-        {"type": "Pods", "pods": {"metric": {"name": "triton_pending_requests"}}}]}}))
+    hpa.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "HorizontalPodAutoscaler",
+                "spec": {"metrics": [{"type": "Pods", "pods": {"metric": {"name": "triton_pending_requests"}}}]},
+            }
+        )
+    )
     with pytest.raises(ValueError, match="triton_pending_requests"):
         dm.hpa_metric_series(tmp_path)
 
@@ -965,14 +1120,21 @@ def test_the_dashboard_shows_every_custom_metric_and_tritons():
     used = set().union(*map(dm.promql_metric_names, dm.dashboard_exprs(dashboard)))
     for family, kind in dm.documented_metrics().items():
         assert used & dm.series_names(family, kind), f"the dashboard does not show {family}"
-    for name in ("nv_inference_request_success", "nv_inference_exec_count", "nv_gpu_utilization",
-                 "nv_gpu_memory_used_bytes"):
+    for name in (
+        "nv_inference_request_success",
+        "nv_inference_exec_count",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_used_bytes",
+    ):
         assert name in used
     # zero by construction: `minigpt5`'s execute returns at once and it calls each stage model one
     # batch at a time, so requests never queue in Triton (they wait in the decoder and the image
     # queue, which the minigpt5_* metrics show)
-    for name in ("nv_inference_pending_request_count", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_infer_duration_us"):
+    for name in (
+        "nv_inference_pending_request_count",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+    ):
         assert name not in used, name
 
 
@@ -999,7 +1161,10 @@ minigpt5_time_to_first_token_seconds_bucket{model="minigpt5",le="+Inf"} 3
 nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
 """
     assert dm.exposition_series_names(text) == {
-        "minigpt5_inflight_requests", "minigpt5_time_to_first_token_seconds_bucket", "nv_gpu_utilization"}
+        "minigpt5_inflight_requests",
+        "minigpt5_time_to_first_token_seconds_bucket",
+        "nv_gpu_utilization",
+    }
 
 
 # --- the commands the deployment runs, parsed by the project's real command line ----------------------
@@ -1009,6 +1174,7 @@ def serve_invocation(monkeypatch, argv: list[str]):
     """The argparse namespace `minigpt5 <argv>` hands to serve_forever (which is not run)."""
     import minigpt5.cli as cli
     import minigpt5.commands.serve as server
+
     captured = []
     monkeypatch.setattr(server, "serve_forever", lambda args: captured.append(args) or 0)
     assert cli.main(argv) == 0
@@ -1041,16 +1207,17 @@ def test_every_serve_command_parses_with_the_real_cli(monkeypatch, compose):
         assert (str(args.weights) if args.weights else None) == weights, where
         assert (args.http_port, args.grpc_port, args.metrics_port) == (TRITON_HTTP, TRITON_GRPC, TRITON_METRICS)
         assert args.host == "0.0.0.0", f"{where}: must listen beyond localhost in a container"
-        after_dashes = argv[argv.index("--") + 1:] if "--" in argv else []
+        after_dashes = argv[argv.index("--") + 1 :] if "--" in argv else []
         assert args.tritonserver_args == after_dashes, where
         for flag in args.tritonserver_args:
             assert flag.startswith("--") and "=" in flag, f"{where}: tritonserver flag {flag!r}"
 
 
 def test_the_weights_job_calls_the_converter_with_flags_it_accepts():
-    import minigpt5.weights.convert_args as convert_args
     import argparse
     import shlex
+
+    import minigpt5.weights.convert_args as convert_args
 
     job = the("deploy/k8s/weights-fill", "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -1073,6 +1240,7 @@ def gateway_invocation(monkeypatch, argv: list[str]):
     """The argparse namespace `minigpt5 <argv>` hands to run_gateway (which is not run)."""
     import minigpt5.cli as cli
     import minigpt5_client.gateway.command as command
+
     captured = []
     monkeypatch.setattr(command, "run_gateway", lambda args: captured.append(args) or 0)
     assert cli.main(argv) == 0
@@ -1101,7 +1269,7 @@ def test_dockerfile_gateway_stage_has_no_torch_and_runs_as_non_root():
     instructions = dockerfile_instructions()
     froms = [n for n, i in enumerate(instructions) if i.cmd == "FROM"] + [len(instructions)]
     start = next(n for n in froms[:-1] if instructions[n].value[-1] == "gateway")
-    stage = instructions[start:froms[froms.index(start) + 1]]
+    stage = instructions[start : froms[froms.index(start) + 1]]
     runs = " ".join(i.value[0] for i in stage if i.cmd == "RUN")
     assert 'pip install ".[gateway]"' in runs and "'torch' not in sys.modules" in runs
     assert "[server]" not in runs and "index-url" not in runs
@@ -1127,8 +1295,9 @@ def test_gateway_deployment_service_and_hpa(overlay, monkeypatch):
     host, port = args.url.rsplit(":", 1)
     server_service = the(overlay, "Service", host)
     assert int(port) == TRITON_GRPC in {p["port"] for p in server_service["spec"]["ports"]}
-    assert selects(server_service["spec"]["selector"], the(overlay, "Deployment", SERVER)["spec"]["template"]
-                   ["metadata"]["labels"])
+    assert selects(
+        server_service["spec"]["selector"], the(overlay, "Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    )
 
     # its own Service selects only gateway pods, on the port it listens on
     service = the(overlay, "Service", GATEWAY)

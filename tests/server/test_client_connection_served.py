@@ -1,6 +1,7 @@
 """The client's connection options against the real tritonserver: TLS (grpcs:// and https://, through a
 TLS proxy signed by a test CA), one gRPC channel per client, extra headers and a bearer token, retries
 of a refused request only before its first event, and mid-stream errors classified over HTTP too."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -10,10 +11,10 @@ from concurrent import futures
 
 import grpc
 import pytest
-from minigpt5_client import Client
-from minigpt5_client.errors import Overloaded, ServerUnreachable
 
 from minigpt5.launcher.local import free_port
+from minigpt5_client import Client
+from minigpt5_client.errors import Overloaded, ServerUnreachable
 from support.servers import start_server
 from support.tls_proxy import TlsProxy
 
@@ -28,9 +29,14 @@ TIMEOUT_S = 3
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory):
     """One request at a time, each at most TIMEOUT_S seconds."""
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("triton-connection"), parameters={
-        "minigpt5": {"max_inflight_requests": "1", "request_timeout_s": str(TIMEOUT_S)},
-        "vicuna_decoder": {"prefix_cache_tokens": "0"}})  # the long answers stay long
+    server = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("triton-connection"),
+        parameters={
+            "minigpt5": {"max_inflight_requests": "1", "request_timeout_s": str(TIMEOUT_S)},
+            "vicuna_decoder": {"prefix_cache_tokens": "0"},
+        },
+    )  # the long answers stay long
     yield server
     server.process.stop()
 
@@ -51,8 +57,11 @@ def https(server, tmp_path_factory):
 
 def _refused(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("minigpt5_requests_total{") and 'outcome="overloaded"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("minigpt5_requests_total{") and 'outcome="overloaded"' in line
+    )
 
 
 def test_grpcs_with_the_ca_and_one_channel_for_many_requests(server, grpc_tls):
@@ -73,8 +82,9 @@ def test_tls_refuses_a_server_it_cannot_verify(server, grpc_tls, https):
 
 
 def test_https_with_headers_and_a_bearer_token(server, https):
-    client = Client(f"https://127.0.0.1:{https.port}", ca_cert=https.ca_file,
-                    headers={"X-Team": "vision"}, token="s3cret")
+    client = Client(
+        f"https://127.0.0.1:{https.port}", ca_cert=https.ca_file, headers={"X-Team": "vision"}, token="s3cret"
+    )
     answer = client.generate("Hello.", **SHORT)
     assert answer.text == Client(server.grpc_url).generate("Hello.", **SHORT).text
     lines = https.head_lines()
@@ -90,8 +100,9 @@ def test_grpc_metadata_carries_the_headers_and_the_token(monkeypatch):
         context.abort(grpc.StatusCode.UNAVAILABLE, "server busy: a test server")
         yield  # a generator: a streaming method
 
-    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream)})
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream)}
+    )
     recorder = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
     port = free_port()
     recorder.add_insecure_port(f"127.0.0.1:{port}")
@@ -99,8 +110,9 @@ def test_grpc_metadata_carries_the_headers_and_the_token(monkeypatch):
     monkeypatch.setenv("MINIGPT5_TOKEN", "from-env")
     try:
         with pytest.raises(Overloaded):
-            Client(f"grpc://127.0.0.1:{port}", headers={"X-Team": "vision"}, retries=2,
-                   retry_backoff_s=0.01).generate("Hello.")
+            Client(f"grpc://127.0.0.1:{port}", headers={"X-Team": "vision"}, retries=2, retry_backoff_s=0.01).generate(
+                "Hello."
+            )
     finally:
         recorder.stop(None)
     assert len(seen) == 3  # the first attempt and two retries
@@ -113,6 +125,7 @@ def test_a_refused_request_is_retried_until_a_slot_is_free(server):
     def long_answer():
         for _ in Client(server.grpc_url).stream("A very long story.", **LONG):
             long_started.set()
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(long_answer)
         assert long_started.wait(60)

@@ -3,6 +3,7 @@
 The served answer for an image must equal the in-process answer (`reference_pipeline`) for the same
 pre-processed pixels, whatever kind of input the image came from and whichever protocol carried it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from minigpt5_client import AsyncClient, Client, Conversation, Document, InvalidArgument
-from minigpt5_client.preprocess import encode_png, preprocess_image
-from minigpt5_client.contract import PARAMETERS
 from PIL import Image
+
+from minigpt5_client import AsyncClient, Client, Conversation, Document, InvalidArgument
+from minigpt5_client.contract import PARAMETERS
+from minigpt5_client.preprocess import encode_png, preprocess_image
 
 pytestmark = pytest.mark.server
 
@@ -73,8 +75,13 @@ def image_url(tmp_path_factory):
 def test_every_input_kind_gives_the_in_process_answer(kind, triton_server, reference, image_url, tmp_path):
     path = tmp_path / "picture.png"
     path.write_bytes(encode_png(picture()))
-    source = {"path": str(path), "bytes": path.read_bytes(), "pil": Image.open(path), "numpy": picture(),
-              "url": image_url}[kind]
+    source = {
+        "path": str(path),
+        "bytes": path.read_bytes(),
+        "pil": Image.open(path),
+        "numpy": picture(),
+        "url": image_url,
+    }[kind]
     assert_same_answer(Client(triton_server.grpc_url).generate(PROMPT, [source], **PARAMS), reference)
 
 
@@ -84,10 +91,13 @@ def test_http_gives_the_in_process_answer(triton_server, reference):
 
 def test_async_clients_give_the_in_process_answer(triton_server, reference):
     async def both():
-        async with AsyncClient(triton_server.grpc_url) as grpc_client, \
-                AsyncClient(triton_server.http_url, "http") as http_client:
-            return await asyncio.gather(grpc_client.generate(PROMPT, picture(), **PARAMS),
-                                        http_client.generate(PROMPT, picture(), **PARAMS))
+        async with (
+            AsyncClient(triton_server.grpc_url) as grpc_client,
+            AsyncClient(triton_server.http_url, "http") as http_client,
+        ):
+            return await asyncio.gather(
+                grpc_client.generate(PROMPT, picture(), **PARAMS), http_client.generate(PROMPT, picture(), **PARAMS)
+            )
 
     for document in asyncio.run(both()):
         assert_same_answer(document, reference)
@@ -137,8 +147,14 @@ def test_server_side_invalid_argument_is_raised(triton_server):
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(CLIENT_DIR))
-    return subprocess.run([sys.executable, "-m", "minigpt5_client", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt5_client", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 GENERATION_FLAGS = ["--seed", "7", "--max-tokens", "24", "--force-image", "--steps", "2"]
@@ -149,8 +165,22 @@ def test_cli_generate_writes_an_html_page(protocol, triton_server, tmp_path):
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
     image = tmp_path / "picture.png"
     image.write_bytes(encode_png(picture()))
-    result = run_cli("generate", "--url", url, "--protocol", protocol, "--prompt", PROMPT, "--image", str(image),
-                     "--out", str(tmp_path / "out"), "--format", "html", *GENERATION_FLAGS)
+    result = run_cli(
+        "generate",
+        "--url",
+        url,
+        "--protocol",
+        protocol,
+        "--prompt",
+        PROMPT,
+        "--image",
+        str(image),
+        "--out",
+        str(tmp_path / "out"),
+        "--format",
+        "html",
+        *GENERATION_FLAGS,
+    )
     assert result.returncode == 0, result.stderr
     assert "[image 1 ready after" in result.stderr
     assert "data:image/png;base64," in (tmp_path / "out" / "document.html").read_text()
@@ -166,10 +196,18 @@ def test_cli_server_invalid_argument_exits_2(protocol, triton_server):
 
 
 def test_cli_chat_two_turns(triton_server, tmp_path):
-    result = run_cli("chat", "--url", triton_server.grpc_url, "--out", str(tmp_path), "--format", "json",
-                     *GENERATION_FLAGS, stdin=f"{PROMPT}\nWhat happens next?\n")
+    result = run_cli(
+        "chat",
+        "--url",
+        triton_server.grpc_url,
+        "--out",
+        str(tmp_path),
+        "--format",
+        "json",
+        *GENERATION_FLAGS,
+        stdin=f"{PROMPT}\nWhat happens next?\n",
+    )
     assert result.returncode == 0, result.stderr
     transcript = json.loads((tmp_path / "document.json").read_text())
     assert transcript["text"].count("You:") == 2 and transcript["text"].count("MiniGPT-5:") == 2
     assert len([s for s in transcript["segments"] if s["type"] == "image"]) >= 2
-

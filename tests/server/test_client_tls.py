@@ -2,12 +2,14 @@
 CA made with trustme) with the inference protocol restricted to requests carrying a header (Triton's
 --grpc-restricted-protocol, which expects the header `triton-grpc-protocol-KEY`): the client's TLS,
 custom CA and extra headers as Triton sees them."""
+
 from __future__ import annotations
 
 import asyncio
 import secrets
 
 import pytest
+
 from minigpt5.launcher.local import LocalServer
 from minigpt5.launcher.process import ADMIN_HEADER, RESTRICTED_APIS
 from minigpt5_client import AsyncClient, Client, ServerError, ServerUnreachable
@@ -24,11 +26,19 @@ def tls_triton(tiny_weights, tmp_path_factory):
     ca, cert, key = make_ca(root / "ca", "test CA")
     other_ca, _, _ = make_ca(root / "other", "another CA")
     admin_key = secrets.token_urlsafe(16)
-    server = LocalServer(tiny_weights, workdir=root / "server", name="tls", admin_key=admin_key, extra_args=[
-        "--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}",
-        f"--grpc-restricted-protocol=inference:{TENANT_HEADER}={TENANT_KEY}",
-        f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}",
-    ])
+    server = LocalServer(
+        tiny_weights,
+        workdir=root / "server",
+        name="tls",
+        admin_key=admin_key,
+        extra_args=[
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={cert}",
+            f"--grpc-server-key={key}",
+            f"--grpc-restricted-protocol=inference:{TENANT_HEADER}={TENANT_KEY}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}",
+        ],
+    )
     try:
         server.start(timeout=300)
     except RuntimeError as error:

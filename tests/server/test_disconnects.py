@@ -1,6 +1,7 @@
 """Clients that go away mid-answer, against a server of this module's own: Triton 2.51's gRPC
 frontend has cancellation races (fixed upstream in 25.x), so these tests never share the session
 server."""
+
 from __future__ import annotations
 
 import queue
@@ -25,8 +26,11 @@ def own_server(tiny_weights, tmp_path_factory):
 
 def _counter(metrics_url: str, outcome: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("minigpt5_requests_total{") and f'outcome="{outcome}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("minigpt5_requests_total{") and f'outcome="{outcome}"' in line
+    )
 
 
 # Greedy without repetition penalty: the tiny random weights loop and never stop by themselves, so this
@@ -37,8 +41,9 @@ LONG = {"text_input": "A very long story.", "max_tokens": 900, "temperature": 0.
 def test_cancelled_grpc_stream_stops_decoding(own_server, reference_pipeline):
     """The client cancels mid-answer: the BLS sees it, aborts the decoder row by id, and the request
     ends as `cancelled` instead of running to its natural end."""
-    natural = reference_pipeline.run(LONG["text_input"], max_tokens=LONG["max_tokens"], temperature=0.0,
-                                     repetition_penalty=1.0)
+    natural = reference_pipeline.run(
+        LONG["text_input"], max_tokens=LONG["max_tokens"], temperature=0.0, repetition_penalty=1.0
+    )
     assert natural.usage.completion_tokens > 500, "pick a seed whose answer runs long"
     before = _counter(own_server.metrics_url, "cancelled")
     responses: queue.Queue = queue.Queue()

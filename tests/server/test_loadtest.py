@@ -1,5 +1,6 @@
 """The Locust load test (loadtest/, docs/LOADTEST.md): cost arithmetic against hand-computed figures,
 the SLO gate's verdicts, and bounded runs of the real locustfile against the tiny server."""
+
 from __future__ import annotations
 
 import csv
@@ -20,6 +21,7 @@ GATE_FAILED = 3
 
 
 # --- cost arithmetic -----------------------------------------------------------------------------------
+
 
 def test_cost_matches_the_hand_computation():
     # T = 50 tokens/s, R = 0.5 requests/s, C = $2.00/hour, u = 0.5, K = 7,000 tokens/user/month, H = 730 h
@@ -76,15 +78,23 @@ def test_rates_divide_the_totals_by_the_wall_time():
     assert rates(3_000, 90, 0.0) == (0.0, 0.0)
 
 
-@pytest.mark.parametrize("kwargs", [{"target_utilization": 0}, {"target_utilization": 1.5},
-                                    {"gpu_hourly_usd": -1}, {"tokens_per_user_month": 0},
-                                    {"target_usd_per_1k_tokens": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_utilization": 0},
+        {"target_utilization": 1.5},
+        {"gpu_hourly_usd": -1},
+        {"tokens_per_user_month": 0},
+        {"target_usd_per_1k_tokens": 0},
+    ],
+)
 def test_cost_assumptions_refuse_nonsense(kwargs):
     with pytest.raises(ValueError):
         CostAssumptions(**kwargs)
 
 
 # --- mix and gate ----------------------------------------------------------------------------------------
+
 
 def test_parse_mix():
     assert parse_mix("text=2,image_in=1,image_out=1") == {"text": 2.0, "image_in": 1.0, "image_out": 1.0}
@@ -106,27 +116,48 @@ def test_gate_passes_and_fails_on_each_target():
     assert [c.name for c in failing if not c.passed] == ["failure ratio"]
     nothing = evaluate(targets, requests=0, failures=0, e2e_p95_ms=None, ttft_p95_ms=None)
     assert not any(c.passed for c in nothing)
-    off = evaluate(SloTargets(p95_ms=0, ttft_p95_ms=0, max_fail_ratio=1), requests=5, failures=5,
-                   e2e_p95_ms=9e9, ttft_p95_ms=None)
+    off = evaluate(
+        SloTargets(p95_ms=0, ttft_p95_ms=0, max_fail_ratio=1), requests=5, failures=5, e2e_p95_ms=9e9, ttft_p95_ms=None
+    )
     assert [c.name for c in off] == ["completed requests", "failure ratio"]  # latency checks off
     assert not off[0].passed  # ... but a run without one completed answer never passes
 
 
 # --- the locustfile, no server ------------------------------------------------------------------------------
 
+
 def locust(*args: str, timeout: float) -> subprocess.CompletedProcess:
     """`python -m locust -f loadtest/locustfile.py ARGS` from the repository root."""
     try:
-        return subprocess.run([sys.executable, "-m", "locust", "-f", LOCUSTFILE, *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "locust", "-f", LOCUSTFILE, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"locust did not finish within {timeout} s:\n{(error.stdout or b'')[-3000:]!r}\n"
-                    f"{(error.stderr or b'')[-3000:]!r}")
+        pytest.fail(
+            f"locust did not finish within {timeout} s:\n{(error.stdout or b'')[-3000:]!r}\n"
+            f"{(error.stderr or b'')[-3000:]!r}"
+        )
 
 
 def test_a_bad_option_stops_locust_before_the_run(tmp_path):
-    result = locust("--headless", "-u", "1", "-t", "5s", "--host", "http://127.0.0.1:9", "--mix", "video=1",
-                    "--cost-json", str(tmp_path / "cost.json"), timeout=60)
+    result = locust(
+        "--headless",
+        "-u",
+        "1",
+        "-t",
+        "5s",
+        "--host",
+        "http://127.0.0.1:9",
+        "--mix",
+        "video=1",
+        "--cost-json",
+        str(tmp_path / "cost.json"),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "unknown request kind 'video'" in result.stderr
     assert not (tmp_path / "cost.json").exists()
@@ -134,8 +165,21 @@ def test_a_bad_option_stops_locust_before_the_run(tmp_path):
 
 def test_a_run_without_a_server_fails_the_gate_and_still_reports(tmp_path):
     # Port 9 (discard) refuses connections; HTTP users only, so nothing is sent to HOST:8001.
-    result = locust("--headless", "-u", "1", "-r", "1", "-t", "3s", "--host", "127.0.0.1:9",
-                    "--cost-json", str(tmp_path / "cost.json"), "HttpStreamUser", timeout=60)
+    result = locust(
+        "--headless",
+        "-u",
+        "1",
+        "-r",
+        "1",
+        "-t",
+        "3s",
+        "--host",
+        "127.0.0.1:9",
+        "--cost-json",
+        str(tmp_path / "cost.json"),
+        "HttpStreamUser",
+        timeout=60,
+    )
     assert result.returncode == GATE_FAILED, result.stderr[-3000:]
     assert "FAIL  completed requests: 0" in result.stdout
     summary = json.loads((tmp_path / "cost.json").read_text())
@@ -153,11 +197,33 @@ CI_LOAD = ["--max-tokens", "16", "--steps", "4", "--mix", "text=2,image_in=1,ima
 @pytest.fixture(scope="module")
 def passing_run(triton_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("loadtest")
-    result = locust("--headless", "-u", "4", "-r", "4", "-t", "20s", "--stop-timeout", "20",
-                    "--host", f"http://{triton_server.http_url}", "--grpc-url", triton_server.grpc_url,
-                    "--csv", str(out / "run"), "--html", str(out / "run.html"), *CI_LOAD,
-                    "--slo-p95-ms", "600000", "--slo-ttft-p95-ms", "600000", "--max-fail-ratio", "0",
-                    timeout=120)
+    result = locust(
+        "--headless",
+        "-u",
+        "4",
+        "-r",
+        "4",
+        "-t",
+        "20s",
+        "--stop-timeout",
+        "20",
+        "--host",
+        f"http://{triton_server.http_url}",
+        "--grpc-url",
+        triton_server.grpc_url,
+        "--csv",
+        str(out / "run"),
+        "--html",
+        str(out / "run.html"),
+        *CI_LOAD,
+        "--slo-p95-ms",
+        "600000",
+        "--slo-ttft-p95-ms",
+        "600000",
+        "--max-fail-ratio",
+        "0",
+        timeout=120,
+    )
     return result, out
 
 
@@ -199,8 +265,14 @@ def test_bounded_run_writes_a_sane_cost_report(passing_run):
     expected = compute_cost(run["tokens_per_s"], run["requests_per_s"], CostAssumptions())
     assert cost["usd_per_1k_tokens"] == pytest.approx(expected.usd_per_1k_tokens, rel=1e-3)
     assert cost["users_per_server"] == pytest.approx(expected.users_per_server, rel=1e-3)
-    assert cost["assumptions"] == {"gpu_hourly_usd": 2.5, "target_utilization": 0.5, "tokens_per_user_month": 7000.0,
-                                   "monthly_users": 100000, "target_usd_per_1k_tokens": 0.15, "hours_per_month": 730.0}
+    assert cost["assumptions"] == {
+        "gpu_hourly_usd": 2.5,
+        "target_utilization": 0.5,
+        "tokens_per_user_month": 7000.0,
+        "monthly_users": 100000,
+        "target_usd_per_1k_tokens": 0.15,
+        "hours_per_month": 730.0,
+    }
     assert math.isfinite(cost["usd_per_1k_requests"]) and cost["servers_for_monthly_users"] >= 1
     latency = summary["latency_ms"]
     assert 0 < latency["ttft"]["p50"] <= latency["ttft"]["p95"] and latency["ttfi"]["count"] > 0
@@ -210,10 +282,29 @@ def test_bounded_run_writes_a_sane_cost_report(passing_run):
 
 @pytest.mark.server
 def test_an_impossible_target_fails_the_gate(triton_server, tmp_path):
-    result = locust("--headless", "-u", "2", "-r", "2", "-t", "6s", "--stop-timeout", "20",
-                    "--host", f"http://{triton_server.http_url}", "--grpc-url", triton_server.grpc_url,
-                    "--csv", str(tmp_path / "run"), *CI_LOAD, "--slo-p95-ms", "1", "--slo-ttft-p95-ms", "1",
-                    timeout=90)
+    result = locust(
+        "--headless",
+        "-u",
+        "2",
+        "-r",
+        "2",
+        "-t",
+        "6s",
+        "--stop-timeout",
+        "20",
+        "--host",
+        f"http://{triton_server.http_url}",
+        "--grpc-url",
+        triton_server.grpc_url,
+        "--csv",
+        str(tmp_path / "run"),
+        *CI_LOAD,
+        "--slo-p95-ms",
+        "1",
+        "--slo-ttft-p95-ms",
+        "1",
+        timeout=90,
+    )
     assert result.returncode == GATE_FAILED, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert "SLO gate: FAILED" in result.stdout
     assert "FAIL  p95 end-to-end ms" in result.stdout and "FAIL  p95 time to first token ms" in result.stdout

@@ -3,6 +3,7 @@ PromQL (dashboard, alerts, adapter, and the HPAs through the adapter) only namin
 really exist there (GPU-only `nv_*` families excepted on CPU). Under a short load on a decoder with
 one row, the waiting / running / KV gauges move and come back to 0, and the histograms count each
 request (or image) once."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,13 @@ import urllib.request
 import numpy as np
 import pytest
 
+from support.deploy_metrics import (
+    TRITON_251_METRICS,
+    documented_metrics,
+    exposition_series_names,
+    referenced_metric_names,
+)
 from support.servers import start_server
-from support.deploy_metrics import TRITON_251_METRICS, documented_metrics, exposition_series_names, referenced_metric_names
 from support.serving_helpers import assemble, grpc_stream
 
 pytestmark = pytest.mark.server
@@ -43,8 +49,12 @@ def _value(text: str, series: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def scraped(triton_server):
-    result = assemble(grpc_stream(triton_server.grpc_url, {"text_input": "A picture, please.", "force_image": True,
-                                                           "max_tokens": 20, "random_seed": 3}))
+    result = assemble(
+        grpc_stream(
+            triton_server.grpc_url,
+            {"text_input": "A picture, please.", "force_image": True, "max_tokens": 20, "random_seed": 3},
+        )
+    )
     assert len(result["images"]) == 1
     return _scrape(triton_server.metrics_url)
 
@@ -81,8 +91,7 @@ def test_custom_metric_values_are_sane(scraped):
 def test_deployment_files_reference_only_exported_metrics(scraped):
     exported = exposition_series_names(scraped)
     referenced = referenced_metric_names()
-    missing = {name for name in referenced - exported
-               if not (GPU_ONLY.match(name) and name in TRITON_251_METRICS)}
+    missing = {name for name in referenced - exported if not (GPU_ONLY.match(name) and name in TRITON_251_METRICS)}
     assert not missing, f"dashboard/rules reference metrics the server does not export: {sorted(missing)}"
 
 
@@ -90,26 +99,38 @@ def test_deployment_files_reference_only_exported_metrics(scraped):
 # Greedy "A very long story." runs to its max_tokens on the tiny weights: while one holds the row,
 # the others wait.
 LONG = {"text_input": "A very long story.", "max_tokens": 900, "temperature": 0.0, "repetition_penalty": 1.0}
-PICTURE = {"text_input": "What is in this picture? Draw one.", "max_tokens": 16, "force_image": True,
-           "random_seed": 4}
+PICTURE = {"text_input": "What is in this picture? Draw one.", "max_tokens": 16, "force_image": True, "random_seed": 4}
 DECODER = {"model": "vicuna_decoder"}
 PUBLIC = {"model": "minigpt5"}
-GAUGES = ("minigpt5_num_requests_waiting", "minigpt5_num_requests_running", "minigpt5_kv_cache_used_positions",
-          "minigpt5_kv_cache_usage_ratio")
+GAUGES = (
+    "minigpt5_num_requests_waiting",
+    "minigpt5_num_requests_running",
+    "minigpt5_kv_cache_used_positions",
+    "minigpt5_kv_cache_usage_ratio",
+)
 HISTOGRAMS = {  # histogram → the model label that owns it
-    "minigpt5_e2e_request_latency_seconds": PUBLIC, "minigpt5_time_to_first_token_seconds": PUBLIC,
-    "minigpt5_time_per_output_token_seconds": PUBLIC, "minigpt5_request_prompt_tokens": PUBLIC,
-    "minigpt5_vision_latency_seconds": PUBLIC, "minigpt5_image_decode_latency_seconds": PUBLIC,
-    "minigpt5_image_queue_wait_seconds": PUBLIC, "minigpt5_prefill_latency_seconds": DECODER}
-ONCE_FOR_THE_PICTURE = ("minigpt5_vision_latency_seconds", "minigpt5_image_decode_latency_seconds",
-                        "minigpt5_image_queue_wait_seconds")
+    "minigpt5_e2e_request_latency_seconds": PUBLIC,
+    "minigpt5_time_to_first_token_seconds": PUBLIC,
+    "minigpt5_time_per_output_token_seconds": PUBLIC,
+    "minigpt5_request_prompt_tokens": PUBLIC,
+    "minigpt5_vision_latency_seconds": PUBLIC,
+    "minigpt5_image_decode_latency_seconds": PUBLIC,
+    "minigpt5_image_queue_wait_seconds": PUBLIC,
+    "minigpt5_prefill_latency_seconds": DECODER,
+}
+ONCE_FOR_THE_PICTURE = (
+    "minigpt5_vision_latency_seconds",
+    "minigpt5_image_decode_latency_seconds",
+    "minigpt5_image_queue_wait_seconds",
+)
 BOUND_S = 300  # upper bound for the load and for the metrics to settle, never a measurement
 
 
 @pytest.fixture(scope="module")
 def one_row_server(tiny_weights, tmp_path_factory):
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("one-row"),
-                          parameters={"vicuna_decoder": {"max_batch_rows": "1"}})
+    server = start_server(
+        tiny_weights, tmp_path_factory.mktemp("one-row"), parameters={"vicuna_decoder": {"max_batch_rows": "1"}}
+    )
     yield server
     server.process.stop()
 
@@ -137,6 +158,7 @@ def test_decoder_gauges_and_latency_histograms_under_load(one_row_server):
 
     def run(i: int) -> None:
         results[i] = assemble(grpc_stream(one_row_server.grpc_url, requests[i], timeout=BOUND_S))
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     for thread in threads:
         thread.start()
@@ -164,16 +186,20 @@ def test_decoder_gauges_and_latency_histograms_under_load(one_row_server):
     grown["minigpt5_time_to_first_token_seconds"] = sum(bool(r["text"]) for r in results)
     grown["minigpt5_time_per_output_token_seconds"] = sum(u["sampled_tokens"] >= 2 for u in usages)
     expected = {name: count + grown[name] for name, count in _counts(before).items()}
-    after = _settled(url, lambda text: all(_value(text, gauge, **DECODER) == 0 for gauge in GAUGES)
-                     and _counts(text) == expected)
+    after = _settled(
+        url, lambda text: all(_value(text, gauge, **DECODER) == 0 for gauge in GAUGES) and _counts(text) == expected
+    )
     assert {gauge: _value(after, gauge, **DECODER) for gauge in GAUGES} == dict.fromkeys(GAUGES, 0.0)
     assert _counts(after) == expected
     prompt_sum = _value(after, "minigpt5_request_prompt_tokens_sum", **PUBLIC) - _value(
-        before, "minigpt5_request_prompt_tokens_sum", **PUBLIC)
+        before, "minigpt5_request_prompt_tokens_sum", **PUBLIC
+    )
     assert prompt_sum == sum(u["prompt_tokens"] + u["image_tokens"] for u in usages)
     assert usages[3]["image_tokens"] == 32
     per_token = _value(after, "minigpt5_time_per_output_token_seconds_sum", **PUBLIC) - _value(
-        before, "minigpt5_time_per_output_token_seconds_sum", **PUBLIC)
+        before, "minigpt5_time_per_output_token_seconds_sum", **PUBLIC
+    )
     e2e = _value(after, "minigpt5_e2e_request_latency_seconds_sum", **PUBLIC) - _value(
-        before, "minigpt5_e2e_request_latency_seconds_sum", **PUBLIC)
+        before, "minigpt5_e2e_request_latency_seconds_sum", **PUBLIC
+    )
     assert 0 < per_token < e2e

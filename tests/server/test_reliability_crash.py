@@ -5,15 +5,16 @@ What Triton 2.51 does by itself when a python stub dies: nothing. It neither res
 reports the model unready; requests in flight in it hang forever and later ones fail. TritonProcess's
 watchdog (minigpt5/launcher/process.py) therefore stops tritonserver when a stub dies, so that clients
 get an error at once and Kubernetes restarts the container (`minigpt5 serve` exits with code 3)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from support.servers import start_server
 from minigpt5.bench.reliability.crash import probe_crash
 from minigpt5.bench.reliability.load import probe_timeout
+from support.servers import start_server
 
 pytestmark = pytest.mark.server
 
@@ -22,11 +23,16 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def doomed_server(tiny_weights, tmp_path_factory):
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("triton-crash"),
-                          parameters={"minigpt5": {"request_timeout_s": f"{TIMEOUT_S:g}"},
-                                      # the killed requests must still be decoding: with no prompt from the
-                                      # cache their greedy answers are the long ones this test was made for
-                                      "vicuna_decoder": {"prefix_cache_tokens": "0"}})
+    server = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("triton-crash"),
+        parameters={
+            "minigpt5": {"request_timeout_s": f"{TIMEOUT_S:g}"},
+            # the killed requests must still be decoding: with no prompt from the
+            # cache their greedy answers are the long ones this test was made for
+            "vicuna_decoder": {"prefix_cache_tokens": "0"},
+        },
+    )
     yield server
     server.process.stop()
 

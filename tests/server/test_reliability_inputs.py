@@ -1,6 +1,7 @@
 """Bad inputs: every input class of docs/LIMITS.md over gRPC streaming, HTTP /generate and
 /generate_stream against the shared server (refusals do not break it). The table of cases is
 minigpt5/bench/reliability/inputs.py's `input_cases()`, the same one `minigpt5 bench reliability` runs."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,23 @@ from minigpt5.bench.reliability.inputs import input_cases, probe_inputs
 pytestmark = pytest.mark.server
 
 ISSUE_CLASSES = {  # the issue's list, in the words of the table
-    "empty prompt", "prompt longer than the context", "max_tokens <= 0", "max_tokens above the limit",
-    "sampling parameter out of range", "image parameter out of range", "wrong type", "more images than the limit",
-    "more image placeholders than images", "undecodable image bytes", "truncated image bytes", "decompression bomb",
-    "wrong dtype", "wrong shape", "non-UTF-8 text", "special tokens in user text", "file path in a request",
+    "empty prompt",
+    "prompt longer than the context",
+    "max_tokens <= 0",
+    "max_tokens above the limit",
+    "sampling parameter out of range",
+    "image parameter out of range",
+    "wrong type",
+    "more images than the limit",
+    "more image placeholders than images",
+    "undecodable image bytes",
+    "truncated image bytes",
+    "decompression bomb",
+    "wrong dtype",
+    "wrong shape",
+    "non-UTF-8 text",
+    "special tokens in user text",
+    "file path in a request",
 }
 
 

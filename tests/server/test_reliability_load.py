@@ -4,6 +4,7 @@ as loose bounds that only catch hangs; the counts are asserted.
 
 The soak runs 60 s (MINIGPT5_SOAK_S=600 for a longer one). Every test first checks that the server
 is still the one it started with: a server that died (a stub, or tritonserver) fails the test."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,11 @@ import os
 
 import pytest
 
-from support.servers import start_server
 from minigpt5.bench.reliability.disconnects import probe_disconnects
 from minigpt5.bench.reliability.load import probe_overload, probe_soak
 from minigpt5.bench.reliability.measure import outcomes
 from minigpt5.bench.reliability.wire import SHORT, STEADY, grpc_request, grpc_tensors
+from support.servers import start_server
 
 pytestmark = pytest.mark.server
 
@@ -27,13 +28,17 @@ def assert_the_server_lives(server, during: str) -> None:
     process = server.process
     assert process.process.poll() is None and not process.crash, (
         f"the server died during {during}: {process.crash or f'tritonserver exit {process.process.poll()}'}\n"
-        f"{server.log_tail(15)}")
+        f"{server.log_tail(15)}"
+    )
 
 
 @pytest.fixture(scope="module")
 def limited_server(tiny_weights, tmp_path_factory):
-    server = start_server(tiny_weights, tmp_path_factory.mktemp("triton-reliability"),
-                          parameters={"minigpt5": {"max_inflight_requests": str(LIMIT)}})
+    server = start_server(
+        tiny_weights,
+        tmp_path_factory.mktemp("triton-reliability"),
+        parameters={"minigpt5": {"max_inflight_requests": str(LIMIT)}},
+    )
     yield server
     server.process.stop()
 
@@ -81,8 +86,9 @@ def test_soak_has_no_failures_and_rss_stays_flat(limited_server):
     before = outcomes(limited_server.metrics_url)
     result = probe_soak(limited_server, duration_s=SOAK_S, clients=LIMIT, warmup_s=min(15.0, SOAK_S / 4))
     print(json.dumps({k: v for k, v in result.items() if k != "rss_mb_samples"}, indent=1))
-    assert_the_server_lives(limited_server, f"the soak ({result['requests']} requests, "
-                                             f"{result['server_died_after_s']} s in)")
+    assert_the_server_lives(
+        limited_server, f"the soak ({result['requests']} requests, {result['server_died_after_s']} s in)"
+    )
     assert result["requests"] > 0 and result["failures"] == 0, result["failure_samples"]
     assert set(result["by_kind"]) == {"grpc_text", "sse_text", "grpc_image", "grpc_input_image"}
     assert result["rss_growth"] < 0.05, result["rss_mb_samples"]

@@ -1,5 +1,6 @@
 """Security: restricted control APIs by default, config.pbtxt parameter overrides (`--param`),
 weights never unpickled, no request input that names a file, and Triton 2.51's HTTP body limit."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from minigpt5.launcher.local import free_port
 from minigpt5.bench.reliability.bodies import FORM, echo_repository, infer_body, post_body
 from minigpt5.bench.reliability.security import probe_security
 from minigpt5.launcher.binary import TritonBinary
-from minigpt5.launcher.local import LocalServer
+from minigpt5.launcher.local import LocalServer, free_port
 from minigpt5.launcher.process import ADMIN_HEADER, RESTRICTED_APIS, TritonProcess, security_args
-from minigpt5.launcher.repository import (REPOSITORY, config_parameters, parse_parameter_flags, prepare_repository,
-                                         rewrite_parameters)
+from minigpt5.launcher.repository import (
+    REPOSITORY,
+    config_parameters,
+    parse_parameter_flags,
+    prepare_repository,
+    rewrite_parameters,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,21 +73,28 @@ def test_operator_flags_replace_the_default_restriction():
 
 # ---- parameter overrides ----------------------------------------------------------------------------
 def test_parameter_overrides_rewrite_a_copy_of_the_repository(tmp_path):
-    repository = prepare_repository(tmp_path, {"minigpt5": {"max_inflight_requests": "4", "request_timeout_s": "30"},
-                                               "image_decoder": {"dtype": "fp32"}})
+    repository = prepare_repository(
+        tmp_path,
+        {"minigpt5": {"max_inflight_requests": "4", "request_timeout_s": "30"}, "image_decoder": {"dtype": "fp32"}},
+    )
     assert repository == tmp_path / "model_repository" and repository != REPOSITORY
     original = (REPOSITORY / "minigpt5" / "config.pbtxt").read_text()
     assert config_parameters((repository / "minigpt5" / "config.pbtxt").read_text()) == {
-        **config_parameters(original), "max_inflight_requests": "4", "request_timeout_s": "30"}
+        **config_parameters(original),
+        "max_inflight_requests": "4",
+        "request_timeout_s": "30",
+    }
     assert config_parameters((repository / "image_decoder" / "config.pbtxt").read_text()) == {
-        "weights": "", "dtype": "fp32", "cpu_threads": "0"}
+        "weights": "",
+        "dtype": "fp32",
+        "cpu_threads": "0",
+    }
     assert config_parameters(original)["max_inflight_requests"] == "64"  # the repository is never edited
     copied, source = (_config(path) for path in (repository / "minigpt5", REPOSITORY / "minigpt5"))
     for config in (copied, source):
         config.ClearField("parameters")
     assert copied == source  # nothing but the parameters differs
     assert (repository / "minigpt5" / "1" / "model.py").is_file()
-
 
 
 def test_the_served_copy_holds_only_model_directories(tmp_path):
@@ -97,10 +109,13 @@ def test_the_served_copy_holds_only_model_directories(tmp_path):
     assert not list(served.rglob("__pycache__"))
 
 
-@pytest.mark.parametrize("parameters,message", [
-    ({"nope": {"x": "1"}}, "no model nope"),
-    ({"minigpt5": {"max_inflight": "1"}}, "no parameter max_inflight"),
-])
+@pytest.mark.parametrize(
+    "parameters,message",
+    [
+        ({"nope": {"x": "1"}}, "no model nope"),
+        ({"minigpt5": {"max_inflight": "1"}}, "no parameter max_inflight"),
+    ],
+)
 def test_unknown_models_and_keys_are_refused(tmp_path, parameters, message):
     with pytest.raises(ValueError, match=message):
         prepare_repository(tmp_path, parameters)
@@ -108,8 +123,10 @@ def test_unknown_models_and_keys_are_refused(tmp_path, parameters, message):
 
 
 def test_commented_out_entries_are_not_parameters():
-    text = ('parameters [\n  # { key: "ghost", value: { string_value: "1" } },\n'
-            '  { key: "real", value: { string_value: "2" } }  # { key: "x", value: { string_value: "3" } }\n]\n')
+    text = (
+        'parameters [\n  # { key: "ghost", value: { string_value: "1" } },\n'
+        '  { key: "real", value: { string_value: "2" } }  # { key: "x", value: { string_value: "3" } }\n]\n'
+    )
     assert config_parameters(text) == {"real": "2"}
     rewritten = rewrite_parameters(text, {"real": "9"})
     assert config_parameters(rewritten) == {"real": "9"}
@@ -126,15 +143,16 @@ def test_any_string_value_is_written_as_that_string(tmp_path, value):
 def _config(model_directory):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
+
     return text_format.Parse((model_directory / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 def test_serve_param_and_admin_key_flags(capsys):
     from minigpt5 import cli
 
-    assert parse_parameter_flags(["minigpt5.max_inflight_requests=4", "minigpt5.request_timeout_s=9",
-                                  "image_decoder.dtype=fp32"]) == {
-        "minigpt5": {"max_inflight_requests": "4", "request_timeout_s": "9"}, "image_decoder": {"dtype": "fp32"}}
+    assert parse_parameter_flags(
+        ["minigpt5.max_inflight_requests=4", "minigpt5.request_timeout_s=9", "image_decoder.dtype=fp32"]
+    ) == {"minigpt5": {"max_inflight_requests": "4", "request_timeout_s": "9"}, "image_decoder": {"dtype": "fp32"}}
     for bad in ("max_inflight_requests=4", "minigpt5.max_inflight_requests", ".x=1"):
         with pytest.raises(ValueError, match="MODEL.KEY=VALUE"):
             parse_parameter_flags([bad])
@@ -155,8 +173,11 @@ def _calls(tree: ast.AST):
 
 
 def test_weights_are_read_only_from_safetensors_or_weights_only_pickles():
-    for path in [*ROOT.glob("minigpt5/**/*.py"), *ROOT.glob("client/minigpt5_client/**/*.py"),
-                 *ROOT.glob("model_repository/*/1/model.py")]:
+    for path in [
+        *ROOT.glob("minigpt5/**/*.py"),
+        *ROOT.glob("client/minigpt5_client/**/*.py"),
+        *ROOT.glob("model_repository/*/1/model.py"),
+    ]:
         tree = ast.parse(path.read_text())
         for call, name in _calls(tree):
             where = f"{path.relative_to(ROOT)}:{call.lineno}"
@@ -207,7 +228,8 @@ def test_triton_2_51_dies_on_form_encoded_http_bodies_over_4_mib(tiny_weights, t
         while server.process.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert status.startswith("connection_error") and server.process.process.poll() is not None, (
-            f"tritonserver survived an 8 MiB form body ({status}): the warning in docs/LIMITS.md may go")
+            f"tritonserver survived an 8 MiB form body ({status}): the warning in docs/LIMITS.md may go"
+        )
     finally:
         server.stop()
 
@@ -234,9 +256,16 @@ def test_another_server_on_the_port_is_not_taken_for_ours(tmp_path, tiny_weights
     of whatever answers there."""
     impostor = HTTPServer(("127.0.0.1", 0), _ReadyImpostor)
     threading.Thread(target=impostor.serve_forever, daemon=True).start()
-    process = TritonProcess(tiny_weights, http_port=impostor.server_port, grpc_port=free_port(),
-                            metrics_port=free_port(), host="127.0.0.1", device="cpu",
-                            repository=echo_repository(tmp_path), log_file=tmp_path / "tritonserver.log")
+    process = TritonProcess(
+        tiny_weights,
+        http_port=impostor.server_port,
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        host="127.0.0.1",
+        device="cpu",
+        repository=echo_repository(tmp_path),
+        log_file=tmp_path / "tritonserver.log",
+    )
     try:
         process.start()
         with pytest.raises(RuntimeError, match="taken"):

@@ -2,6 +2,7 @@
 readiness has no deadline unless given one and says which models are still loading; stop() waits
 for the effective --exit-timeout-secs before it kills anything; a bad weights directory is refused
 before tritonserver starts."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,8 +19,8 @@ import pytest
 
 from minigpt5 import cli
 from minigpt5.launcher import process as server
-from minigpt5.launcher.process import TritonProcess
 from minigpt5.launcher.local import free_port
+from minigpt5.launcher.process import TritonProcess
 
 SLOW_CONFIG = """name: "slow"
 backend: "python"
@@ -63,16 +64,27 @@ def slow_repository(root, load_s: float, run_s: float):
 
 
 def generate(process: TritonProcess, model: str, text: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{process.http_port}/v2/models/{model}/generate",
-                                     data=json.dumps({"text_input": text}).encode(), method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{process.http_port}/v2/models/{model}/generate",
+        data=json.dumps({"text_input": text}).encode(),
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=60) as reply:
         return json.loads(reply.read())
 
 
 def slow_server(tmp_path, weights, load_s: float, run_s: float = 0.0, extra_args=()) -> TritonProcess:
-    return TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                         host="127.0.0.1", device="cpu", repository=slow_repository(tmp_path, load_s, run_s),
-                         log_file=tmp_path / "tritonserver.log", extra_args=extra_args)
+    return TritonProcess(
+        weights,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        host="127.0.0.1",
+        device="cpu",
+        repository=slow_repository(tmp_path, load_s, run_s),
+        log_file=tmp_path / "tritonserver.log",
+        extra_args=extra_args,
+    )
 
 
 @pytest.mark.server
@@ -124,6 +136,7 @@ def test_serve_refuses_a_bad_weights_directory_before_starting(tmp_path, tiny_we
     weights = tmp_path / "weights"
     if layout:  # a copy of the tiny weights without one module file
         import shutil
+
         shutil.copytree(tiny_weights, weights)
         (weights / f"{layout}.safetensors").unlink()
     assert cli.main(["serve", "--weights", str(weights), "--http-port", str(free_port())]) == 2
@@ -135,10 +148,28 @@ def test_serve_refuses_a_bad_weights_directory_before_starting(tmp_path, tiny_we
 def _serve(tiny_weights, *triton_flags):
     """`minigpt5 serve` on the tiny weights, as a process; returns it ready, with its HTTP and gRPC ports."""
     http_port, grpc_port = free_port(), free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "minigpt5.cli", "serve", "--weights", str(tiny_weights),
-                              "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                              "--metrics-port", str(free_port()), "--", *triton_flags],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "minigpt5.cli",
+            "serve",
+            "--weights",
+            str(tiny_weights),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(free_port()),
+            "--",
+            *triton_flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     while not _ready(http_port):
         if serve.poll() is not None or time.monotonic() > deadline:
@@ -174,8 +205,14 @@ def test_serve_stops_on_sigterm_and_a_second_one_kills_at_once(tmp_path, tiny_we
 
 # Text until the context is nearly full, then a 200-step image: several seconds of work on the tiny weights,
 # with decoder calls all along (Triton alone cut such an answer at SIGTERM: "Server not ready").
-LONG_ANSWER = dict(max_tokens=900, temperature=0.0, repetition_penalty=1.0, force_image=True,
-                   force_image_mode="end", num_inference_steps=200)
+LONG_ANSWER = dict(
+    max_tokens=900,
+    temperature=0.0,
+    repetition_penalty=1.0,
+    force_image=True,
+    force_image_mode="end",
+    num_inference_steps=200,
+)
 
 
 @pytest.mark.server
@@ -195,6 +232,7 @@ def test_sigterm_lets_the_answers_in_flight_finish_and_refuses_new_ones(tiny_wei
                     events.append(type(event).__name__)
                     started.set()
                 return events
+
             answer = pool.submit(long_answer)
             assert started.wait(120)
             serve.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """The real tritonserver serving the real model repository (tiny weights): all three ways in,
 equality with the in-process pipeline, batching across requests, errors under concurrency."""
+
 from __future__ import annotations
 
 import base64
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.server
 # Images decoded in a batch with other requests may differ from the lone result by float rounding in
 # the batched UNet/VAE matmuls; in uint8 levels that stays within this (text must match exactly).
 BATCHED_IMAGE_TOLERANCE = 2
-STORY = {"text_input": "Tell me a story about a red kite.", "force_image": True, "max_tokens": 24,
-         "random_seed": 7}
+STORY = {"text_input": "Tell me a story about a red kite.", "force_image": True, "max_tokens": 24, "random_seed": 7}
 
 
 def _image(seed: int) -> np.ndarray:
@@ -60,9 +60,24 @@ def test_grpc_stream_gives_ordered_text_and_image_events(triton_server):
 
 def test_sse_works_with_plain_curl(triton_server):
     body = json.dumps({**STORY, "stream": True})
-    out = subprocess.run(["curl", "-sN", "--max-time", "120", "-X", "POST", "-H", "Content-Type: application/json",
-                          f"http://{triton_server.http_url}/v2/models/minigpt5/generate_stream", "-d", body],
-                         capture_output=True, check=True, timeout=150)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            "--max-time",
+            "120",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            f"http://{triton_server.http_url}/v2/models/minigpt5/generate_stream",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        check=True,
+        timeout=150,
+    )
     result = assemble(sse_events(out.stdout))
     assert result["text"] and len(result["images"]) == 1 and result["finish_reason"]
 
@@ -112,8 +127,9 @@ def _stats(url: str, model: str) -> tuple[int, int]:
 
 
 def test_concurrent_requests_batch_and_match_in_process(triton_server, reference_pipeline):
-    requests = [{**STORY, "random_seed": 100 + i, "images": _image(10 + i), "max_tokens": 16 + 4 * (i % 3)}
-                for i in range(6)]
+    requests = [
+        {**STORY, "random_seed": 100 + i, "images": _image(10 + i), "max_tokens": 16 + 4 * (i % 3)} for i in range(6)
+    ]
     before = {m: _stats(triton_server.http_url, m) for m in ("vision_encoder", "image_decoder")}
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         served = list(pool.map(lambda p: assemble(grpc_stream(triton_server.grpc_url, p)), requests))
@@ -129,13 +145,16 @@ def test_concurrent_requests_batch_and_match_in_process(triton_server, reference
         assert executions - executions0 < inferences - inferences0, f"{model} did not batch"
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("temperature", -1.0, "temperature: must be in [0.0, 5.0]"),
-    ("max_tokens", 0, "max_tokens: must be in [1, 1024]"),
-    ("num_inference_steps", 0, "num_inference_steps: must be in [1, 200]"),
-    ("scheduler", "euler", "scheduler: must be one of"),
-    ("text_input", "", "text_input: must not be empty"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("temperature", -1.0, "temperature: must be in [0.0, 5.0]"),
+        ("max_tokens", 0, "max_tokens: must be in [1, 1024]"),
+        ("num_inference_steps", 0, "num_inference_steps: must be in [1, 200]"),
+        ("scheduler", "euler", "scheduler: must be one of"),
+        ("text_input", "", "text_input: must not be empty"),
+    ],
+)
 def test_malformed_request_is_invalid_arg_while_good_ones_complete(triton_server, field, value, expected):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         good = [pool.submit(grpc_stream, triton_server.grpc_url, {**STORY, "random_seed": i}) for i in range(2)]
@@ -152,8 +171,13 @@ def test_malformed_request_is_invalid_arg_while_good_ones_complete(triton_server
 def test_several_images_in_one_streamed_answer_in_order_equal_in_process(triton_server, reference_pipeline):
     """max_images=2 with force_image (mode first): [IMG0] first, the second block forced at the last
     sampled slot; each block is its own image_start/image pair, in answer order, as in-process."""
-    params = {**STORY, "text_input": "Tell it in two pictures.", "max_images": 2, "max_tokens": 16,
-              "num_inference_steps": 4}
+    params = {
+        **STORY,
+        "text_input": "Tell it in two pictures.",
+        "max_images": 2,
+        "max_tokens": 16,
+        "num_inference_steps": 4,
+    }
     events = grpc_stream(triton_server.grpc_url, params)
     kinds = [e["event_type"][0] for e in events]
     assert kinds.count("image_start") == kinds.count("image") == 2
@@ -165,8 +189,12 @@ def test_several_images_in_one_streamed_answer_in_order_equal_in_process(triton_
         assert_same_image(got, want)
     assert served["offsets"] == [0, len(served["text"])]
     assert uncached(served["usage"]) == expected.usage.as_dict()
-    assert (served["usage"]["images"], served["usage"]["vokens"], served["usage"]["sampled_tokens"],
-            served["usage"]["completion_tokens"]) == (2, 16, 16, 16 + 2 * 7)
+    assert (
+        served["usage"]["images"],
+        served["usage"]["vokens"],
+        served["usage"]["sampled_tokens"],
+        served["usage"]["completion_tokens"],
+    ) == (2, 16, 16, 16 + 2 * 7)
 
 
 def test_force_image_mode_end_over_http_equals_in_process(triton_server, reference_pipeline):
@@ -187,12 +215,15 @@ def test_user_text_with_special_tokens_stays_text(triton_server, reference_pipel
 
 def test_history_turns_are_used(triton_server, reference_pipeline):
     from minigpt5.prompt import Turn
-    history = [{"role": "human", "text": "Hi, look at this.", "num_images": 1},
-               {"role": "assistant", "text": "A nice picture.", "num_images": 0}]
+
+    history = [
+        {"role": "human", "text": "Hi, look at this.", "num_images": 1},
+        {"role": "assistant", "text": "A nice picture.", "num_images": 0},
+    ]
     params = {**STORY, "text_input": "Continue the story.", "history": json.dumps(history), "images": _image(4)}
     served = assemble(grpc_stream(triton_server.grpc_url, params))
-    expected = reference_pipeline.run("Continue the story.", _image(4), [Turn(**t) for t in history],
-                                      force_image=True, max_tokens=24, random_seed=7)
+    expected = reference_pipeline.run(
+        "Continue the story.", _image(4), [Turn(**t) for t in history], force_image=True, max_tokens=24, random_seed=7
+    )
     assert served["text"] == expected.text
     assert served["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
-

@@ -5,6 +5,7 @@ between the stubs and a real 512x512 PNG comes out, equal to the in-process pipe
 CPU-friendly settings, as for the full-preset rehearsal (docs/BENCHMARKS.md): bf16 everywhere,
 DPM-Solver++ with 2 steps, a few tokens, no classifier-free guidance (the guided path is the tiny
 preset's, tests/server/test_serving.py)."""
+
 from __future__ import annotations
 
 import gc
@@ -22,8 +23,15 @@ from support.serving_helpers import assemble, grpc_stream
 pytestmark = pytest.mark.server
 
 BF16 = {model: {"dtype": "bf16"} for model in ("vision_encoder", "vicuna_decoder", "image_decoder")}
-REQUEST = {"text_input": "t5 t6 t7 t8", "force_image": True, "max_tokens": 4, "random_seed": 3,
-           "num_inference_steps": 2, "scheduler": "dpm", "guidance_scale": 1.0}
+REQUEST = {
+    "text_input": "t5 t6 t7 t8",
+    "force_image": True,
+    "max_tokens": 4,
+    "random_seed": 3,
+    "num_inference_steps": 2,
+    "scheduler": "dpm",
+    "guidance_scale": 1.0,
+}
 # module: (a tensor, its real shape): LLaMA-7B's embedding (32000 ids + 9 MiniGPT-5 tokens), EVA ViT-g,
 # the Q-Former, the mapper into SD's 1024-wide text space, SD 2.1-base's deepest UNet block, its VAE.
 REAL_SHAPES = {

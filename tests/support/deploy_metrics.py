@@ -243,9 +243,7 @@ def deployment_exprs(root: Path | None = None) -> dict[str, list[str]]:
     for path in sorted((mon / "grafana" / "dashboards").glob("*.json")):
         found[str(path.relative_to(root))] = dashboard_exprs(json.loads(path.read_text()))
     prometheus_rule = yaml.safe_load((mon / "prometheusrule.yaml").read_text())
-    found[str((mon / "prometheusrule.yaml").relative_to(root))] = rule_group_exprs(
-        prometheus_rule["spec"]["groups"]
-    )[0]
+    found[str((mon / "prometheusrule.yaml").relative_to(root))] = rule_group_exprs(prometheus_rule["spec"]["groups"])[0]
     for path in sorted((mon / "prometheus" / "rules").glob("*.yml")):
         found[str(path.relative_to(root))] = rule_group_exprs(yaml.safe_load(path.read_text())["groups"])[0]
     adapter = mon / "prometheus-adapter" / "values.yaml"
@@ -285,8 +283,11 @@ def documented_metrics(api_md: Path | None = None) -> dict[str, str]:
     text = Path(api_md or API_MD).read_text()
     return {
         m.group("name"): m.group("kind")
-        for m in re.finditer(r"^\|\s*`(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)`\s*\|\s*(?P<kind>counter|gauge|histogram|summary)\s*\|",
-                             text, re.M)
+        for m in re.finditer(
+            r"^\|\s*`(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)`\s*\|\s*(?P<kind>counter|gauge|histogram|summary)\s*\|",
+            text,
+            re.M,
+        )
     }
 
 

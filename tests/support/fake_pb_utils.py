@@ -26,6 +26,7 @@ Install it as `sys.modules["triton_python_backend_utils"]` *before* importing `m
 Server-side helpers for tests (not in the real module): `load_config`, `triton_args`,
 `make_request`, `register_model`, `clear_models`, `bls_calls`, `reset_metrics`.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,6 @@ TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 TRITONSERVER_REQUEST_RELEASE_ALL = 1
 TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
-
 
 
 class TritonModelException(Exception):
@@ -60,8 +60,16 @@ class TritonError:
     ALREADY_EXISTS = 6
     CANCELLED = 7
 
-    _NAMES = {0: "UNKNOWN", 1: "INTERNAL", 2: "NOT_FOUND", 3: "INVALID_ARG", 4: "UNAVAILABLE",
-              5: "UNSUPPORTED", 6: "ALREADY_EXISTS", 7: "CANCELLED"}
+    _NAMES = {
+        0: "UNKNOWN",
+        1: "INTERNAL",
+        2: "NOT_FOUND",
+        3: "INVALID_ARG",
+        4: "UNAVAILABLE",
+        5: "UNSUPPORTED",
+        6: "ALREADY_EXISTS",
+        7: "CANCELLED",
+    }
 
     def __init__(self, message: str, code: int = INTERNAL):
         if code not in self._NAMES:
@@ -81,10 +89,18 @@ class TritonError:
 
 # ---- tensors --------------------------------------------------------------------------------------
 _NUMPY_TO_TRITON = {
-    np.dtype(bool): "TYPE_BOOL", np.dtype(np.uint8): "TYPE_UINT8", np.dtype(np.uint16): "TYPE_UINT16",
-    np.dtype(np.uint32): "TYPE_UINT32", np.dtype(np.uint64): "TYPE_UINT64", np.dtype(np.int8): "TYPE_INT8",
-    np.dtype(np.int16): "TYPE_INT16", np.dtype(np.int32): "TYPE_INT32", np.dtype(np.int64): "TYPE_INT64",
-    np.dtype(np.float16): "TYPE_FP16", np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float64): "TYPE_FP64",
+    np.dtype(bool): "TYPE_BOOL",
+    np.dtype(np.uint8): "TYPE_UINT8",
+    np.dtype(np.uint16): "TYPE_UINT16",
+    np.dtype(np.uint32): "TYPE_UINT32",
+    np.dtype(np.uint64): "TYPE_UINT64",
+    np.dtype(np.int8): "TYPE_INT8",
+    np.dtype(np.int16): "TYPE_INT16",
+    np.dtype(np.int32): "TYPE_INT32",
+    np.dtype(np.int64): "TYPE_INT64",
+    np.dtype(np.float16): "TYPE_FP16",
+    np.dtype(np.float32): "TYPE_FP32",
+    np.dtype(np.float64): "TYPE_FP64",
     np.dtype(np.object_): "TYPE_STRING",
 }
 
@@ -247,8 +263,10 @@ class ResponseSender:
     # the real API
     def send(self, response=None, flags=0):
         if response is None and flags != TRITONSERVER_RESPONSE_COMPLETE_FINAL:
-            raise TritonModelException("Inference Response object must be provided when the response flags "
-                                       "is not equal to TRITONSERVER_RESPONSE_COMPLETE_FINAL")
+            raise TritonModelException(
+                "Inference Response object must be provided when the response flags "
+                "is not equal to TRITONSERVER_RESPONSE_COMPLETE_FINAL"
+            )
         if response is not None and not isinstance(response, InferenceResponse):
             raise TritonModelException(f"send: expected an InferenceResponse, got {type(response).__name__}")
         wired = _wire_response(response)
@@ -316,8 +334,10 @@ class ResponseSender:
 
 
 # ---- model configs (config.pbtxt) and initialize() args ---------------------------------------------
-_IO_RE = re.compile(r'\{\s*name:\s*"(?P<name>[^"]+)"\s*,\s*data_type:\s*(?P<type>TYPE_\w+)\s*,'
-                    r'\s*dims:\s*\[(?P<dims>[^\]]*)\](?P<rest>[^}]*)\}')
+_IO_RE = re.compile(
+    r'\{\s*name:\s*"(?P<name>[^"]+)"\s*,\s*data_type:\s*(?P<type>TYPE_\w+)\s*,'
+    r"\s*dims:\s*\[(?P<dims>[^\]]*)\](?P<rest>[^}]*)\}"
+)
 _PARAM_RE = re.compile(r'\{\s*key:\s*"(?P<key>[^"]+)"\s*,\s*value:\s*\{\s*string_value:\s*"(?P<value>[^"]*)"\s*\}\s*\}')
 
 
@@ -329,7 +349,7 @@ def _block(text: str, keyword: str) -> str:
     for i in range(start, len(text)):
         depth += {"[": 1, "]": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start:i + 1]
+            return text[start : i + 1]
     raise ValueError(f"unbalanced {keyword} block")
 
 
@@ -338,9 +358,14 @@ def load_config(path) -> dict:
     text = "\n".join(line.split("#", 1)[0] for line in Path(path).read_text().splitlines())
 
     def tensors(keyword):
-        return {m["name"]: {"data_type": m["type"], "dims": [int(d) for d in m["dims"].split(",") if d.strip()],
-                            "optional": "optional: true" in m["rest"]}
-                for m in _IO_RE.finditer(_block(text, keyword))}
+        return {
+            m["name"]: {
+                "data_type": m["type"],
+                "dims": [int(d) for d in m["dims"].split(",") if d.strip()],
+                "optional": "optional: true" in m["rest"],
+            }
+            for m in _IO_RE.finditer(_block(text, keyword))
+        }
 
     batch = re.search(r"^max_batch_size:\s*(\d+)", text, re.M)
     return {
@@ -357,16 +382,26 @@ def triton_args(config: dict, instance_kind: str = "CPU", **parameters) -> dict:
     """The `args` Triton passes to `initialize`: model_config as JSON (parameters as string_value)."""
     params = {**config["parameters"], **{k: str(v) for k, v in parameters.items()}}
     model_config = {
-        "name": config["name"], "backend": "python", "max_batch_size": config["max_batch_size"],
+        "name": config["name"],
+        "backend": "python",
+        "max_batch_size": config["max_batch_size"],
         "model_transaction_policy": {"decoupled": config["decoupled"]},
-        "input": [{"name": n, "data_type": s["data_type"], "dims": s["dims"], "optional": s["optional"]}
-                  for n, s in config["input"].items()],
+        "input": [
+            {"name": n, "data_type": s["data_type"], "dims": s["dims"], "optional": s["optional"]}
+            for n, s in config["input"].items()
+        ],
         "output": [{"name": n, "data_type": s["data_type"], "dims": s["dims"]} for n, s in config["output"].items()],
         "parameters": {k: {"string_value": v} for k, v in params.items()},
     }
-    return {"model_config": json.dumps(model_config), "model_instance_kind": instance_kind,
-            "model_instance_name": f"{config['name']}_0_0", "model_instance_device_id": "0",
-            "model_name": config["name"], "model_version": "1", "model_repository": ""}
+    return {
+        "model_config": json.dumps(model_config),
+        "model_instance_kind": instance_kind,
+        "model_instance_name": f"{config['name']}_0_0",
+        "model_instance_device_id": "0",
+        "model_name": config["name"],
+        "model_version": "1",
+        "model_repository": "",
+    }
 
 
 def _shape_ok(shape: list, dims: list) -> bool:
@@ -382,8 +417,10 @@ def check_inputs(config: dict, tensors: list) -> str | None:
         if name not in spec:
             return f"unexpected inference input '{name}' for model '{config['name']}'"
         if tensor.triton_dtype() != spec[name]["data_type"]:
-            return (f"inference input '{name}' data-type is '{tensor.triton_dtype()}', but model "
-                    f"'{config['name']}' expects '{spec[name]['data_type']}'")
+            return (
+                f"inference input '{name}' data-type is '{tensor.triton_dtype()}', but model "
+                f"'{config['name']}' expects '{spec[name]['data_type']}'"
+            )
         shape, dims = list(tensor.as_numpy().shape), spec[name]["dims"]
         if config["max_batch_size"] > 0:
             if not shape or shape[0] > config["max_batch_size"] or shape[0] < 1:
@@ -432,7 +469,7 @@ _models_lock = threading.Lock()
 class ChildCall:
     """One BLS `exec` as the fake server saw it (kept in `bls_calls`)."""
 
-    def __init__(self, request: "InferenceRequest", decoupled: bool):
+    def __init__(self, request: InferenceRequest, decoupled: bool):
         self.model_name = request.model_name
         self.request_id = request.request_id()
         self.inputs = {t.name(): _wire_array(t.as_numpy()) for t in request.inputs()}
@@ -471,9 +508,19 @@ def calls_to(model_name: str) -> list[ChildCall]:
 class InferenceRequest:
     """A request as a model's `execute` receives it, and the BLS request a model builds."""
 
-    def __init__(self, model_name: str = "", inputs=None, requested_output_names=None, request_id: str = "",
-                 correlation_id=0, flags: int = 0, timeout: int = 0, model_version: int = -1,
-                 preferred_memory=None, parameters=None):
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs=None,
+        requested_output_names=None,
+        request_id: str = "",
+        correlation_id=0,
+        flags: int = 0,
+        timeout: int = 0,
+        model_version: int = -1,
+        preferred_memory=None,
+        parameters=None,
+    ):
         inputs = list(inputs or [])
         for t in inputs:
             if not isinstance(t, Tensor):
@@ -524,18 +571,32 @@ class InferenceRequest:
         with _calls_lock:
             bls_calls.append(call)
         if decoupled:
-            raise TritonModelException("fake: exec(decoupled=True) is not supported: the serving code must not "
-                                       "make decoupled BLS calls (Triton 2.51 defect, serving/decoder_link.py)")
+            raise TritonModelException(
+                "fake: exec(decoupled=True) is not supported: the serving code must not "
+                "make decoupled BLS calls (Triton 2.51 defect, serving/decoder_link.py)"
+            )
         with _models_lock:
             entry = _models.get(self.model_name)
         if entry is None:
-            return self._answer(call, _error(f"Failed for execute the inference request. Model "
-                                             f"'{self.model_name}' is not ready.", TritonError.NOT_FOUND))
+            return self._answer(
+                call,
+                _error(
+                    f"Failed for execute the inference request. Model '{self.model_name}' is not ready.",
+                    TritonError.NOT_FOUND,
+                ),
+            )
         problem = check_inputs(entry.config, self._inputs) if entry.config else None
         if problem:
             return self._answer(call, _error(problem, TritonError.INVALID_ARG))
-        child = InferenceRequest(self.model_name, [_wire_tensor(t) for t in self._inputs], self._requested,
-                                 self._request_id, self._correlation_id, self._flags, self._timeout)
+        child = InferenceRequest(
+            self.model_name,
+            [_wire_tensor(t) for t in self._inputs],
+            self._requested,
+            self._request_id,
+            self._correlation_id,
+            self._flags,
+            self._timeout,
+        )
         try:
             with entry.lock:
                 replies = entry.model.execute([child])
@@ -543,8 +604,9 @@ class InferenceRequest:
                 raise TritonModelException(f"execute must return one response per request, got {replies!r}")
             reply = _wire_response(replies[0], set(self._requested))
         except Exception as exc:  # noqa: BLE001 - the stub turns it into an error response
-            reply = _error(f"Failed to process the request(s) for model '{self.model_name}', message: {exc}",
-                           TritonError.INTERNAL)
+            reply = _error(
+                f"Failed to process the request(s) for model '{self.model_name}', message: {exc}", TritonError.INTERNAL
+            )
         return self._answer(call, reply)
 
     @staticmethod
@@ -563,8 +625,9 @@ def make_request(inputs: dict, request_id: str = "", config: dict | None = None)
     With `config`, the inputs are checked as Triton would before the model sees them."""
     tensors = []
     for name, value in inputs.items():
-        if isinstance(value, (str, bytes)) or (isinstance(value, list) and value and
-                                               isinstance(value[0], (str, bytes))):
+        if isinstance(value, (str, bytes)) or (
+            isinstance(value, list) and value and isinstance(value[0], (str, bytes))
+        ):
             items = value if isinstance(value, list) else [value]
             array = np.empty(len(items), dtype=np.object_)
             array[:] = [v.encode("utf-8") if isinstance(v, str) else v for v in items]
@@ -613,7 +676,7 @@ class MetricFamily:
         self._name = name
         self._kind = kind
 
-    def Metric(self, labels=None, buckets=None) -> "Metric":  # noqa: N802 - the real API's name
+    def Metric(self, labels=None, buckets=None) -> Metric:  # noqa: N802 - the real API's name
         if self._kind == self.HISTOGRAM and buckets is None:
             raise TritonModelException(f"{self._name}: histogram metrics need buckets")
         if self._kind != self.HISTOGRAM and buckets is not None:

@@ -1,5 +1,6 @@
 """The gateway for the tests: served by uvicorn in a thread of the test process; a test picture; a
 metric read off a server."""
+
 from __future__ import annotations
 
 import threading
@@ -8,11 +9,11 @@ import urllib.request
 
 import numpy as np
 import uvicorn
+
+from minigpt5.launcher.local import free_port
 from minigpt5_client.gateway.app import create_app
 from minigpt5_client.gateway.settings import GatewaySettings
 from minigpt5_client.preprocess import encode_png
-
-from minigpt5.launcher.local import free_port
 
 
 class InProcessGateway:
@@ -21,8 +22,11 @@ class InProcessGateway:
     def __init__(self, settings: GatewaySettings):
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                                    log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -45,5 +49,8 @@ def picture() -> bytes:
 
 def metric(triton, name: str, **labels) -> float:
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )

@@ -1,4 +1,5 @@
 """tritonserver for the tests: the real model repository on free ports."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Raw protocol helpers for the serving tests: gRPC streaming, SSE and /generate, without the client
 (only its wire contract)."""
+
 from __future__ import annotations
 
 import base64
@@ -11,9 +12,10 @@ import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from minigpt5_client.contract import input_array
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype
+
+from minigpt5_client.contract import input_array
 
 
 def grpc_inputs(params: dict) -> list:
@@ -54,8 +56,12 @@ def grpc_stream(url: str, params: dict, timeout: float = 120.0) -> list[dict]:
 
 
 def _post(url: str, path: str, body: dict, timeout: float):
-    request = urllib.request.Request(f"http://{url}/v2/models/minigpt5/{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/minigpt5/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     return urllib.request.urlopen(request, timeout=timeout)
 
 

@@ -1,4 +1,5 @@
 """A throwaway CA and a server certificate it signed, for TLS tests (trustme)."""
+
 from __future__ import annotations
 
 import trustme

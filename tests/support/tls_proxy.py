@@ -1,6 +1,7 @@
 """TLS in front of a plain TCP port, as a load balancer or ingress puts it in front of Triton: a test CA
 (trustme) signs the proxy's certificate for 127.0.0.1. It counts the connections it accepts and keeps
 the first bytes each one sent after the handshake (an HTTP/1.1 request's head is readable there)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,7 +50,7 @@ class TlsProxy:
             try:
                 while data := await source.read(65536):
                     if keep is not None and len(keep) < HEAD_BYTES:
-                        keep.extend(data[:HEAD_BYTES - len(keep)])
+                        keep.extend(data[: HEAD_BYTES - len(keep)])
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, ssl.SSLError):
@@ -61,8 +62,11 @@ class TlsProxy:
 
     def head_lines(self) -> list[str]:
         """The header lines of every HTTP/1.1 request head seen, lower-cased."""
-        return [line.lower() for head in self.heads
-                for line in bytes(head).split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]]
+        return [
+            line.lower()
+            for head in self.heads
+            for line in bytes(head).split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+        ]
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)

@@ -14,6 +14,7 @@ script; PEFT's naming), from reference modules whose outputs the converted weigh
     minigpt4.pth      {"model": {llama_proj.*}}
     sd/unet, sd/vae   diffusers save_pretrained; the VAE mid-block attention under its pre-0.14 names
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from minigpt5 import components, tokenizer as tokenizer_module
+from minigpt5 import components
+from minigpt5 import tokenizer as tokenizer_module
 from minigpt5.config import NUM_VOKENS, preset
 
 LORA_RANK = 8
@@ -51,8 +53,15 @@ class UpstreamFiles:
 
     def cli_args(self, out: Path, **replace: Path | None) -> list[str]:
         """`minigpt5 weights convert` arguments; `replace` swaps (or with None drops) one file flag."""
-        files = {"stage1": "stage1.ckpt", "stage2": "stage2.ckpt", "vicuna": "vicuna", "blip2": "blip2.pth",
-                 "eva-vit": "eva_vit_g.pth", "minigpt4-proj": "minigpt4.pth", "sd": "sd"}
+        files = {
+            "stage1": "stage1.ckpt",
+            "stage2": "stage2.ckpt",
+            "vicuna": "vicuna",
+            "blip2": "blip2.pth",
+            "eva-vit": "eva_vit_g.pth",
+            "minigpt4-proj": "minigpt4.pth",
+            "sd": "sd",
+        }
         chosen = {flag: self.path(name) for flag, name in files.items()}
         chosen.update({flag.replace("_", "-"): path for flag, path in replace.items()})
         args = [arg for flag, path in chosen.items() if path is not None for arg in (f"--{flag}", str(path))]
@@ -66,15 +75,30 @@ def build_upstream_files(root: Path) -> UpstreamFiles:
     vocab_size = base_vocab_size + NUM_ADDED_TOKENS
     stage1 = _stage1_state(arch, vocab_size)
     stage2 = _stage2_state(arch, vocab_size)
-    torch.save({"state_dict": stage1, "epoch": 1, "global_step": 100, "pytorch-lightning_version": "2.0.2",
-                "hyper_parameters": {"learning_rate": 2e-5, "gpus": [0, 1]}}, root / "stage1.ckpt")
+    torch.save(
+        {
+            "state_dict": stage1,
+            "epoch": 1,
+            "global_step": 100,
+            "pytorch-lightning_version": "2.0.2",
+            "hyper_parameters": {"learning_rate": 2e-5, "gpus": [0, 1]},
+        },
+        root / "stage1.ckpt",
+    )
     torch.save({"state_dict": stage2, "epoch": 1, "global_step": 50}, root / "stage2.ckpt")
     vision = _reference_vision(arch)
     eva = lavis_eva_state(vision, extra_block=True)
     torch.save(eva, root / "eva_vit_g.pth")
     torch.save({"model": lavis_blip2_state(vision, arch)}, root / "blip2.pth")
-    torch.save({"model": {"llama_proj.weight": vision.llama_proj.weight.detach().clone(),
-                          "llama_proj.bias": vision.llama_proj.bias.detach().clone()}}, root / "minigpt4.pth")
+    torch.save(
+        {
+            "model": {
+                "llama_proj.weight": vision.llama_proj.weight.detach().clone(),
+                "llama_proj.bias": vision.llama_proj.bias.detach().clone(),
+            }
+        },
+        root / "minigpt4.pth",
+    )
     _write_stable_diffusion(root / "sd", arch)
     return UpstreamFiles(root, arch, vision, base_vocab_size, stage1, stage2, eva)
 
@@ -104,8 +128,10 @@ def _random_mapper_state(arch: dict, seed: int) -> dict:
 def _stage1_state(arch: dict, vocab_size: int) -> dict:
     torch.manual_seed(2)
     hidden = arch["llm"]["hidden_size"]
-    state = {f"{STAGE_LLM}model.embed_tokens.weight": torch.randn(vocab_size, hidden) * 0.02,
-             f"{STAGE_LLM}lm_head.weight": torch.randn(vocab_size, hidden) * 0.02}
+    state = {
+        f"{STAGE_LLM}model.embed_tokens.weight": torch.randn(vocab_size, hidden) * 0.02,
+        f"{STAGE_LLM}lm_head.weight": torch.randn(vocab_size, hidden) * 0.02,
+    }
     return state | _random_mapper_state(arch, seed=3)
 
 
@@ -145,25 +171,42 @@ def _reference_vision(arch: dict) -> torch.nn.Module:
 
 def lavis_eva_state(vision: torch.nn.Module, extra_block: bool = False) -> dict:
     """The ViT of `vision` under LAVIS EVA names (bare, as in eva_vit_g.pth)."""
-    hf = {k.removeprefix("vision_model."): v.detach().clone() for k, v in vision.state_dict().items()
-          if k.startswith("vision_model.") and "post_layernorm" not in k}
-    eva = {"cls_token": hf["embeddings.class_embedding"], "pos_embed": hf["embeddings.position_embedding"],
-           "patch_embed.proj.weight": hf["embeddings.patch_embedding.weight"],
-           "patch_embed.proj.bias": hf["embeddings.patch_embedding.bias"]}
+    hf = {
+        k.removeprefix("vision_model."): v.detach().clone()
+        for k, v in vision.state_dict().items()
+        if k.startswith("vision_model.") and "post_layernorm" not in k
+    }
+    eva = {
+        "cls_token": hf["embeddings.class_embedding"],
+        "pos_embed": hf["embeddings.position_embedding"],
+        "patch_embed.proj.weight": hf["embeddings.patch_embedding.weight"],
+        "patch_embed.proj.bias": hf["embeddings.patch_embedding.bias"],
+    }
     depth = vision.vision_model.config.num_hidden_layers
     for i in range(depth):
         layer = f"encoder.layers.{i}."
         block = f"blocks.{i}."
         q_bias, _, v_bias = hf[layer + "self_attn.qkv.bias"].chunk(3)
-        eva |= {block + "attn.qkv.weight": hf[layer + "self_attn.qkv.weight"],
-                block + "attn.q_bias": q_bias.clone(), block + "attn.v_bias": v_bias.clone()}
-        for ours, theirs in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.projection", "attn.proj"),
-                             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+        eva |= {
+            block + "attn.qkv.weight": hf[layer + "self_attn.qkv.weight"],
+            block + "attn.q_bias": q_bias.clone(),
+            block + "attn.v_bias": v_bias.clone(),
+        }
+        for ours, theirs in (
+            ("layer_norm1", "norm1"),
+            ("layer_norm2", "norm2"),
+            ("self_attn.projection", "attn.proj"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
             for kind in ("weight", "bias"):
                 eva[f"{block}{theirs}.{kind}"] = hf[f"{layer}{ours}.{kind}"]
     if extra_block:  # EVA-CLIP-g's last block, which BLIP-2 drops
-        eva |= {k.replace("blocks.0.", f"blocks.{depth}."): torch.randn_like(v)
-                for k, v in eva.items() if k.startswith("blocks.0.")}
+        eva |= {
+            k.replace("blocks.0.", f"blocks.{depth}."): torch.randn_like(v)
+            for k, v in eva.items()
+            if k.startswith("blocks.0.")
+        }
     return eva
 
 
@@ -171,26 +214,33 @@ def lavis_blip2_state(vision: torch.nn.Module, arch: dict) -> dict:
     """Q-Former, query_tokens and ln_vision of `vision` under LAVIS BLIP-2 names, plus the text-only
     Q-Former parts and the T5 projection that a blip2_pretrained_flant5xxl.pth may hold."""
     state = {k: v.detach().clone() for k, v in vision.state_dict().items()}
-    blip2 = {"query_tokens": state["query_tokens"],
-             "ln_vision.weight": state["vision_model.post_layernorm.weight"],
-             "ln_vision.bias": state["vision_model.post_layernorm.bias"],
-             "Qformer.bert.embeddings.LayerNorm.weight": state["qformer.layernorm.weight"],
-             "Qformer.bert.embeddings.LayerNorm.bias": state["qformer.layernorm.bias"]}
+    blip2 = {
+        "query_tokens": state["query_tokens"],
+        "ln_vision.weight": state["vision_model.post_layernorm.weight"],
+        "ln_vision.bias": state["vision_model.post_layernorm.bias"],
+        "Qformer.bert.embeddings.LayerNorm.weight": state["qformer.layernorm.weight"],
+        "Qformer.bert.embeddings.LayerNorm.bias": state["qformer.layernorm.bias"],
+    }
     for key, value in state.items():
         if key.startswith("qformer.encoder."):
             lavis = "Qformer.bert." + key.removeprefix("qformer.").replace("attention.attention.", "attention.self.")
             blip2[lavis] = value
     q = arch["qformer"]
     positions = q["max_position_embeddings"]
-    blip2 |= {"Qformer.bert.embeddings.word_embeddings.weight": torch.randn(q["vocab_size"], q["hidden_size"]),
-              "Qformer.bert.embeddings.position_embeddings.weight": torch.randn(positions, q["hidden_size"]),
-              "Qformer.bert.embeddings.position_ids": torch.arange(positions).unsqueeze(0),
-              "t5_proj.weight": torch.randn(16, q["hidden_size"]), "t5_proj.bias": torch.randn(16)}
+    blip2 |= {
+        "Qformer.bert.embeddings.word_embeddings.weight": torch.randn(q["vocab_size"], q["hidden_size"]),
+        "Qformer.bert.embeddings.position_embeddings.weight": torch.randn(positions, q["hidden_size"]),
+        "Qformer.bert.embeddings.position_ids": torch.arange(positions).unsqueeze(0),
+        "t5_proj.weight": torch.randn(16, q["hidden_size"]),
+        "t5_proj.bias": torch.randn(16),
+    }
     for i in range(q["num_hidden_layers"]):
         text_ffn = f"Qformer.bert.encoder.layer.{i}."
-        blip2 |= {text_ffn + "intermediate.dense.weight": torch.randn(q["intermediate_size"], q["hidden_size"]),
-                  text_ffn + "output.dense.weight": torch.randn(q["hidden_size"], q["intermediate_size"]),
-                  text_ffn + "output.LayerNorm.weight": torch.randn(q["hidden_size"])}
+        blip2 |= {
+            text_ffn + "intermediate.dense.weight": torch.randn(q["intermediate_size"], q["hidden_size"]),
+            text_ffn + "output.dense.weight": torch.randn(q["hidden_size"], q["intermediate_size"]),
+            text_ffn + "output.LayerNorm.weight": torch.randn(q["hidden_size"]),
+        }
     return blip2
 
 
@@ -199,8 +249,10 @@ def write_hf_blip2(folder: Path, vision: torch.nn.Module, arch: dict) -> Path:
     projection the converter must skip)."""
     folder.mkdir(parents=True)
     state = {k: v.detach().clone() for k, v in vision.state_dict().items() if not k.startswith("llama_proj.")}
-    state |= {"language_projection.weight": torch.randn(16, arch["qformer"]["hidden_size"]),
-              "language_projection.bias": torch.randn(16)}
+    state |= {
+        "language_projection.weight": torch.randn(16, arch["qformer"]["hidden_size"]),
+        "language_projection.bias": torch.randn(16),
+    }
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = {"model_type": "blip-2", "vision_config": arch["vision"], "qformer_config": arch["qformer"]}
     (folder / "config.json").write_text(json.dumps(config))
@@ -227,8 +279,15 @@ def _rename_to_pre_014_attention(path: Path) -> None:
     save_file(renamed, str(path), metadata={"format": "pt"})
 
 
-def eva_forward(eva: dict, ln_vision: dict, pixels: torch.Tensor, depth: int, num_heads: int,
-                eps: float = 1e-6, ln_vision_eps: float = 1e-5) -> torch.Tensor:
+def eva_forward(
+    eva: dict,
+    ln_vision: dict,
+    pixels: torch.Tensor,
+    depth: int,
+    num_heads: int,
+    eps: float = 1e-6,
+    ln_vision_eps: float = 1e-5,
+) -> torch.Tensor:
     """The first `depth` blocks of a LAVIS EVA ViT + ln_vision, written out from lavis/models/eva_vit.py:
     a check of the name mapping and of EVA's qkv bias = cat(q_bias, 0, v_bias) that does not go through
     transformers' modules. The blocks' norms use eps 1e-6 (eva_vit.py's partial(nn.LayerNorm, eps=1e-6));
@@ -244,9 +303,11 @@ def eva_forward(eva: dict, ln_vision: dict, pixels: torch.Tensor, depth: int, nu
         bias = torch.cat([p["attn.q_bias"], torch.zeros_like(p["attn.v_bias"]), p["attn.v_bias"]])
         qkv = F.linear(h, p["attn.qkv.weight"], bias).reshape(batch, tokens, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
         attn = (qkv[0] * (width // num_heads) ** -0.5 @ qkv[1].transpose(-2, -1)).softmax(dim=-1)
-        x = x + F.linear((attn @ qkv[2]).transpose(1, 2).reshape(batch, tokens, width),
-                         p["attn.proj.weight"], p["attn.proj.bias"])
+        x = x + F.linear(
+            (attn @ qkv[2]).transpose(1, 2).reshape(batch, tokens, width), p["attn.proj.weight"], p["attn.proj.bias"]
+        )
         h = F.layer_norm(x, (width,), p["norm2.weight"], p["norm2.bias"], eps)
-        x = x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])),
-                         p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"], p["mlp.fc2.bias"]
+        )
     return F.layer_norm(x, (width,), ln_vision["weight"], ln_vision["bias"], ln_vision_eps)

@@ -1,6 +1,7 @@
 """`minigpt5 bench stages|e2e` on the tiny preset on CPU (seconds), and full-preset parameter counts
 on the meta device (no memory). Benchmarks are commands that print JSON, not timed tests: these
 tests check the harness and its JSON, never the numbers."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,46 @@ def test_stages_tiny_cpu(capsys):
 
 def test_e2e_tiny_cpu(capsys, tmp_path):
     out = tmp_path / "e2e.json"
-    code, data = bench(["e2e", *TINY, "--max-tokens", "16", "--steps", "2", "--dpm-steps", "2",
-                        "--vision-batches", "1,2", "--unet-batches", "1,2", "--decode-batches", "1,3",
-                        "--decode-steps", "3", "--hbm-gbps", "100", "--decode-graphs", "on", "--out", str(out),
-                        "--json"], capsys)
+    code, data = bench(
+        [
+            "e2e",
+            *TINY,
+            "--max-tokens",
+            "16",
+            "--steps",
+            "2",
+            "--dpm-steps",
+            "2",
+            "--vision-batches",
+            "1,2",
+            "--unet-batches",
+            "1,2",
+            "--decode-batches",
+            "1,3",
+            "--decode-steps",
+            "3",
+            "--hbm-gbps",
+            "100",
+            "--decode-graphs",
+            "on",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0 and data["errors"] == 0
     assert json.loads(out.read_text()) == data  # --out holds the same object
-    assert set(data["stages"]) == {"vision_b1", "vision_b2", "prefill", "decode_token", "mapper",
-                                   "unet_step_cfg_b1", "unet_step_cfg_b2", "vae_decode"}
+    assert set(data["stages"]) == {
+        "vision_b1",
+        "vision_b2",
+        "prefill",
+        "decode_token",
+        "mapper",
+        "unet_step_cfg_b1",
+        "unet_step_cfg_b2",
+        "vae_decode",
+    }
     for result in data["stages"].values():
         _positive_timing(result)
     assert data["stages"]["unet_step_cfg_b2"]["unet_batch"] == 4
@@ -67,8 +100,9 @@ def test_e2e_tiny_cpu(capsys, tmp_path):
         assert decode["decode_mode"] == "static shapes, eager"
         assert decode["eager_step"]["n"] == 3 and decode["eager_ms_per_token"] > 0
         assert 0 <= decode["static_vs_eager_error"] < 1e-5
-        assert decode["speedup_vs_eager"] == pytest.approx(decode["eager_ms_per_token"] / decode["ms_per_token"],
-                                                           abs=1e-3)
+        assert decode["speedup_vs_eager"] == pytest.approx(
+            decode["eager_ms_per_token"] / decode["ms_per_token"], abs=1e-3
+        )
         floor = decode["hbm"]
         assert floor["gbps"] == 100 and floor["floor_weights_ms"] > 0 and floor["ratio_to_floor"] > 0
         assert floor["read_per_step_bytes"] < data["hbm"]["weight_bytes"]
@@ -117,23 +151,41 @@ def test_e2e_budget_and_skip(capsys):
 
 def test_failing_section_is_recorded_and_the_run_goes_on(capsys):
     """40 rows exceed the engine's 32: that section fails, the next sections still run."""
-    code, data = bench(["e2e", *TINY, "--decode-batches", "40", "--decode-steps", "2", "--max-tokens", "16",
-                        "--steps", "2", "--skip", "stages,naive,e2e_dpm,fp8"], capsys)
+    code, data = bench(
+        [
+            "e2e",
+            *TINY,
+            "--decode-batches",
+            "40",
+            "--decode-steps",
+            "2",
+            "--max-tokens",
+            "16",
+            "--steps",
+            "2",
+            "--skip",
+            "stages,naive,e2e_dpm,fp8",
+        ],
+        capsys,
+    )
     assert code == 1 and data["errors"] == 1
     assert "max_rows" in data["decode"]["b40"]["error"]
     assert data["e2e"]["pndm"]["completion_tokens"] == 16 and data["e2e"]["pndm"]["images"] == 1
 
 
 def test_cpu_has_no_hbm_floor(capsys):
-    code, data = bench(["e2e", *TINY, "--decode-batches", "1", "--decode-steps", "2",
-                        "--skip", "stages,e2e,naive,e2e_dpm,fp8"], capsys)
+    code, data = bench(
+        ["e2e", *TINY, "--decode-batches", "1", "--decode-steps", "2", "--skip", "stages,e2e,naive,e2e_dpm,fp8"], capsys
+    )
     assert code == 0
     assert data["hbm"]["gbps"] is None
     assert data["decode"]["b1"]["hbm"]["ratio_to_floor"] is None and data["decode"]["b1"]["ms_per_token"] > 0
 
 
-@pytest.mark.parametrize("component, expected", [
-    ("vision_vit", 0.99e9), ("qformer", 0.105e9), ("llm", 6.74e9), ("mapper", 0.123e9), ("unet", 0.87e9)])
+@pytest.mark.parametrize(
+    "component, expected",
+    [("vision_vit", 0.99e9), ("qformer", 0.105e9), ("llm", 6.74e9), ("mapper", 0.123e9), ("unet", 0.87e9)],
+)
 def test_full_preset_parameter_counts_on_meta(component, expected):
     from minigpt5.bench.models import meta_parameter_counts
 
@@ -151,9 +203,11 @@ def _full_counts(counter) -> dict:
 
 
 def test_args_import_without_torch():
-    code = ("import sys, argparse; import minigpt5.bench.args as a; "
-            "p = argparse.ArgumentParser(); a.add_bench_commands(p.add_subparsers()); "
-            "assert 'torch' not in sys.modules, 'bench.args imported torch'")
+    code = (
+        "import sys, argparse; import minigpt5.bench.args as a; "
+        "p = argparse.ArgumentParser(); a.add_bench_commands(p.add_subparsers()); "
+        "assert 'torch' not in sys.modules, 'bench.args imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -179,9 +233,27 @@ def test_batching_small(capsys, tiny_weights):
     import torch
 
     threads = torch.get_num_threads()
-    code, data = bench(["batching", "--weights", str(tiny_weights), "--concurrency", "1,4", "--max-tokens", "16",
-                        "--long-tokens", "32", "--short-tokens", "4", "--short-requests", "3", "--repeats", "1",
-                        "--json"], capsys)
+    code, data = bench(
+        [
+            "batching",
+            "--weights",
+            str(tiny_weights),
+            "--concurrency",
+            "1,4",
+            "--max-tokens",
+            "16",
+            "--long-tokens",
+            "32",
+            "--short-tokens",
+            "4",
+            "--short-requests",
+            "3",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0 and data["errors"] == 0, data
     assert torch.get_num_threads() == threads  # the bench's --threads 1 does not leak into the caller
     assert data["bench"] == "batching" and data["device"] == "cpu" and data["threads"] == 1
@@ -202,7 +274,8 @@ def test_batching_small(capsys, tiny_weights):
         assert all(v > 0 for v in summary["throughput_tokens_per_s"].values())
         assert summary["throughput_gain"] > 0 and summary["short_ttft_p95_ratio"] > 0
         assert summary["short_ttft_p95_ratio"] == pytest.approx(
-            summary["short_ttft_p95_ms"]["busy"] / summary["short_ttft_p95_ms"]["alone"], rel=1e-2)
+            summary["short_ttft_p95_ms"]["busy"] / summary["short_ttft_p95_ms"]["alone"], rel=1e-2
+        )
         assert summary["busy_tokens_per_s"] > 0
     assert data["throughput_gain_at"] == 4  # 8 was not measured: the gain is 4 vs 1, not judged
     assert data["targets"] == {"throughput_gain_min": 4.0, "short_ttft_p95_ratio_max": 2.0}
@@ -226,12 +299,43 @@ def test_serving_small(tiny_weights, tmp_path):
     import math
 
     out = tmp_path / "serving.json"
-    run = subprocess.run([sys.executable, "-m", "minigpt5.cli", "bench", "serving", "--weights", str(tiny_weights),
-                          "--requests", "2", "--max-tokens", "16", "--steps", "4", "--streams", "1,3",
-                          "--stream-tokens", "12", "--stream-rounds", "2", "--stream-repeats", "2",
-                          "--short-requests", "2", "--long-tokens", "300", "--threads", "1",
-                          "--out", str(out), "--json"],
-                         capture_output=True, text=True, timeout=420)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minigpt5.cli",
+            "bench",
+            "serving",
+            "--weights",
+            str(tiny_weights),
+            "--requests",
+            "2",
+            "--max-tokens",
+            "16",
+            "--steps",
+            "4",
+            "--streams",
+            "1,3",
+            "--stream-tokens",
+            "12",
+            "--stream-rounds",
+            "2",
+            "--stream-repeats",
+            "2",
+            "--short-requests",
+            "2",
+            "--long-tokens",
+            "300",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads(run.stdout)
     assert json.loads(out.read_text()) == data and data["errors"] == 0
@@ -250,9 +354,17 @@ def test_serving_small(tiny_weights, tmp_path):
     assert 0 < overlap["decoder_only_vokens_ms"] <= overlap["decoder_only_ms"]["max_ms"]
 
     summary = data["summary"]
-    for key in ("served_over_in_process_latency_ratio", "image_overlap_gain", "ideal_overlap_gain",
-                "served_latency_ms", "in_process_latency_ms", "overlapped_ms", "sequential_ms",
-                "time_to_first_token_ms", "time_to_first_image_ms"):
+    for key in (
+        "served_over_in_process_latency_ratio",
+        "image_overlap_gain",
+        "ideal_overlap_gain",
+        "served_latency_ms",
+        "in_process_latency_ms",
+        "overlapped_ms",
+        "sequential_ms",
+        "time_to_first_token_ms",
+        "time_to_first_image_ms",
+    ):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
     assert summary["time_to_first_token_ms"] <= summary["time_to_first_image_ms"] <= summary["overlapped_ms"] + 1
     assert data["served_over_in_process_latency_ratio"] == summary["served_over_in_process_latency_ratio"]
@@ -269,8 +381,9 @@ def test_serving_small(tiny_weights, tmp_path):
         processes = set(served["cpu_s_per_1k_tokens"])
         assert {"tritonserver", "stub minigpt5", "stub vicuna_decoder", "bench (client)"} <= processes
         assert served["cpu_s_per_1k_tokens"]["stub vicuna_decoder"] > 0
-    assert summary["served_over_engine_tokens_per_s"] == {n: v["served_over_engine"]
-                                                          for n, v in streaming["levels"].items()}
+    assert summary["served_over_engine_tokens_per_s"] == {
+        n: v["served_over_engine"] for n, v in streaming["levels"].items()
+    }
     short = data["short_ttft"]
     assert len(short["alone_ms"]) == 2 * data["streaming"]["repeats"] and all(ms > 0 for ms in short["alone_ms"])
     assert short["busy_samples"] == len(short["busy_ms"]) <= 2 * data["streaming"]["repeats"]
@@ -292,8 +405,25 @@ def test_new_benches_register():
 def test_cache_small(capsys, tiny_weights):
     """Both paths, both workloads, small settings: the JSON's shape and what the caches must do whatever
     the timings (vision images = distinct images, fewer prefill positions, the same tokens)."""
-    code, data = bench(["cache", "--weights", str(tiny_weights), "--turns", "3", "--concurrency", "4",
-                        "--max-tokens", "8", "--repeats", "1", "--skip", "served", "--json"], capsys)
+    code, data = bench(
+        [
+            "cache",
+            "--weights",
+            str(tiny_weights),
+            "--turns",
+            "3",
+            "--concurrency",
+            "4",
+            "--max-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--skip",
+            "served",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0 and data["errors"] == 0, data
     assert data["bench"] == "cache" and data["config"]["threads"] == 1 and data["build"]["block_tokens"] == 16
     chat, shared = data["chat"], data["shared"]
@@ -308,8 +438,9 @@ def test_cache_small(capsys, tiny_weights):
     assert chat["cache"]["vision_images_total"] == chat["distinct_images"] == 3
     assert chat["same_tokens"] and shared["same_tokens"] and shared["requests"] == 4
     assert shared["cache"]["prefill_positions_per_request"] < shared["no_cache"]["prefill_positions_per_request"]
-    assert chat["ttft_ratio"] == [pytest.approx(c / n, abs=1e-3) for c, n in
-                                  zip(chat["cache"]["ttft_ms"], chat["no_cache"]["ttft_ms"])]
+    assert chat["ttft_ratio"] == [
+        pytest.approx(c / n, abs=1e-3) for c, n in zip(chat["cache"]["ttft_ms"], chat["no_cache"]["ttft_ms"])
+    ]
     summary = data["summary"]
     assert summary["turn_last_ttft_ratio"] == chat["ttft_ratio"][-1] and summary["chat_vision_images"] == 3
     assert len(chat["ttft_ratio_best"]) == 3 and summary["turn_last_ttft_ratio_best"] == chat["ttft_ratio_best"][-1]

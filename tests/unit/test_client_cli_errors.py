@@ -1,4 +1,5 @@
 """`minigpt5 generate|chat` failures that need no server: each is one line on stderr and its exit code."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from minigpt5_client.cli import main
 from minigpt5_client.preprocess import MAX_IMAGE_FILE_BYTES, encode_png
 
@@ -27,8 +29,14 @@ def closed_port() -> int:
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(CLIENT_DIR))
-    return subprocess.run([sys.executable, "-m", "minigpt5_client", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt5_client", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def assert_one_line_error(stderr: str, *phrases: str) -> None:
@@ -40,8 +48,17 @@ def assert_one_line_error(stderr: str, *phrases: str) -> None:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_exits_3(protocol, closed_port, tmp_path):
-    result = run_cli("generate", "--url", f"127.0.0.1:{closed_port}", "--protocol", protocol, "--prompt", "hi",
-                     "--out", str(tmp_path))
+    result = run_cli(
+        "generate",
+        "--url",
+        f"127.0.0.1:{closed_port}",
+        "--protocol",
+        protocol,
+        "--prompt",
+        "hi",
+        "--out",
+        str(tmp_path),
+    )
     assert result.returncode == 3
     assert_one_line_error(result.stderr, "cannot reach the server", f"127.0.0.1:{closed_port}")
     assert result.stdout == "" and not list(tmp_path.iterdir())
@@ -60,8 +77,10 @@ def test_bad_image_file_exits_2(tmp_path, capsys, closed_port):
 
 
 def test_missing_image_file_exits_2(tmp_path, capsys, closed_port):
-    assert main(["generate", "--url", f"127.0.0.1:{closed_port}", "--prompt", "hi",
-                 "--image", str(tmp_path / "nope.jpg")]) == 2
+    assert (
+        main(["generate", "--url", f"127.0.0.1:{closed_port}", "--prompt", "hi", "--image", str(tmp_path / "nope.jpg")])
+        == 2
+    )
     assert_one_line_error(capsys.readouterr().err, "image file not found")
 
 
@@ -95,8 +114,14 @@ def test_piped_chat_stops_at_the_first_error(closed_port):
 
 
 def test_chat_commands_need_no_server(tmp_path, closed_port):
-    result = run_cli("chat", "--url", f"127.0.0.1:{closed_port}", "--format", "html",
-                     stdin=f"\n/help\n/save {tmp_path}\n/quit\nnever sent\n")
+    result = run_cli(
+        "chat",
+        "--url",
+        f"127.0.0.1:{closed_port}",
+        "--format",
+        "html",
+        stdin=f"\n/help\n/save {tmp_path}\n/quit\nnever sent\n",
+    )
     assert result.returncode == 0, result.stderr
     assert "not a command: /help" in result.stderr
     assert (tmp_path / "document.html").exists()

@@ -1,39 +1,46 @@
 """Client-side connection settings and conversation state, without a server: URLs and their schemes,
 headers and the bearer token, the retry backoff, a conversation saved and loaded, and trimmed."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+
+from minigpt5.request import LIMITS
 from minigpt5_client import Conversation
 from minigpt5_client.connection import Connection
 from minigpt5_client.contract import MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES
 from minigpt5_client.document import Document
 from minigpt5_client.errors import InvalidArgument
 
-from minigpt5.request import LIMITS
 
-
-@pytest.mark.parametrize("url, protocol, expected", [
-    (None, None, ("localhost:8001", "grpc", False)),
-    ("example.org", "http", ("example.org:8000", "http", False)),
-    ("grpcs://example.org", None, ("example.org:8001", "grpc", True)),
-    ("https://example.org:443/", None, ("example.org:443", "http", True)),
-    ("http://127.0.0.1:9000", "http", ("127.0.0.1:9000", "http", False)),
-    ("grpc://[::1]:8001", None, ("[::1]:8001", "grpc", False)),
-])
+@pytest.mark.parametrize(
+    "url, protocol, expected",
+    [
+        (None, None, ("localhost:8001", "grpc", False)),
+        ("example.org", "http", ("example.org:8000", "http", False)),
+        ("grpcs://example.org", None, ("example.org:8001", "grpc", True)),
+        ("https://example.org:443/", None, ("example.org:443", "http", True)),
+        ("http://127.0.0.1:9000", "http", ("127.0.0.1:9000", "http", False)),
+        ("grpc://[::1]:8001", None, ("[::1]:8001", "grpc", False)),
+    ],
+)
 def test_the_scheme_sets_protocol_and_tls(url, protocol, expected):
     connection = Connection.from_url(url, protocol)
     assert (connection.address, connection.protocol, connection.tls) == expected
 
 
-@pytest.mark.parametrize("url, protocol, message", [
-    ("ftp://example.org", None, "scheme must be one of"),
-    ("https://example.org", "grpc", "contradicts"),
-    ("localhost:http", None, "HOST:PORT"),
-    ("localhost", "smtp", "protocol must be one of"),
-])
+@pytest.mark.parametrize(
+    "url, protocol, message",
+    [
+        ("ftp://example.org", None, "scheme must be one of"),
+        ("https://example.org", "grpc", "contradicts"),
+        ("localhost:http", None, "HOST:PORT"),
+        ("localhost", "smtp", "protocol must be one of"),
+    ],
+)
 def test_bad_urls_are_refused_with_a_reason(url, protocol, message):
     with pytest.raises(InvalidArgument, match=message):
         Connection.from_url(url, protocol)
@@ -55,7 +62,7 @@ def test_retry_delays_grow_with_jitter():
     connection = Connection.from_url("h", retries=5, retry_backoff_s=0.2)
     for attempt in range(5):
         delays = {connection.retry_delay(attempt) for _ in range(50)}
-        low, high = 0.2 * 2 ** attempt * 0.5, 0.2 * 2 ** attempt
+        low, high = 0.2 * 2**attempt * 0.5, 0.2 * 2**attempt
         assert all(low <= d <= high for d in delays) and len(delays) > 1
     with pytest.raises(InvalidArgument, match="retries"):
         Connection.from_url("h", retries=-1)
@@ -63,7 +70,10 @@ def test_retry_delays_grow_with_jitter():
 
 def test_the_clients_history_limits_are_the_servers():
     assert (MAX_IMAGES, MAX_HISTORY_TURNS, MAX_HISTORY_CHARS) == (
-        LIMITS.max_images, LIMITS.max_history_turns, LIMITS.max_history_chars)
+        LIMITS.max_images,
+        LIMITS.max_history_turns,
+        LIMITS.max_history_chars,
+    )
 
 
 # ---- Conversation: saved, loaded, trimmed ---------------------------------------------------------
@@ -73,6 +83,7 @@ def _pixels(seed: int, count: int) -> np.ndarray:
 
 def _conversation(exchanges: int, images_each: int = 1, text: str = "words " * 5) -> Conversation:
     from minigpt5_client.preprocess import encode_png
+
     conversation = Conversation()
     for index in range(exchanges):
         generated = encode_png(_pixels(100 + index, 1)[0])

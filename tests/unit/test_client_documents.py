@@ -1,4 +1,5 @@
 """Assembling streamed events into a document; saving it as Markdown, HTML and JSON; conversations."""
+
 from __future__ import annotations
 
 import base64
@@ -8,9 +9,10 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from minigpt5_client import Conversation, Document, Final, ImageEvent, ImageStart, InvalidArgument, TextDelta
 from minigpt5_client.preprocess import encode_png, preprocess_image
-from PIL import Image
 
 
 def png(colour, size=64) -> bytes:
@@ -22,8 +24,14 @@ USAGE = {"prompt_tokens": 12, "image_tokens": 0, "completion_tokens": 20, "voken
 
 
 def story() -> Document:
-    events = [TextDelta("Once upon a time <b>a cat</b>."), ImageStart(30), TextDelta(" The end."),
-              ImageEvent(RED, 30), ImageEvent(BLUE, 39), Final(USAGE, "stop")]
+    events = [
+        TextDelta("Once upon a time <b>a cat</b>."),
+        ImageStart(30),
+        TextDelta(" The end."),
+        ImageEvent(RED, 30),
+        ImageEvent(BLUE, 39),
+        Final(USAGE, "stop"),
+    ]
     return Document.from_events(events)
 
 
@@ -49,8 +57,12 @@ def test_markdown_links_png_files(tmp_path):
     path = story().save(tmp_path / "md", "md")
     assert path.name == "document.md"
     markdown = path.read_text()
-    assert markdown.index("Once upon") < markdown.index("![image 1](image_1.png)") < markdown.index(
-        "The end.") < markdown.index("![image 2](image_2.png)")
+    assert (
+        markdown.index("Once upon")
+        < markdown.index("![image 1](image_1.png)")
+        < markdown.index("The end.")
+        < markdown.index("![image 2](image_2.png)")
+    )
     assert (tmp_path / "md" / "image_1.png").read_bytes() == RED
     assert (tmp_path / "md" / "image_2.png").read_bytes() == BLUE
 
@@ -80,7 +92,7 @@ def test_html_is_one_self_contained_page(tmp_path):
     assert not {"script", "link", "iframe"} & set(scan.tags)
     prefix = "data:image/png;base64,"
     assert all(url.startswith(prefix) for url in scan.urls)
-    assert [base64.b64decode(url[len(prefix):]) for url in scan.urls] == [RED, BLUE]
+    assert [base64.b64decode(url[len(prefix) :]) for url in scan.urls] == [RED, BLUE]
     assert "Once upon a time <b>a cat</b>." in "".join(scan.text)  # escaped, shown as text
 
 
@@ -116,7 +128,19 @@ def test_conversation_feeds_earlier_turns_and_images_back():
     assert np.array_equal(images[1], preprocess_image(RED))  # the generated image, as the model takes it
 
     transcript = conversation.to_document()
-    assert transcript.text.split() == ["You:", "A", "cat.", "MiniGPT-5:", "It", "sleeps.", "You:", "Go", "on.",
-                                       "MiniGPT-5:", "It", "wakes."]
+    assert transcript.text.split() == [
+        "You:",
+        "A",
+        "cat.",
+        "MiniGPT-5:",
+        "It",
+        "sleeps.",
+        "You:",
+        "Go",
+        "on.",
+        "MiniGPT-5:",
+        "It",
+        "wakes.",
+    ]
     assert len(transcript.images) == 2
     assert Image.open(io.BytesIO(transcript.images[0])).size == (224, 224)

@@ -1,4 +1,5 @@
 """Client-side image pre-processing: every input kind, EXIF, colour modes, pad/crop, limits."""
+
 from __future__ import annotations
 
 import functools
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from minigpt5_client.errors import ImageError, InvalidArgument
 from minigpt5_client.preprocess import encode_png, load_image, preprocess_image, preprocess_images
-from PIL import Image
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 
@@ -53,8 +55,15 @@ def test_every_input_kind_gives_the_same_pixels(tmp_path, file_server):
     (www / "photo.png").write_bytes(encoded)
 
     expected = preprocess_image(array)
-    sources = [str(path), path, encoded, bytearray(encoded), Image.open(io.BytesIO(encoded)), array,
-               f"{base_url}/photo.png"]
+    sources = [
+        str(path),
+        path,
+        encoded,
+        bytearray(encoded),
+        Image.open(io.BytesIO(encoded)),
+        array,
+        f"{base_url}/photo.png",
+    ]
     for source in sources:
         assert np.array_equal(preprocess_image(source), expected), type(source)
     assert expected.shape == (224, 224, 3) and expected.dtype == np.uint8
@@ -221,9 +230,16 @@ def test_error_names_the_image_among_several():
 
 
 def test_importing_the_client_loads_no_torch_and_no_transport():
-    code = ("import sys, minigpt5_client, minigpt5_client.preprocess; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'diffusers', "
-            "'tritonclient', 'grpc', 'aiohttp'}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={"PYTHONPATH": str(CLIENT_DIR), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, minigpt5_client, minigpt5_client.preprocess; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'diffusers', "
+        "'tritonclient', 'grpc', 'aiohttp'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(CLIENT_DIR), "PATH": "/usr/bin:/bin"},
+    )
     assert result.stdout.strip() == "[]"

@@ -6,6 +6,7 @@ for the `triton_grpc_error` mode); SSE `data:` lines with one-element outputs un
 before the first event with its HTTP status (400 for every model error in Triton 2.51). What the real
 server does is checked in test_client_server.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+
 from minigpt5_client import (
     AsyncClient,
     Client,
@@ -38,9 +43,6 @@ from minigpt5_client import (
 from minigpt5_client.cli import main
 from minigpt5_client.preprocess import encode_png, preprocess_image, preprocess_images
 from minigpt5_client.transport_http import SseDecoder
-from PIL import Image
-from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
 # A large, incompressible image: its SSE line (about 1 MB) spans many reads.
 GENERATED_PNG = encode_png(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
@@ -56,16 +58,22 @@ def scripted_answer(prompt: str) -> list[dict]:
         {"event_type": "text", "text_output": " upon"},
         {"event_type": "image_start", "text_output": "", "image_offset": [9]},
         {"event_type": "text", "text_output": " a time."},
-        {"event_type": "image", "text_output": "", "image_output": [base64.b64encode(GENERATED_PNG).decode()],
-         "image_offset": [9]},
+        {
+            "event_type": "image",
+            "text_output": "",
+            "image_output": [base64.b64encode(GENERATED_PNG).decode()],
+            "image_offset": [9],
+        },
         {"event_type": "final", "text_output": "", "finish_reason": "stop", "usage": json.dumps(USAGE)},
     ]
 
 
 FAILURES = {  # prompt -> (HTTP status, message): the server's wording, known to the client by its text
     "invalid": (400, "max_tokens: must be in [1, 1024], got 5000"),
-    "invalid-kv": (400, "request needs 70000 KV positions, more than the KV-cache budget of 65536 "
-                        "(kv_cache_budget_tokens)"),
+    "invalid-kv": (
+        400,
+        "request needs 70000 KV positions, more than the KV-cache budget of 65536 (kv_cache_budget_tokens)",
+    ),
     "invalid-triton": (400, "inference input 'max_tokens' data-type is 'FP32', but model 'minigpt5' expects 'INT32'"),
     "invalid-json": (400, "The schema can not convert input 'max_tokens' to tensor with proper shape"),
     "busy": (503, "Exceeds maximum queue size"),
@@ -86,8 +94,10 @@ class FakeTritonGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
         context.add_callback(lambda: None if answered else self.cancelled.set())  # runs when the call ends
         assert "triton_grpc_error" not in dict(context.invocation_metadata())
         for request in request_iterator:
-            tensors = {tensor.name: _decode(tensor, raw)
-                       for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)}
+            tensors = {
+                tensor.name: _decode(tensor, raw)
+                for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+            }
             self.requests.append(tensors)
             prompt = tensors["text_input"][0].decode()
             if prompt in FAILURES:  # in-band: the request ends, the stream stays open
@@ -99,7 +109,8 @@ class FakeTritonGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
             events = scripted_answer(prompt)
             for index, outputs in enumerate(events):
                 yield service_pb2.ModelStreamInferResponse(
-                    infer_response=_encode(outputs | {"sequence_index": [index]}, final=index == len(events) - 1))
+                    infer_response=_encode(outputs | {"sequence_index": [index]}, final=index == len(events) - 1)
+                )
                 if prompt == "stream slowly":
                     time.sleep(0.5)
             answered.append(True)
@@ -140,8 +151,10 @@ class FakeTritonHttp(http.server.BaseHTTPRequestHandler):
         if prompt == SLOW_PROMPT:
             time.sleep(3)
         if prompt == "fails midway":
-            return self._reply(200, [b'data: {"event_type": "text", "text_output": "Once"}\n\n',
-                                     b'data: {"error": "decoder crashed"}\n\n'])
+            return self._reply(
+                200,
+                [b'data: {"event_type": "text", "text_output": "Once"}\n\n', b'data: {"error": "decoder crashed"}\n\n'],
+            )
         chunks = []
         for index, outputs in enumerate(scripted_answer(prompt)):
             # Triton unwraps one-element outputs: "image_offset": [9] is sent as 9.
@@ -222,8 +235,16 @@ def test_request_carries_images_and_parameters(server):
     protocol, url, requests = server
     sources = [picture(1), encode_png(picture(2))]
     Client(url, protocol, preprocess="crop").generate(
-        "story", sources, seed=2**63 + 5, max_tokens=40, temperature=0.7, force_image=True, scheduler="dpm",
-        force_image_mode="end", max_images=2)
+        "story",
+        sources,
+        seed=2**63 + 5,
+        max_tokens=40,
+        temperature=0.7,
+        force_image=True,
+        scheduler="dpm",
+        force_image_mode="end",
+        max_images=2,
+    )
     request = requests[-1]
     assert np.array_equal(sent_images(protocol, request), preprocess_images(sources, "crop"))
     if protocol == "grpc":
@@ -250,17 +271,28 @@ def test_conversation_sends_earlier_turns_and_generated_images(server):
 
     request = requests[-1]
     history = json.loads(request["history"][0] if protocol == "grpc" else request["history"])
-    assert history == [{"role": "human", "text": "story", "num_images": 1},
-                       {"role": "assistant", "text": "Once upon a time.", "num_images": 1}]
+    assert history == [
+        {"role": "human", "text": "story", "num_images": 1},
+        {"role": "assistant", "text": "Once upon a time.", "num_images": 1},
+    ]
     expected = np.stack([preprocess_image(picture(3)), preprocess_image(GENERATED_PNG), preprocess_image(picture(4))])
     assert np.array_equal(sent_images(protocol, request), expected)
     assert len(conversation.turns) == 4
 
 
-@pytest.mark.parametrize("prompt,error", [
-    ("invalid", InvalidArgument), ("invalid-kv", InvalidArgument), ("invalid-triton", InvalidArgument),
-    ("invalid-json", InvalidArgument),
-    ("busy", Overloaded), ("busy-400", Overloaded), ("late-400", Overloaded), ("broken", ServerError)])
+@pytest.mark.parametrize(
+    "prompt,error",
+    [
+        ("invalid", InvalidArgument),
+        ("invalid-kv", InvalidArgument),
+        ("invalid-triton", InvalidArgument),
+        ("invalid-json", InvalidArgument),
+        ("busy", Overloaded),
+        ("busy-400", Overloaded),
+        ("late-400", Overloaded),
+        ("broken", ServerError),
+    ],
+)
 def test_server_errors_map_to_exceptions(server, prompt, error):
     protocol, url, _ = server
     with pytest.raises(error, match=re.escape(FAILURES[prompt][1][:20])) as raised:
@@ -348,14 +380,33 @@ def test_decoded_generated_image_is_the_png_sent(grpc_server):
 
 # The CLI over the stand-ins ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("document_format", ["md", "html", "json"])
 def test_cli_generate_streams_text_and_writes_the_document(server, tmp_path, capsys, document_format):
     protocol, url, requests = server
     image = tmp_path / "input.png"
     image.write_bytes(encode_png(picture(5)))
     out = tmp_path / "out"
-    code = main(["generate", "--url", url, "--protocol", protocol, "--prompt", "story", "--image", str(image),
-                 "--out", str(out), "--format", document_format, "--seed", "3", "--force-image"])
+    code = main(
+        [
+            "generate",
+            "--url",
+            url,
+            "--protocol",
+            protocol,
+            "--prompt",
+            "story",
+            "--image",
+            str(image),
+            "--out",
+            str(out),
+            "--format",
+            document_format,
+            "--seed",
+            "3",
+            "--force-image",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out == "Once upon a time.\n"
@@ -368,8 +419,12 @@ def test_cli_generate_streams_text_and_writes_the_document(server, tmp_path, cap
 @pytest.mark.parametrize("prompt,code", [("invalid", 2), ("busy", 4), (SLOW_PROMPT, 5)])
 def test_cli_server_errors_exit_codes(server, capsys, prompt, code):
     protocol, url, _ = server
-    assert main(["generate", "--url", url, "--protocol", protocol, "--prompt", prompt, "--timeout", "1",
-                 "--out", "unused"]) == code
+    assert (
+        main(
+            ["generate", "--url", url, "--protocol", protocol, "--prompt", prompt, "--timeout", "1", "--out", "unused"]
+        )
+        == code
+    )
     error_lines = capsys.readouterr().err.strip().splitlines()
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ")
 

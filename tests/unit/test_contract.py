@@ -1,5 +1,6 @@
 """The wire contract (client/minigpt5_client/contract.py) is what the served model declares and reads:
 its config.pbtxt, the server's choices, and the parameters build_request takes."""
+
 from __future__ import annotations
 
 import inspect
@@ -7,25 +8,28 @@ import re
 from pathlib import Path
 
 import pytest
-
 from google.protobuf import text_format
-from minigpt5_client.contract import EVENT_TYPES, INPUT, INPUTS, OUTPUTS, PARAMETERS, SCALAR_INPUTS, input_array
 from tritonclient.grpc import model_config_pb2
 
 from minigpt5.image_decoder import SCHEDULERS
 from minigpt5.request import build_request
 from minigpt5.sampling import FORCE_IMAGE_MODES
+from minigpt5_client.contract import EVENT_TYPES, INPUT, INPUTS, OUTPUTS, PARAMETERS, SCALAR_INPUTS, input_array
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _declared(tensors) -> dict:
     """name -> (datatype as the contract writes it, shape, optional) of config.pbtxt tensors."""
+
     def datatype(code: int) -> str:
         name = model_config_pb2.DataType.Name(code).removeprefix("TYPE_")
         return "BYTES" if name == "STRING" else name
-    return {t.name: (datatype(t.data_type), tuple(t.dims), "optional" in t.DESCRIPTOR.fields_by_name and t.optional)
-            for t in tensors}
+
+    return {
+        t.name: (datatype(t.data_type), tuple(t.dims), "optional" in t.DESCRIPTOR.fields_by_name and t.optional)
+        for t in tensors
+    }
 
 
 def test_the_contract_is_what_config_pbtxt_declares():
@@ -67,8 +71,10 @@ def test_model_options_come_from_config_pbtxt_alone(model, options):
     cls = getattr(module, options)
     params = config_parameters((ROOT / "model_repository" / model / "config.pbtxt").read_text())
     built = cls.from_parameters(params)  # every option has its default in the config
-    assert all(str(getattr(built, name)) == params[name] or float(params[name]) == getattr(built, name)
-               for name in built.__dataclass_fields__)
+    assert all(
+        str(getattr(built, name)) == params[name] or float(params[name]) == getattr(built, name)
+        for name in built.__dataclass_fields__
+    )
     name = next(iter(built.__dataclass_fields__))
     with pytest.raises(ValueError, match=f"{name}: missing"):
         cls.from_parameters({k: v for k, v in params.items() if k != name})

@@ -3,6 +3,7 @@
 No real MiniGPT-5 checkpoint exists on our machines: these tests show the converter is right for files
 with the upstream key names as read from upstream code, at tiny dims (docs/CONVERT.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,16 @@ from minigpt5.weights import convert as convert_module
 from minigpt5.weights.convert import DTYPES, ConversionError, ConvertOptions, convert, load_pickle, plan
 from minigpt5.weights.convert_args import add_convert_arguments
 from minigpt5.weights.layout import WeightsDir, component_file, save_weights
-from support.upstream_fixtures import (LORA_ALPHA, LORA_RANK, NUM_ADDED_TOKENS, PEFT_LLM, STAGE_LLM, build_upstream_files,
-                               eva_forward, write_hf_blip2)
+from support.upstream_fixtures import (
+    LORA_ALPHA,
+    LORA_RANK,
+    NUM_ADDED_TOKENS,
+    PEFT_LLM,
+    STAGE_LLM,
+    build_upstream_files,
+    eva_forward,
+    write_hf_blip2,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -62,6 +71,7 @@ def write_ckpt(path, state: dict):
 
 # ---- round trip: upstream files → layout → modules equal to references built from the same tensors
 
+
 def test_vision_tower_equals_the_reference_it_was_written_from(converted, upstream, images):
     torch.testing.assert_close(converted.load("vision")(images), upstream.vision(images))
 
@@ -94,7 +104,8 @@ def reference_llm(upstream) -> torch.nn.Module:
             a = upstream.stage2[f"{prefix}.lora_A.default.weight"]
             b = upstream.stage2[f"{prefix}.lora_B.default.weight"]
             getattr(layer.self_attn, proj).register_forward_hook(
-                lambda module, inputs, output, a=a, b=b: output + scale * (inputs[0] @ a.T @ b.T))
+                lambda module, inputs, output, a=a, b=b: output + scale * (inputs[0] @ a.T @ b.T)
+            )
     return model
 
 
@@ -110,8 +121,9 @@ def test_llm_logits_equal_base_plus_lora_reference(converted, upstream):
 def test_mapper_is_stage1_with_stage2_transformer(converted, upstream):
     reference = components.build("mapper", converted.arch).eval()
     reference.load_state_dict(upstream.stage1, strict=False)  # fc.*, t2i_decoder_prompt (+ its transformer)
-    reference.load_state_dict({k: v for k, v in upstream.stage2.items() if k.startswith("llm_to_t2i_mapping.")},
-                              strict=False)
+    reference.load_state_dict(
+        {k: v for k, v in upstream.stage2.items() if k.startswith("llm_to_t2i_mapping.")}, strict=False
+    )
     voken_states = torch.randn(2, 8, upstream.arch["llm"]["hidden_size"])
     torch.testing.assert_close(converted.load("mapper")(voken_states), reference(voken_states))
 
@@ -122,12 +134,14 @@ def test_unet_and_vae_equal_diffusers_own_loading(converted, upstream):
     condition = torch.randn(1, 77, upstream.arch["unet"]["cross_attention_dim"], generator=generator)
     with torch.no_grad():
         unet = UNet2DConditionModel.from_pretrained(str(upstream.path("sd") / "unet")).eval()
-        torch.testing.assert_close(converted.load("unet")(latents, 10, condition).sample,
-                                   unet(latents, 10, condition).sample)
+        torch.testing.assert_close(
+            converted.load("unet")(latents, 10, condition).sample, unet(latents, 10, condition).sample
+        )
         # diffusers renames the VAE's pre-0.14 attention names itself: an independent check of our rule
         vae = AutoencoderKL.from_pretrained(str(upstream.path("sd") / "vae")).eval()
-        torch.testing.assert_close(converted.load("vae").decode(latents[:, :, :8, :8]).sample,
-                                   vae.decode(latents[:, :, :8, :8]).sample)
+        torch.testing.assert_close(
+            converted.load("vae").decode(latents[:, :, :8, :8]).sample, vae.decode(latents[:, :, :8, :8]).sample
+        )
 
 
 def test_hf_blip2_folder_replaces_the_lavis_files(upstream, tmp_path, images):
@@ -238,14 +252,16 @@ def test_arguments_module_does_not_import_torch():
 
 # ---- streaming: one module at a time, the same bytes as writing everything at once
 
+
 def test_streamed_files_equal_those_written_from_every_tensor_at_once(upstream, converted, tmp_path):
     """The converter reads and writes one module at a time; the files are byte for byte those of loading
     every module first and writing them together (what it did before it streamed)."""
     opts = options(upstream.cli_args(tmp_path / "unused"))
     conversion = plan(opts)
     dtype = DTYPES[opts.dtype]
-    everything = {name: {key: p.load().to(dtype) for key, p in conversion.tensors[name].items()}
-                  for name in components.COMPONENTS}
+    everything = {
+        name: {key: p.load().to(dtype) for key, p in conversion.tensors[name].items()} for name in components.COMPONENTS
+    }
     at_once = save_weights(tmp_path / "at_once", conversion.manifest, conversion.tokenizer, everything)
     for name in components.COMPONENTS:
         file = component_file(name)

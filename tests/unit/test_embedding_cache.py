@@ -1,5 +1,6 @@
 """`minigpt5`'s image-embedding cache on its own: keys, LRU eviction within its bytes, each distinct
 image encoded once."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Continuous batching: per-request results independent of batch company, aborts, admission."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,14 @@ STATE_TOLERANCE = 1e-4  # batched (padded) vs alone: float rounding in the batch
 
 def _engine(pipe, **options):
     d = pipe.decoder
-    return DecodeEngine(d.llm, d.tokenizer, voken_ids=d.engine.voken_ids, eos_id=d.engine.eos_id,
-                        banned_ids=d.engine.banned_ids, **options)
+    return DecodeEngine(
+        d.llm,
+        d.tokenizer,
+        voken_ids=d.engine.voken_ids,
+        eos_id=d.engine.eos_id,
+        banned_ids=d.engine.banned_ids,
+        **options,
+    )
 
 
 def _requests(pipe, count, **overrides):
@@ -112,8 +119,7 @@ def test_a_preallocated_kv_pool_never_grows_and_gives_the_same_tokens(reference_
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
-def test_static_decode_gives_the_dynamic_steps_tokens_and_voken_states(reference_pipeline, temperature,
-                                                                        monkeypatch):
+def test_static_decode_gives_the_dynamic_steps_tokens_and_voken_states(reference_pipeline, temperature, monkeypatch):
     """The CUDA-graph step's computation (batch padded to a bucket, keys over a bucket of positions),
     run eagerly on the CPU: small key buckets so that rows cross buckets while decoding."""
     monkeypatch.setattr(decode_graphs, "MIN_KEY_BUCKET", 16)
@@ -123,8 +129,9 @@ def test_static_decode_gives_the_dynamic_steps_tokens_and_voken_states(reference
     assert engine._static.batch_buckets == [1, 2, 4, 8] and engine._static.key_buckets[:3] == [16, 32, 64]
     buckets = []
     run = engine._static.run
-    monkeypatch.setattr(engine._static, "run", lambda ids, positions: buckets.append(
-        (len(ids), max(positions))) or run(ids, positions))
+    monkeypatch.setattr(
+        engine._static, "run", lambda ids, positions: buckets.append((len(ids), max(positions))) or run(ids, positions)
+    )
     static = _run(engine, requests, arrivals=[0, 0, 1, 3, 3, 9])
     assert 3 in {n for n, _ in buckets} and max(p for _, p in buckets) > 64  # padded; several key buckets
     for rid, expected in dynamic.items():
@@ -211,14 +218,14 @@ def test_oversize_request_refused_others_wait_their_turn(reference_pipeline):
 
 def test_context_limit_is_an_admission_error(reference_pipeline):
     engine = _engine(reference_pipeline)
-    request = reference_pipeline.decoder.make_request(
-        "long", [1] * 1000, None, SamplingParams(max_tokens=100))
+    request = reference_pipeline.decoder.make_request("long", [1] * 1000, None, SamplingParams(max_tokens=100))
     with pytest.raises(AdmissionError, match="context of 1024"):
         engine.submit(request)
 
 
 def test_sampling_filters_are_per_row():
     from minigpt5.sampling import filter_top_k_top_p
+
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.5]))
     assert torch.isinf(kept[0, :2]).all() and not torch.isinf(kept[0, 2:]).any()  # row 0: top-2
@@ -227,6 +234,7 @@ def test_sampling_filters_are_per_row():
 
 def test_top_p_keeps_the_most_likely_token_and_its_ties():
     from minigpt5.sampling import filter_top_k_top_p
+
     logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [0.0, 0.0, 9.0, 1.0]])
     kept = filter_top_k_top_p(logits, torch.tensor([0, 0]), torch.tensor([0.1, 0.1]))
     assert torch.isinf(kept).tolist() == [[True, False, True, False], [True, True, False, True]]
@@ -234,12 +242,13 @@ def test_top_p_keeps_the_most_likely_token_and_its_ties():
 
 def test_a_rows_draw_does_not_depend_on_its_batch_company():
     from minigpt5.sampling import SamplingParams, sample_tokens
+
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(seed=1), SamplingParams(temperature=0.0), SamplingParams(seed=3, top_k=5)]
     seen = torch.zeros(3, 50, dtype=torch.bool)
     seen[0, [1, 2]] = seen[2, 7] = True
     together = sample_tokens(logits, params, seen, [p.generator() for p in params])
-    alone = [sample_tokens(logits[i:i + 1], [p], seen[i:i + 1], [p.generator()])[0] for i, p in enumerate(params)]
+    alone = [sample_tokens(logits[i : i + 1], [p], seen[i : i + 1], [p.generator()])[0] for i, p in enumerate(params)]
     assert together == alone
 
 
@@ -247,6 +256,7 @@ def test_the_device_sort_draws_the_same_tokens_as_the_cpu_sort(monkeypatch):
     """On a GPU top-p sorts with torch.sort on the device, on the CPU with numpy; sorting is exact, so
     both give the same tokens (checked on the CPU, where both run)."""
     import minigpt5.sampling as sampling
+
     logits = 3 * torch.randn(16, 500, generator=torch.Generator().manual_seed(1))
     params = [sampling.SamplingParams(seed=i, top_p=0.8, top_k=40 if i % 2 else 0) for i in range(16)]
     seen = torch.zeros(16, 500, dtype=torch.bool)
@@ -258,6 +268,7 @@ def test_the_device_sort_draws_the_same_tokens_as_the_cpu_sort(monkeypatch):
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     from minigpt5.sampling import apply_repetition_penalty
+
     logits = torch.tensor([[2.0, -2.0, 2.0], [2.0, -2.0, 2.0]])
     seen = torch.tensor([[True, True, False], [False, False, False]])
     penalised = apply_repetition_penalty(logits, seen, torch.tensor([2.0, 2.0]))

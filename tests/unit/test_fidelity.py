@@ -1,6 +1,7 @@
 """Answers as upstream's code produces them (eric-ai-lab/MiniGPT-5): force_image both ways, max_tokens
 counting sampled ids only, several voken blocks per answer, CFG off at guidance_scale <= 1, ln_vision's
 eps, and the defaults table of docs/API.md against what the server uses."""
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,9 @@ import torch
 
 from minigpt5.config import DEFAULT_GENERATION, LN_VISION_EPS, NUM_VOKENS
 from minigpt5.image_decoder import ImageJob
+from minigpt5.placement import resolve_dtype
 from minigpt5.request import LIMITS, InvalidRequest, build_request
 from minigpt5.sampling import SamplingParams
-from minigpt5.placement import resolve_dtype
 from minigpt5.weights.layout import WeightsDir
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
@@ -25,7 +26,7 @@ def _blocks(result, voken_ids) -> list[int]:
     ids = result.token_ids
     starts = [i for i, t in enumerate(ids) if t == voken_ids[0]]
     for start in starts:
-        assert ids[start:start + NUM_VOKENS] == voken_ids
+        assert ids[start : start + NUM_VOKENS] == voken_ids
     assert sum(t in voken_ids for t in ids) == NUM_VOKENS * len(starts)
     return starts
 
@@ -33,8 +34,9 @@ def _blocks(result, voken_ids) -> list[int]:
 def test_force_image_first_is_upstreams_default_img0_is_the_first_sampled_id(reference_pipeline):
     pipe = reference_pipeline
     assert pipe.request("x", force_image=True).sampling.force_image_mode == "first"
-    result = pipe.run("Tell me a story about a dog.", force_image=True, random_seed=3, max_tokens=20,
-                      num_inference_steps=3)
+    result = pipe.run(
+        "Tell me a story about a dog.", force_image=True, random_seed=3, max_tokens=20, num_inference_steps=3
+    )
     assert _blocks(result, pipe.weights.tokens["vokens"]) == [0]
     assert isinstance(result.segments[0], np.ndarray)  # the image comes before any text
     assert result.text and isinstance(result.segments[1], str)
@@ -42,8 +44,14 @@ def test_force_image_first_is_upstreams_default_img0_is_the_first_sampled_id(ref
 
 def test_force_image_end_puts_the_image_where_the_answer_would_end(reference_pipeline):
     pipe = reference_pipeline
-    result = pipe.run("Tell me a story about a dog.", force_image=True, force_image_mode="end", random_seed=3,
-                      max_tokens=20, num_inference_steps=3)
+    result = pipe.run(
+        "Tell me a story about a dog.",
+        force_image=True,
+        force_image_mode="end",
+        random_seed=3,
+        max_tokens=20,
+        num_inference_steps=3,
+    )
     starts = _blocks(result, pipe.weights.tokens["vokens"])
     assert len(starts) == 1 and starts[0] > 0 and result.text
     if result.finish_reason == "length":  # forced in the last sampled slot
@@ -63,8 +71,14 @@ def test_max_tokens_counts_sampled_ids_not_the_forced_vokens(reference_pipeline)
 
 def test_max_images_gives_several_blocks_each_its_own_image_in_order(reference_pipeline):
     pipe = reference_pipeline
-    result = pipe.run("Tell me a story in two pictures.", force_image=True, max_images=2, random_seed=5,
-                      max_tokens=16, num_inference_steps=3)
+    result = pipe.run(
+        "Tell me a story in two pictures.",
+        force_image=True,
+        max_images=2,
+        random_seed=5,
+        max_tokens=16,
+        num_inference_steps=3,
+    )
     starts = _blocks(result, pipe.weights.tokens["vokens"])
     assert len(starts) == len(result.images) == 2 and starts[0] == 0  # first: at once; the second at the end
     assert result.usage.images == 2 and result.usage.vokens == 16
@@ -82,11 +96,14 @@ def test_without_force_max_images_zero_bans_img0(reference_pipeline):
         reference_pipeline.request("hi", max_images=0, force_image=True)
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"max_images": LIMITS.max_output_images + 1}, f"max_images: must be in [0, {LIMITS.max_output_images}]"),
-    ({"force_image_mode": "middle"}, "force_image_mode: must be one of ['first', 'end']"),
-    ({"force_image": True, "max_images": 3, "max_tokens": 2}, "max_tokens: must be >= max_images (3)"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"max_images": LIMITS.max_output_images + 1}, f"max_images: must be in [0, {LIMITS.max_output_images}]"),
+        ({"force_image_mode": "middle"}, "force_image_mode: must be one of ['first', 'end']"),
+        ({"force_image": True, "max_images": 3, "max_tokens": 2}, "max_tokens: must be >= max_images (3)"),
+    ],
+)
 def test_bad_image_count_and_mode_name_the_field_and_limit(reference_pipeline, params, message):
     with pytest.raises(InvalidRequest) as info:
         reference_pipeline.request("hi", **params)
@@ -118,8 +135,10 @@ def test_cfg_runs_only_above_guidance_one_as_diffusers(reference_pipeline, scale
 
 def test_unguided_jobs_batch_apart_from_guided_ones(reference_pipeline):
     hidden = reference_pipeline.images.decoder.mapper.fc[0].in_features
-    jobs = [ImageJob(torch.zeros(NUM_VOKENS, hidden), seed=1, guidance_scale=s, num_inference_steps=1)
-            for s in (1.0, 7.5, 2.0)]
+    jobs = [
+        ImageJob(torch.zeros(NUM_VOKENS, hidden), seed=1, guidance_scale=s, num_inference_steps=1)
+        for s in (1.0, 7.5, 2.0)
+    ]
     assert jobs[0].batch_key != jobs[1].batch_key == jobs[2].batch_key
     images = reference_pipeline.images.decode(jobs)
     alone = reference_pipeline.images.decode([jobs[0]])
@@ -139,6 +158,7 @@ def test_vision_tower_runs_in_fp16_on_a_gpu_by_default():
 
 
 # ---- docs/API.md's defaults are the server's -----------------------------------------------------------
+
 
 def _api_defaults() -> dict:
     """`input` → default cell of docs/API.md's Inputs table, for the inputs that have one."""
@@ -166,8 +186,7 @@ def _cell_value(cell: str):
 
 def test_api_md_defaults_table_equals_what_the_server_uses(tiny_weights):
     rows = _api_defaults()
-    documented = {name: _cell_value(row["default"]) for name, row in rows.items()
-                  if name in DEFAULT_GENERATION}
+    documented = {name: _cell_value(row["default"]) for name, row in rows.items() if name in DEFAULT_GENERATION}
     assert set(documented) == set(DEFAULT_GENERATION), "every generation default is in docs/API.md"
     weights = WeightsDir(tiny_weights)  # the server's model reads its defaults from here
     assert documented == weights.defaults == DEFAULT_GENERATION
@@ -176,12 +195,21 @@ def test_api_md_defaults_table_equals_what_the_server_uses(tiny_weights):
     # and a request that sets nothing gets exactly them (the server's build_request)
     request = build_request("hi", defaults=weights.defaults)
     sampling = request.sampling
-    used = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty,
-            "force_image": sampling.force_image, "force_image_mode": sampling.force_image_mode,
-            "max_images": sampling.max_images, "guidance_scale": request.guidance_scale,
-            "num_inference_steps": request.num_inference_steps, "scheduler": request.scheduler}
+    used = {
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty,
+        "force_image": sampling.force_image,
+        "force_image_mode": sampling.force_image_mode,
+        "max_images": sampling.max_images,
+        "guidance_scale": request.guidance_scale,
+        "num_inference_steps": request.num_inference_steps,
+        "scheduler": request.scheduler,
+    }
     assert used == documented
     plain = SamplingParams()  # the engine's own defaults agree as well
-    assert {k: getattr(plain, k) for k in used if hasattr(plain, k)} == {k: documented[k] for k in used
-                                                                          if hasattr(plain, k)}
+    assert {k: getattr(plain, k) for k in used if hasattr(plain, k)} == {
+        k: documented[k] for k in used if hasattr(plain, k)
+    }

@@ -1,4 +1,5 @@
 """fp8 (e4m3) decoder-layer weights: Fp8Linear against nn.Linear, the model swap, the decode engine."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,15 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _tiny_llm(dtype=torch.float32, vocab_size=256) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -73,8 +81,15 @@ def test_quantize_llm_replaces_the_decoder_linears_only(dtype):
     assert stats["quantized_linears"] == len(linears) == 2 * 7 and stats["skipped_linears"] == 0
     for layer in llm.model.layers:
         assert not any(isinstance(m, nn.Linear) for m in layer.modules())
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                     layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        for proj in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ):
             assert isinstance(proj, Fp8Linear)
     assert llm.lm_head is lm_head and llm.model.embed_tokens is embeddings
     assert lm_head.weight.dtype == embeddings.weight.dtype == dtype and llm.dtype == dtype

@@ -1,4 +1,5 @@
 """Model core on tiny weights: decoding with vokens, hidden-state capture, CFG constant, prompts, weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,17 +30,17 @@ def test_run_force_image_gives_text_and_image(reference_pipeline):
 def test_voken_states_equal_full_forward(reference_pipeline):
     pipe = reference_pipeline
     images = np.random.RandomState(0).randint(0, 256, (1, 224, 224, 3), dtype=np.uint8)
-    request = pipe.request("Describe the picture and draw another.", images, force_image=True,
-                           random_seed=11, max_tokens=30)
-    result = pipe.run("Describe the picture and draw another.", images, force_image=True,
-                      random_seed=11, max_tokens=30)
+    request = pipe.request(
+        "Describe the picture and draw another.", images, force_image=True, random_seed=11, max_tokens=30
+    )
+    result = pipe.run("Describe the picture and draw another.", images, force_image=True, random_seed=11, max_tokens=30)
     voken_ids = pipe.weights.tokens["vokens"]
     ids = result.token_ids
     starts = [i for i, t in enumerate(ids) if t == voken_ids[0]]
     assert len(starts) == len(result.images) == 1
     # exactly one contiguous block [IMG0]..[IMG7] per image, and no stray voken anywhere else
     for s in starts:
-        assert ids[s:s + NUM_VOKENS] == voken_ids
+        assert ids[s : s + NUM_VOKENS] == voken_ids
     assert sum(t in voken_ids for t in ids) == NUM_VOKENS * len(starts)
 
     # One full forward over prompt + everything generated, then pick the states that predicted IMG0..IMG7.
@@ -52,7 +53,7 @@ def test_voken_states_equal_full_forward(reference_pipeline):
         states = llm.model(inputs_embeds=sequence).last_hidden_state[0]
     prompt_len = decode_request.prompt_embeds.shape[0]
     first = prompt_len + starts[0] - 1  # the position whose output sampled IMG0
-    expected = states[first:first + NUM_VOKENS].numpy()
+    expected = states[first : first + NUM_VOKENS].numpy()
     np.testing.assert_allclose(result.voken_states[0], expected, atol=STATE_TOLERANCE, rtol=0)
 
 
@@ -103,13 +104,16 @@ def test_stop_at_max_tokens_and_no_image_without_force(reference_pipeline):
     assert len(result.token_ids) <= 12
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("max_tokens", 0, "max_tokens: must be in [1,"),
-    ("temperature", -1.0, "temperature: must be in [0.0,"),
-    ("top_p", 0.0, "top_p: must be in (0.0,"),
-    ("repetition_penalty", "x", "repetition_penalty: must be a number"),
-    ("scheduler", "euler", "scheduler: must be one of"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("max_tokens", 0, "max_tokens: must be in [1,"),
+        ("temperature", -1.0, "temperature: must be in [0.0,"),
+        ("top_p", 0.0, "top_p: must be in (0.0,"),
+        ("repetition_penalty", "x", "repetition_penalty: must be a number"),
+        ("scheduler", "euler", "scheduler: must be one of"),
+    ],
+)
 def test_invalid_parameters_name_the_field(reference_pipeline, field, value, message):
     with pytest.raises(InvalidRequest, match=None) as info:
         reference_pipeline.request("hi", **{field: value})
@@ -138,6 +142,7 @@ def test_weights_dir_rejects_incomplete_layout(tmp_path, tiny_weights):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         WeightsDir(tmp_path)
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(tiny_weights, copy)
     (copy / "unet.safetensors").unlink()
@@ -147,8 +152,30 @@ def test_weights_dir_rejects_incomplete_layout(tmp_path, tiny_weights):
 
 def test_run_command_shows_the_diffusion_steps(tiny_weights, tmp_path, capsys):
     from minigpt5 import cli
-    assert cli.main(["run", "--weights", str(tiny_weights), "--prompt", "A dog.", "--force-image", "--steps", "3",
-                     "--scheduler", "dpm", "--max-tokens", "4", "--seed", "1", "--out", str(tmp_path)]) == 0
+
+    assert (
+        cli.main(
+            [
+                "run",
+                "--weights",
+                str(tiny_weights),
+                "--prompt",
+                "A dog.",
+                "--force-image",
+                "--steps",
+                "3",
+                "--scheduler",
+                "dpm",
+                "--max-tokens",
+                "4",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     error = capsys.readouterr().err
     assert "image 1" in error and "3/3" in error  # a progress bar per image, on stderr
     assert (tmp_path / "image_1.png").is_file()
@@ -156,6 +183,7 @@ def test_run_command_shows_the_diffusion_steps(tiny_weights, tmp_path, capsys):
 
 def test_random_weights_are_for_the_real_sizes_only(tmp_path):
     from minigpt5.weights.random_weights import build_random_weights
+
     with pytest.raises(ValueError, match="full, slim"):
         build_random_weights(tmp_path, "tiny")
     with pytest.raises(ValueError, match="bf16"):

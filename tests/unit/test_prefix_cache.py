@@ -1,5 +1,6 @@
 """Prefix cache in the decoding engine: hits, misses, eviction under the KV budget, aborts while a
 prefix is shared, and tokens and voken states equal to those without the cache."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,15 @@ BLOCK = 16
 
 def _engine(pipe, cache: PrefixCache | None, llm=None, **options):
     d = pipe.decoder
-    return DecodeEngine(llm or d.llm, d.tokenizer, voken_ids=d.engine.voken_ids, eos_id=d.engine.eos_id,
-                        banned_ids=d.engine.banned_ids, prefix_cache=cache, **options)
+    return DecodeEngine(
+        llm or d.llm,
+        d.tokenizer,
+        voken_ids=d.engine.voken_ids,
+        eos_id=d.engine.eos_id,
+        banned_ids=d.engine.banned_ids,
+        prefix_cache=cache,
+        **options,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +41,8 @@ def chat(reference_pipeline):
     history, prompts = [], []
     for turn in range(3):
         text = f"Turn {turn}: what do you see in this picture of a garden?"
-        request = pipe.request(text, pictures[:turn + 1], history)
-        prompts.append((pipe.prompts.prompt_ids(request), embeds[:turn + 1]))
+        request = pipe.request(text, pictures[: turn + 1], history)
+        prompts.append((pipe.prompts.prompt_ids(request), embeds[: turn + 1]))
         history = history + [Turn("human", text, 1), Turn("assistant", f"A garden number {turn}, green and wide.")]
     for text in ("Tell me a story about a cat.", "Write a poem about the sea."):
         prompts.append((pipe.prompts.prompt_ids(pipe.request(text)), None))
@@ -45,8 +53,13 @@ def _requests(pipe, prompts, temperature, **params):
     stage = pipe.decoder
     out = []
     for i, (ids, embeds) in enumerate(prompts):
-        sampling = pipe.request("x", max_tokens=params.get("max_tokens", 12), random_seed=40 + i,
-                                temperature=temperature, force_image=params.get("force_image", i % 2 == 0)).sampling
+        sampling = pipe.request(
+            "x",
+            max_tokens=params.get("max_tokens", 12),
+            random_seed=40 + i,
+            temperature=temperature,
+            force_image=params.get("force_image", i % 2 == 0),
+        ).sampling
         out.append(stage.make_request(f"r{i}", ids, embeds, sampling))
     return out
 
@@ -93,8 +106,10 @@ def test_cached_prefixes_give_the_same_tokens_and_voken_states(reference_pipelin
     assert reused["r3"] > 0 and reused["r4"] > 0  # the system prompt
     stats = cached.prefix_cache.stats
     assert stats.hits * BLOCK == cached.prefill_positions_reused == sum(reused.values())
-    assert stats.misses > 0 and cached.prefill_positions_computed + cached.prefill_positions_reused == \
-        plain.prefill_positions_computed
+    assert (
+        stats.misses > 0
+        and cached.prefill_positions_computed + cached.prefill_positions_reused == plain.prefill_positions_computed
+    )
 
 
 def test_a_miss_computes_everything_and_fills_the_cache(reference_pipeline, chat):

@@ -7,6 +7,7 @@ tokenizer's BOS in `input_warp` (mini_gpt5.py:182-189), splicing the images at `
 tokenise the text between image slots piece by piece (so that user text cannot inject special ids);
 the tests check that both give the same ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,17 @@ from minigpt5.prompt import IMAGE, Turn, parse_history, prompt_token_ids, render
 from minigpt5.request import InvalidRequest, build_request
 from minigpt5.stages import PromptBuilder
 from minigpt5.tokenizer import add_minigpt5_tokens
-from minigpt5.weights.layout import MANIFEST, make_manifest, WeightsDir
+from minigpt5.weights.layout import MANIFEST, WeightsDir, make_manifest
 
 # dataloader.py:236-237 (VISTDataset system_prompt1) and :318-319 (MMDialogDataset system_prompt)
-VIST_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
-               "once I provide it to you. Please understanding images and generate story.")
-MMDIALOG_SYSTEM = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-                   "images once I provide it to you. Please generate conversations with appropriate images.")
+VIST_SYSTEM = (
+    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+    "once I provide it to you. Please understanding images and generate story."
+)
+MMDIALOG_SYSTEM = (
+    "Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
+    "images once I provide it to you. Please generate conversations with appropriate images."
+)
 C1 = "my sister arrived early to help me with the family bar bq."  # examples/playground.py:68's captions
 C2 = "every one else arrived soon after."
 
@@ -34,22 +39,26 @@ VIST_CASES = {
     # dataloader.py:239 human_prompts1[0] with prompt "" (first story step, :260-262), :267-268
     "generation, no story yet": (
         [Turn("human", f"Generate an image with the scene description: {C2}")],
-        VIST_SYSTEM + f"###Human: Generate an image with the scene description: {C2} ###Assistant:"),
+        VIST_SYSTEM + f"###Human: Generate an image with the scene description: {C2} ###Assistant:",
+    ),
     # dataloader.py:243 human_prompts2[0]; prompt = "<Img><ImageHere></Img>".join([C1, C2]) +
     # "<Img><ImageHere></Img>\n" (:260-262); source = system_prompt1 + it (:282-283)
     "story with images after their captions": (
         [Turn("human", f"{C1}<image>{C2}<image>Tell me the next scene with image.", 2)],
         VIST_SYSTEM + f"###Human:{C1}<Img><ImageHere></Img>{C2}<Img><ImageHere></Img>\n"
-                      " Tell me the next scene with image. ###Assistant:"),
+        " Tell me the next scene with image. ###Assistant:",
+    ),
     # dataloader.py:248 human_prompts3[0]: an image inside the instruction (:293-294)
     "image understanding": (
         [Turn("human", f"{C1} <image> {C2} <image>\nTell me the next scene description by this image: <image>", 3)],
         VIST_SYSTEM + f"###Human:{C1}<Img><ImageHere></Img>{C2}<Img><ImageHere></Img>\n"
-                      " Tell me the next scene description by this image: <Img><ImageHere></Img> ###Assistant:"),
+        " Tell me the next scene description by this image: <Img><ImageHere></Img> ###Assistant:",
+    ),
     # images without markers: a story of empty captions, "<Img><ImageHere></Img>".join([""]) + block + "\n"
     "images without markers": (
         [Turn("human", "Tell me the next scene with image.", 1)],
-        VIST_SYSTEM + "###Human:<Img><ImageHere></Img>\n Tell me the next scene with image. ###Assistant:"),
+        VIST_SYSTEM + "###Human:<Img><ImageHere></Img>\n Tell me the next scene with image. ###Assistant:",
+    ),
 }
 
 MMDIALOG_CASES = {
@@ -57,21 +66,26 @@ MMDIALOG_CASES = {
     # f"###Assistant: {text}" (:389, :394), each image after its turn's text (:401-402, :408-410);
     # sources = ' '.join([system_prompt] + items) (:405-413)
     "three turns, an image in the first": (
-        [Turn("human", "hi, what do you think of my new car?", 1),
-         Turn("assistant", "Looks great! Is it electric?"),
-         Turn("human", "Yes it is, want to see the inside?")],
+        [
+            Turn("human", "hi, what do you think of my new car?", 1),
+            Turn("assistant", "Looks great! Is it electric?"),
+            Turn("human", "Yes it is, want to see the inside?"),
+        ],
         MMDIALOG_SYSTEM + " ###Human: hi, what do you think of my new car? <Img><ImageHere></Img> ###Assistant: "
-                          "Looks great! Is it electric? ###Human: Yes it is, want to see the inside? ###Assistant:"),
+        "Looks great! Is it electric? ###Human: Yes it is, want to see the inside? ###Assistant:",
+    ),
     # not an upstream layout (upstream's turns hold one image, after the text): the same join rule applied
     # to a turn whose markers put two images mid-text
     "markers place the images": (
         [Turn("human", "this one <image> or this one <image>?", 2)],
         MMDIALOG_SYSTEM + " ###Human: this one <Img><ImageHere></Img> or this one <Img><ImageHere></Img> ?"
-                          " ###Assistant:"),
+        " ###Assistant:",
+    ),
     "an assistant image fed back": (
         [Turn("human", "Show me a beach."), Turn("assistant", "Here you are.", 1), Turn("human", "Now at night.")],
         MMDIALOG_SYSTEM + " ###Human: Show me a beach. ###Assistant: Here you are. <Img><ImageHere></Img>"
-                          " ###Human: Now at night. ###Assistant:"),
+        " ###Human: Now at night. ###Assistant:",
+    ),
 }
 
 
@@ -120,12 +134,12 @@ def _request(builder_weights, turns):
     """The turns as a request sends them: earlier turns in `history`, all images in order."""
     images = np.zeros((sum(t.num_images for t in turns), 224, 224, 3), dtype=np.uint8)
     history = [{"role": t.role, "text": t.text, "num_images": t.num_images} for t in turns[:-1]]
-    return build_request(turns[-1].text, images, parse_history(json.dumps(history)),
-                         defaults=builder_weights.defaults)
+    return build_request(turns[-1].text, images, parse_history(json.dumps(history)), defaults=builder_weights.defaults)
 
 
-@pytest.mark.parametrize("fmt,case", [("vist", c) for c in sorted(VIST_CASES)] +
-                         [("mmdialog", c) for c in sorted(MMDIALOG_CASES)])
+@pytest.mark.parametrize(
+    "fmt,case", [("vist", c) for c in sorted(VIST_CASES)] + [("mmdialog", c) for c in sorted(MMDIALOG_CASES)]
+)
 def test_token_ids_equal_upstreams(tiny_weights, mmdialog_weights, fmt, case):
     weights = WeightsDir(tiny_weights) if fmt == "vist" else mmdialog_weights
     turns, expected = (VIST_CASES if fmt == "vist" else MMDIALOG_CASES)[case]
@@ -147,10 +161,12 @@ def test_sentencepiece_style_tokenizer_gives_upstreams_ids_too():
     raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     corpus = [VIST_SYSTEM, MMDIALOG_SYSTEM, C1, C2, "###Human: ###Assistant: <Img></Img> Tell me the next scene."]
-    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    tokenizer = add_minigpt5_tokens(PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
-                                                            eos_token="</s>", unk_token="<unk>"))
+    raw.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
+    tokenizer = add_minigpt5_tokens(
+        PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    )
     placeholder = tokenizer.convert_tokens_to_ids("<ImageHere>")
     for fmt, system, cases in (("vist", VIST_SYSTEM, VIST_CASES), ("mmdialog", MMDIALOG_SYSTEM, MMDIALOG_CASES)):
         for turns, expected in cases.values():
@@ -162,6 +178,7 @@ def test_sentencepiece_style_tokenizer_gives_upstreams_ids_too():
 
 
 # ---- markers and escaping ---------------------------------------------------------------------------
+
 
 def test_escaped_marker_and_typed_placeholders_stay_text(tiny_weights):
     weights = WeightsDir(tiny_weights)
@@ -175,10 +192,13 @@ def test_escaped_marker_and_typed_placeholders_stay_text(tiny_weights):
     assert not special & set(ids)
 
 
-@pytest.mark.parametrize("text,images,message", [
-    ("a <image> b <image>", 1, "text_input: 2 <image> markers but the turn has 1 images"),
-    ("a <image>", 0, "text_input: 1 <image> markers but the turn has 0 images"),
-])
+@pytest.mark.parametrize(
+    "text,images,message",
+    [
+        ("a <image> b <image>", 1, "text_input: 2 <image> markers but the turn has 1 images"),
+        ("a <image>", 0, "text_input: 1 <image> markers but the turn has 0 images"),
+    ],
+)
 def test_marker_count_must_match_the_turns_images(tiny_weights, text, images, message):
     with pytest.raises(InvalidRequest) as info:
         _request(WeightsDir(tiny_weights), [Turn("human", text, images)])

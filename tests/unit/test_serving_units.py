@@ -3,6 +3,7 @@
 the tiny weights, and the BLS model's child calls go in-process to the real child model instances
 (through the fake's `InferenceRequest.exec`, which copies tensors, checks inputs against each
 child's config.pbtxt and returns only the requested outputs, as the server does)."""
+
 from __future__ import annotations
 
 import base64
@@ -20,17 +21,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import fake_pb_utils
 from minigpt5.engine import TextDelta
 from minigpt5.prompt import parse_history
+from support import fake_pb_utils
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "model_repository"
 PB_MODULE = "triton_python_backend_utils"
 # Modules that import triton_python_backend_utils (directly or through triton_io): imported here
 # after the fake is installed, and dropped again afterwards so nothing else sees them bound to it.
-PB_BOUND = ("triton_io", "metrics", "answer_stream", "dispatch", "vision_encoder_model", "image_decoder_model", "vicuna_decoder_model",
-            "minigpt5_model")
+PB_BOUND = (
+    "triton_io",
+    "metrics",
+    "answer_stream",
+    "dispatch",
+    "vision_encoder_model",
+    "image_decoder_model",
+    "vicuna_decoder_model",
+    "minigpt5_model",
+)
 MODEL_DIRS = ("vision_encoder", "image_decoder", "vicuna_decoder", "minigpt5")
 
 # Batched vs alone: float rounding in batched matmuls only. Vision embeddings within 1e-5; images
@@ -44,11 +53,21 @@ PROMPT = [1] + list(range(10, 30))  # BOS + 20 ordinary ids: the decoder takes a
 # Greedy without repetition penalty: this tiny model then runs to max_tokens (no "###"/EOS), which
 # gives a request that is still running when the test aborts it (~1 ms per token here).
 LONG = {"max_tokens": 900, "temperature": 0.0, "repetition_penalty": 1.0}
-NUMPY = {"TYPE_INT32": np.int32, "TYPE_FP32": np.float32, "TYPE_UINT64": np.uint64, "TYPE_BOOL": bool,
-         "TYPE_UINT8": np.uint8}
+NUMPY = {
+    "TYPE_INT32": np.int32,
+    "TYPE_FP32": np.float32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_BOOL": bool,
+    "TYPE_UINT8": np.uint8,
+}
 # Public requests: 1-step image decoding keeps each image well under a second on CPU.
-STORY = {"text_input": "Tell me a story about a red kite.", "force_image": True, "max_tokens": 24,
-         "random_seed": 7, "num_inference_steps": 1}
+STORY = {
+    "text_input": "Tell me a story about a red kite.",
+    "force_image": True,
+    "max_tokens": 24,
+    "random_seed": 7,
+    "num_inference_steps": 1,
+}
 
 
 # ---- installing the fake --------------------------------------------------------------------------
@@ -83,6 +102,7 @@ def one_torch_thread():
     """One intra-op thread: the tiny model gains nothing from more, and on a shared 2-core machine
     (another suite running beside this one) OpenMP's spinning threads made image decoding 5-30x slower."""
     import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -92,8 +112,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def serving(pb):
     """The serving modules, imported with the fake in place."""
-    return types.SimpleNamespace(**{short: importlib.import_module(f"minigpt5.serving.{short}")
-                                    for short in PB_BOUND + ("decoder_link",)})
+    return types.SimpleNamespace(
+        **{short: importlib.import_module(f"minigpt5.serving.{short}") for short in PB_BOUND + ("decoder_link",)}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +126,7 @@ def configs():
 def make_args(configs, tiny_weights):
     def make(name: str, **parameters) -> dict:
         return fake_pb_utils.triton_args(configs[name], "CPU", weights=str(tiny_weights), **parameters)
+
     return make
 
 
@@ -120,8 +142,10 @@ def outputs(response) -> dict:
 
 def values(response) -> dict:
     """Outputs as Python lists (STRING elements decoded)."""
-    return {name: [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
-            for name, array in outputs(response).items()}
+    return {
+        name: [v.decode() if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
+        for name, array in outputs(response).items()
+    }
 
 
 def new_threads(before: set, *names: str) -> list:
@@ -191,14 +215,17 @@ def vision(serving, make_args):
 
 @pytest.fixture(scope="module")
 def image_model(serving, make_args):
-    return serving.image_decoder_model.ImageDecoderModel(make_args("image_decoder"),
-                                                  metrics=serving.metrics.ImageMetrics("image_decoder_units"))
+    return serving.image_decoder_model.ImageDecoderModel(
+        make_args("image_decoder"), metrics=serving.metrics.ImageMetrics("image_decoder_units")
+    )
 
 
 @pytest.fixture(scope="module")
 def decoder_model(serving, make_args):
-    model = serving.vicuna_decoder_model.VicunaDecoderModel(make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
-                                                     metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"))
+    model = serving.vicuna_decoder_model.VicunaDecoderModel(
+        make_args("vicuna_decoder", kv_cache_budget_tokens=DECODER_BUDGET),
+        metrics=serving.metrics.DecoderMetrics("vicuna_decoder_units"),
+    )
     yield model
     model.finalize()
 
@@ -231,6 +258,7 @@ def reference_engine(tiny_weights):
     """A decoder of its own, driven in this thread: what a lone request gives without Triton."""
     from minigpt5.stages import DecoderStage
     from minigpt5.weights.layout import WeightsDir
+
     return DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET)
 
 
@@ -240,10 +268,12 @@ def make_bls(serving, make_args, children):
     made = []
 
     def make(label: str, **parameters):
-        model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5", **parameters),
-                                                metrics=serving.metrics.PublicModelMetrics(label))
+        model = serving.minigpt5_model.MiniGPT5Model(
+            make_args("minigpt5", **parameters), metrics=serving.metrics.PublicModelMetrics(label)
+        )
         made.append(model)
         return model
+
     yield make
     for model in made:
         model.finalize()
@@ -272,23 +302,25 @@ def test_vision_encoder_splits_one_batch_back_per_request(pb, vision, configs, h
 
 # ================================== image_decoder =================================================
 def _image_request(config, states, seeds, scales, steps, schedulers):
-    return fake_pb_utils.make_request({
-        "voken_states": np.asarray(states, dtype=np.float32),
-        "seed": np.array([[s] for s in seeds], dtype=np.uint64),
-        "guidance_scale": np.array([[g] for g in scales], dtype=np.float32),
-        "num_inference_steps": np.array([[n] for n in steps], dtype=np.int32),
-        "scheduler_id": np.array([[k] for k in schedulers], dtype=np.int32),
-    }, config=config)
+    return fake_pb_utils.make_request(
+        {
+            "voken_states": np.asarray(states, dtype=np.float32),
+            "seed": np.array([[s] for s in seeds], dtype=np.uint64),
+            "guidance_scale": np.array([[g] for g in scales], dtype=np.float32),
+            "num_inference_steps": np.array([[n] for n in steps], dtype=np.int32),
+            "scheduler_id": np.array([[k] for k in schedulers], dtype=np.int32),
+        },
+        config=config,
+    )
 
 
 def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
-        pb, image_model, configs, hidden, monkeypatch):
+    pb, image_model, configs, hidden, monkeypatch
+):
     config = configs["image_decoder"]
     rng = np.random.RandomState(1)
     # (seed, guidance, steps, scheduler_id) per row; requests hold 2, 1 and 2 rows.
-    rows = [[(11, 7.5, 2, 0), (12, 2.0, 2, 0)],
-            [(13, 5.0, 1, 0)],
-            [(14, 7.5, 2, 1), (11, 3.0, 2, 0)]]
+    rows = [[(11, 7.5, 2, 0), (12, 2.0, 2, 0)], [(13, 5.0, 1, 0)], [(14, 7.5, 2, 1), (11, 3.0, 2, 0)]]
     states = [rng.randn(len(r), 8, hidden).astype(np.float32) for r in rows]
     requests = [_image_request(config, s, *zip(*r)) for s, r in zip(states, rows)]
 
@@ -298,11 +330,13 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
     def spy(jobs, *args, **kwargs):
         calls.append(sorted({job.batch_key for job in jobs}) + [len(jobs)])
         return real_decode(jobs, *args, **kwargs)
+
     monkeypatch.setattr(image_model.stage.decoder, "decode", spy)
     replies = image_model.execute(requests)
     # one UNet batch per (scheduler, steps, guidance on): 3 rows of pndm/2, 1 of pndm/1, 1 of dpm/2
-    assert sorted(calls, key=str) == sorted([[("pndm", 2, True), 3], [("pndm", 1, True), 1], [("dpm", 2, True), 1]],
-                                            key=str)
+    assert sorted(calls, key=str) == sorted(
+        [[("pndm", 2, True), 3], [("pndm", 1, True), 1], [("dpm", 2, True), 1]], key=str
+    )
 
     assert len(replies) == len(requests)
     for reply, request_rows, request_states in zip(replies, rows, states):
@@ -311,7 +345,7 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
         images = outputs(reply)["image"]
         assert images.dtype == np.uint8 and images.shape[0] == len(request_rows) and images.shape[3] == 3
         for i, row in enumerate(request_rows):
-            alone = outputs(image_model.execute([_image_request(config, request_states[i:i + 1], *zip(row))])[0])
+            alone = outputs(image_model.execute([_image_request(config, request_states[i : i + 1], *zip(row))])[0])
             diff = np.abs(images[i].astype(int) - alone["image"][0].astype(int)).max()
             assert diff <= BATCHED_IMAGE_TOLERANCE, f"row {row}: {diff} levels from its lone decode"
     assert 5.0 in pb.histogram_observations("minigpt5_image_batch_size", model="image_decoder_units")
@@ -320,12 +354,14 @@ def test_image_decoder_rows_equal_their_lone_decode_and_are_grouped_by_schedule(
 # ================================== vicuna_decoder and the link ===================================
 def _sampling(**params):
     from minigpt5.sampling import SamplingParams
+
     return SamplingParams(**params)
 
 
 def _drain(stream, timeout: float = WAIT_S) -> list:
     """A stream's events up to and including its Finished."""
     from minigpt5.engine import Finished
+
     events, deadline = [], time.monotonic() + timeout
     while not events or not isinstance(events[-1], Finished):
         assert time.monotonic() < deadline, f"no Finished after {timeout} s: {events[-3:]}"
@@ -338,6 +374,7 @@ def _drain(stream, timeout: float = WAIT_S) -> list:
 def _alone(stage, request_id: str, prompt_ids: list[int], sampling, image_embeds=None) -> list:
     """The events of one request decoded alone, in process."""
     import torch
+
     embeds = None if image_embeds is None else torch.from_numpy(image_embeds)
     stage.engine.submit(stage.make_request(request_id, prompt_ids, embeds, sampling))
     events = []
@@ -354,11 +391,18 @@ def test_link_streams_what_the_decoder_alone_gives(pb, decoder, reference_engine
     """Text, voken states and counts through minigpt5's link and vicuna_decoder (BLS) equal a lone
     in-process decode: with and without image embeddings, two requests in flight at once."""
     from minigpt5.engine import Finished, TextDelta, VokenStates
+
     placeholder = json.loads((Path(tiny_weights) / "manifest.json").read_text())["tokens"]["image_placeholder"]
     image = np.random.default_rng(0).standard_normal((1, 32, hidden)).astype(np.float32)
-    cases = [("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3)),
-             ("units-image", PROMPT[:1] + [placeholder] + PROMPT[1:], image,
-              _sampling(max_tokens=16, seed=4, force_image=True))]
+    cases = [
+        ("units-text", PROMPT, None, _sampling(max_tokens=24, seed=3)),
+        (
+            "units-image",
+            PROMPT[:1] + [placeholder] + PROMPT[1:],
+            image,
+            _sampling(max_tokens=16, seed=4, force_image=True),
+        ),
+    ]
     streams = [decoder.open(rid, ids, embeds, sampling) for rid, ids, embeds, sampling in cases]
     for stream, (rid, ids, embeds, sampling) in zip(streams, cases):
         events = _drain(stream)
@@ -366,8 +410,12 @@ def test_link_streams_what_the_decoder_alone_gives(pb, decoder, reference_engine
         alone = _alone(reference_engine, rid, ids, sampling, embeds)
         expected = next(e for e in alone if isinstance(e, Finished))
         assert all(isinstance(e, (TextDelta, VokenStates)) for e in body), body
-        assert (final.reason, final.completion_tokens, final.vokens, final.images) == \
-            (expected.reason, expected.completion_tokens, expected.vokens, expected.images)
+        assert (final.reason, final.completion_tokens, final.vokens, final.images) == (
+            expected.reason,
+            expected.completion_tokens,
+            expected.vokens,
+            expected.images,
+        )
         assert _text(body) == _text(alone) == expected.text
         vokens = [e for e in body if isinstance(e, VokenStates)]
         alone_vokens = [e for e in alone if isinstance(e, VokenStates)]
@@ -378,8 +426,9 @@ def test_link_streams_what_the_decoder_alone_gives(pb, decoder, reference_engine
         assert stream.next_event(timeout=0.05) is None  # nothing after Finished
     assert decoder.open_streams == 0
     # the rows of each step, recorded off the engine thread
-    assert wait_until(lambda: 2 in pb.histogram_observations("minigpt5_decoder_batch_size",
-                                                             model="vicuna_decoder_units"))
+    assert wait_until(
+        lambda: 2 in pb.histogram_observations("minigpt5_decoder_batch_size", model="vicuna_decoder_units")
+    )
 
 
 def test_queued_text_deltas_come_out_as_one_in_order():
@@ -387,10 +436,17 @@ def test_queued_text_deltas_come_out_as_one_in_order():
     reordered across an image's voken states, and a step failure is still raised in its place."""
     from minigpt5.engine import Finished, TextDelta, VokenStates
     from minigpt5.serving.decoder_link import DecodeStream
+
     stream = DecodeStream(link=None, request_id="r")
     states = VokenStates("r", np.zeros((8, 4), np.float32), 6)
-    for event in (TextDelta("r", "Once "), TextDelta("r", "upon"), states, TextDelta("r", " a"),
-                  TextDelta("r", " time."), Finished("r", "stop", 5, 8, 1, "")):
+    for event in (
+        TextDelta("r", "Once "),
+        TextDelta("r", "upon"),
+        states,
+        TextDelta("r", " a"),
+        TextDelta("r", " time."),
+        Finished("r", "stop", 5, 8, 1, ""),
+    ):
         stream.put(event)
     received = [stream.next_event(timeout=1.0) for _ in range(4)]
     assert received[0] == TextDelta("r", "Once upon") and received[1] is states
@@ -407,10 +463,17 @@ def test_wire_merges_a_requests_text_and_keeps_every_event_in_order():
     from minigpt5.engine import Finished, TextDelta, VokenStates
     from minigpt5.errors import InvalidRequest
     from minigpt5.serving.decoder_wire import Failure, decode_events, encode_events
+
     states = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
-    events = [TextDelta("a", "Once"), TextDelta("b", "Hi"), TextDelta("a", " upon"), VokenStates("a", states, 9),
-              TextDelta("a", " a"), Finished("a", "length", 12, 8, 1, "Once upon a"),
-              Failure("c", InvalidRequest("kv_cache_budget_tokens: too long"))]
+    events = [
+        TextDelta("a", "Once"),
+        TextDelta("b", "Hi"),
+        TextDelta("a", " upon"),
+        VokenStates("a", states, 9),
+        TextDelta("a", " a"),
+        Finished("a", "length", 12, 8, 1, "Once upon a"),
+        Failure("c", InvalidRequest("kv_cache_budget_tokens: too long")),
+    ]
     got = decode_events(*encode_events(events))
     assert got[:2] == [TextDelta("a", "Once upon"), TextDelta("b", "Hi")]
     assert got[2].request_id == "a" and got[2].text_offset == 9 and np.array_equal(got[2].states, states)
@@ -423,10 +486,19 @@ def test_decoder_metrics_count_waiting_running_and_kv_use(serving):
     """The gauges follow the engine's figures, set by the metrics thread from the snapshots the engine
     thread queues; the last snapshot of a burst (engine idle) is always recorded."""
     from types import SimpleNamespace
+
     metrics = serving.metrics.DecoderMetrics("vicuna_decoder_gauges")
-    engine = SimpleNamespace(prefix_cache=None, prefill_positions_computed=0, prefill_positions_reused=0,
-                             num_waiting=3, rows=[object()] * 2, reserved_positions=250, kv_budget_tokens=1000,
-                             has_work=True, step_prefill_seconds=[0.5, 0.25])
+    engine = SimpleNamespace(
+        prefix_cache=None,
+        prefill_positions_computed=0,
+        prefill_positions_reused=0,
+        num_waiting=3,
+        rows=[object()] * 2,
+        reserved_positions=250,
+        kv_budget_tokens=1000,
+        has_work=True,
+        step_prefill_seconds=[0.5, 0.25],
+    )
     try:
         metrics.observe_step(engine)
         label = "vicuna_decoder_gauges"
@@ -453,8 +525,14 @@ def test_batch_dispatcher_reports_each_jobs_wait_and_the_call(serving):
         calling.set()
         gate.wait(WAIT_S)
         return jobs
-    dispatcher = serving.dispatch.BatchDispatcher("units-timing", call, rows=lambda job: 1, max_rows=8,
-                                                  on_call=lambda waits, seconds: reported.append((waits, seconds)))
+
+    dispatcher = serving.dispatch.BatchDispatcher(
+        "units-timing",
+        call,
+        rows=lambda job: 1,
+        max_rows=8,
+        on_call=lambda waits, seconds: reported.append((waits, seconds)),
+    )
     try:
         first = dispatcher.submit("a")  # its call waits on the gate; the next two queue behind it
         assert calling.wait(WAIT_S)
@@ -472,6 +550,7 @@ def test_batch_dispatcher_reports_each_jobs_wait_and_the_call(serving):
 
 def test_decoder_refuses_a_request_beyond_the_kv_budget_and_serves_the_others(decoder):
     from minigpt5.errors import InvalidRequest
+
     first = decoder.open("units-ok-1", PROMPT, None, _sampling(max_tokens=12, seed=5))
     oversize = decoder.open("units-oversize", PROMPT, None, _sampling(max_tokens=990, seed=6))  # 21+990+7 > 1000
     last = decoder.open("units-ok-2", PROMPT, None, _sampling(max_tokens=12, seed=7))
@@ -514,6 +593,7 @@ def test_engine_loop_close_ends_open_requests_and_joins_its_thread(tiny_weights)
     from minigpt5.serving.decoder_wire import Failure, NewRequest
     from minigpt5.stages import DecoderStage
     from minigpt5.weights.layout import WeightsDir
+
     decoder_model = importlib.import_module("minigpt5.serving.vicuna_decoder_model")
     before = set(threading.enumerate())
     loop = decoder_model.EngineLoop(DecoderStage.load(WeightsDir(tiny_weights), kv_budget_tokens=DECODER_BUDGET))
@@ -536,6 +616,7 @@ def test_held_text_is_gathered_until_due_unless_another_event_comes():
     one delta; an image's voken states (or the end) cut the wait short, in order."""
     from minigpt5.engine import TextDelta, VokenStates
     from minigpt5.serving.decoder_link import DecodeStream
+
     stream = DecodeStream(link=None, request_id="r")
     interval = 1.0
     stream.put(TextDelta("r", " upon"))
@@ -554,6 +635,7 @@ def test_held_text_is_gathered_until_due_unless_another_event_comes():
 
 def test_link_close_ends_open_streams_and_joins_its_thread(serving, children):
     from minigpt5.errors import Overloaded
+
     before = set(threading.enumerate())
     link = serving.decoder_link.DecoderLink(serving.minigpt5_model.MiniGPT5Model._call_decoder)
     assert len(new_threads(before, "minigpt5-decoder-link")) == 1
@@ -571,9 +653,15 @@ def test_link_close_ends_open_streams_and_joins_its_thread(serving, children):
 
 def test_a_failed_call_fails_the_open_streams_and_the_link_goes_on(serving):
     from minigpt5.engine import Finished
-    replies = [RuntimeError("vicuna_decoder is not ready"),
-               ('[{"id": "units-2", "type": "finished", "reason": "stop", "completion_tokens": 1, '
-                '"vokens": 0, "images": 0}]', None)]
+
+    replies = [
+        RuntimeError("vicuna_decoder is not ready"),
+        (
+            '[{"id": "units-2", "type": "finished", "reason": "stop", "completion_tokens": 1, '
+            '"vokens": 0, "images": 0}]',
+            None,
+        ),
+    ]
     calls = []
 
     def call(*args):
@@ -582,6 +670,7 @@ def test_a_failed_call_fails_the_open_streams_and_the_link_goes_on(serving):
         if isinstance(reply, Exception):
             raise reply
         return reply
+
     link = serving.decoder_link.DecoderLink(call)
     try:
         first = link.open("units-1", PROMPT, None, _sampling(max_tokens=4))
@@ -604,8 +693,9 @@ def streamed(pb, bls, configs):
     sender = request.get_response_sender()
     sender.wait_final(WAIT_S)
     child_calls = [call for name, before in calls_before.items() for call in pb.calls_to(name)[before:]]
-    return types.SimpleNamespace(events=public_events(sender, configs["minigpt5"]), sender=sender,
-                                 child_calls=child_calls)
+    return types.SimpleNamespace(
+        events=public_events(sender, configs["minigpt5"]), sender=sender, child_calls=child_calls
+    )
 
 
 def test_bls_stream_gives_text_image_start_image_final_in_order(pb, streamed):
@@ -697,8 +787,7 @@ def test_bls_non_streaming_gives_one_complete_response_equal_to_the_stream(pb, m
 
 
 def _chat_turn(pb, bls, configs, request_id: str, **params) -> dict:
-    request = public_request(configs, request_id, stream=False, temperature=0.0, max_tokens=12, max_images=0,
-                             **params)
+    request = public_request(configs, request_id, stream=False, temperature=0.0, max_tokens=12, max_images=0, **params)
     bls.execute([request])
     sender = request.get_response_sender()
     sender.wait_final(WAIT_S)
@@ -707,7 +796,8 @@ def _chat_turn(pb, bls, configs, request_id: str, **params) -> dict:
 
 
 def test_a_chat_turn_reuses_embeddings_and_the_prompt_prefix_with_the_same_answer(
-        pb, make_bls, configs, reference_pipeline, reference_engine):
+    pb, make_bls, configs, reference_pipeline, reference_engine
+):
     """Turn 2 sends turn 1's image again: it skips vision_encoder (embedding cache), the decoder copies
     turn 1's prompt blocks (prefix cache), and the answer equals the one computed without any cache."""
     bls, label, decoder_label = make_bls("minigpt5_units_cache"), "minigpt5_units_cache", "vicuna_decoder_units"
@@ -715,32 +805,50 @@ def test_a_chat_turn_reuses_embeddings_and_the_prompt_prefix_with_the_same_answe
     vision_before = len(pb.calls_to("vision_encoder"))
     saved_before = _metric("minigpt5_prefix_cache_saved_positions_total", decoder_label)
     first = _chat_turn(pb, bls, configs, "units-chat-1", text_input="What is in this picture?", images=pictures[:1])
-    history = [{"role": "human", "text": "What is in this picture?", "num_images": 1},
-               {"role": "assistant", "text": first["text"]}]
-    second = _chat_turn(pb, bls, configs, "units-chat-2", text_input="And in this one?", images=pictures,
-                        history=json.dumps(history))
+    history = [
+        {"role": "human", "text": "What is in this picture?", "num_images": 1},
+        {"role": "assistant", "text": first["text"]},
+    ]
+    second = _chat_turn(
+        pb, bls, configs, "units-chat-2", text_input="And in this one?", images=pictures, history=json.dumps(history)
+    )
 
     vision_calls = pb.calls_to("vision_encoder")[vision_before:]
     assert [len(call.inputs["images"]) for call in vision_calls] == [1, 1]  # each distinct image once
-    assert wait_until(lambda: (_metric("minigpt5_image_embedding_cache_hits_total", label),
-                               _metric("minigpt5_image_embedding_cache_misses_total", label)) == (1, 2))
+    assert wait_until(
+        lambda: (
+            (
+                _metric("minigpt5_image_embedding_cache_hits_total", label),
+                _metric("minigpt5_image_embedding_cache_misses_total", label),
+            )
+            == (1, 2)
+        )
+    )
     assert _metric("minigpt5_image_embedding_cache_entries", label) == 2
     assert _metric("minigpt5_image_embedding_cache_bytes", label) == 2 * 32 * 64 * 4  # float32 [32, 64] each
     cached = second["usage"]["cached_prompt_positions"]
     assert cached >= 32 and first["usage"]["cached_prompt_positions"] < cached  # at least turn 1's image
-    assert wait_until(lambda: _metric("minigpt5_prefix_cache_saved_positions_total", decoder_label) - saved_before
-                      == first["usage"]["cached_prompt_positions"] + cached)
+    assert wait_until(
+        lambda: (
+            _metric("minigpt5_prefix_cache_saved_positions_total", decoder_label) - saved_before
+            == first["usage"]["cached_prompt_positions"] + cached
+        )
+    )
     assert _metric("minigpt5_prefix_cache_hits_total", decoder_label) >= cached // 16
     assert _metric("minigpt5_prefix_cache_blocks", decoder_label) > 0
     assert _metric("minigpt5_prefix_cache_bytes", decoder_label) > 0
     assert _metric("minigpt5_prefill_positions_total", decoder_label) > 0
 
     pipe = reference_pipeline  # the same turn without any cache, in this thread
-    request = pipe.request("And in this one?", pictures, parse_history(json.dumps(history)), max_tokens=12,
-                           temperature=0.0, max_images=0)
+    request = pipe.request(
+        "And in this one?", pictures, parse_history(json.dumps(history)), max_tokens=12, temperature=0.0, max_images=0
+    )
     engine = reference_engine.engine
-    engine.submit(reference_engine.make_request("units-chat-alone", pipe.prompts.prompt_ids(request),
-                                                pipe.vision.encode(pictures), request.sampling))
+    engine.submit(
+        reference_engine.make_request(
+            "units-chat-alone", pipe.prompts.prompt_ids(request), pipe.vision.encode(pictures), request.sampling
+        )
+    )
     text = ""
     while engine.has_work:
         text += "".join(e.text for e in engine.step() if isinstance(e, TextDelta))
@@ -776,8 +884,13 @@ def test_gpu_default_switches(serving, key):
 
     def choose(setting, device):
         return placement.on_gpu_by_default({key: setting}, key, device)
-    assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == \
-        (False, True, True, False)
+
+    assert (choose("auto", "cpu"), choose("auto", "cuda:0"), choose("true", "cpu"), choose("false", "cuda:0")) == (
+        False,
+        True,
+        True,
+        False,
+    )
     assert placement.on_gpu_by_default({}, key, "cuda:0")  # absent = auto
     with pytest.raises(ValueError, match=key):
         choose("yes", "cpu")
@@ -813,8 +926,15 @@ def cancelled_run(pb, serving, make_bls, configs, engine):
         mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)  # check at every decoder event
         real_abort = engine.abort
         mp.setattr(engine, "abort", lambda request_id: (aborted.append(request_id), real_abort(request_id)))
-        request = public_request(configs, "units-cancel", text_input="Tell me a very long story.", stream=True,
-                                 random_seed=3, num_inference_steps=1, **LONG)
+        request = public_request(
+            configs,
+            "units-cancel",
+            text_input="Tell me a very long story.",
+            stream=True,
+            random_seed=3,
+            num_inference_steps=1,
+            **LONG,
+        )
         sender = request.get_response_sender()
         sender.cancel_when(lambda s: len(s.sent) >= 1)  # the client is gone once it got something
         bls.execute([request])
@@ -838,8 +958,9 @@ def test_cancelled_request_still_ends_its_stream_with_the_final_flag(pb, cancell
     at the end of response is still needed even the request is cancelled." Without it Triton never
     releases the request."""
     sender = cancelled_run.sender
-    assert sender.wait_for(lambda s: s.final_count == 1, timeout=2.0), \
+    assert sender.wait_for(lambda s: s.final_count == 1, timeout=2.0), (
         f"the cancelled request never got the FINAL flag; sent {len(sender.sent)} responses, all non-final"
+    )
 
 
 def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs):
@@ -850,8 +971,16 @@ def test_cancel_after_image_start_sends_no_image(pb, serving, make_bls, configs)
         mp.setattr(serving.minigpt5_model, "CANCEL_CHECK_S", 0.0)
         # max_tokens=8 with force_image: the first token is [IMG0], so the decoder sends the voken
         # states, then its Finished; the client is gone at the second check.
-        request = public_request(configs, "units-cancel-image", text_input="Draw a kite.", stream=True,
-                                 force_image=True, max_tokens=8, random_seed=4, num_inference_steps=3)
+        request = public_request(
+            configs,
+            "units-cancel-image",
+            text_input="Draw a kite.",
+            stream=True,
+            force_image=True,
+            max_tokens=8,
+            random_seed=4,
+            num_inference_steps=3,
+        )
         sender = request.get_response_sender()
         sender.cancel_when(lambda s: s.is_cancelled_calls >= 2)
         calls_before = len(pb.calls_to("image_decoder"))
@@ -870,8 +999,16 @@ def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls
     then is still noticed within a check, not when the image is done."""
     label = "minigpt5_units_cancel_wait"
     bls = make_bls(label)
-    request = public_request(configs, "units-cancel-wait", text_input="Draw a kite.", stream=True,
-                             force_image=True, max_tokens=2, random_seed=4, num_inference_steps=200)
+    request = public_request(
+        configs,
+        "units-cancel-wait",
+        text_input="Draw a kite.",
+        stream=True,
+        force_image=True,
+        max_tokens=2,
+        random_seed=4,
+        num_inference_steps=200,
+    )
     sender = request.get_response_sender()
     started = time.monotonic()
     sender.cancel_when(lambda s: time.monotonic() - started > 0.3)  # the 2-token text is long done by then
@@ -887,13 +1024,22 @@ def test_cancel_while_the_image_is_decoded_ends_the_request_at_once(pb, make_bls
 
 
 def test_bls_finalize_returns_promptly_and_leaves_no_threads(pb, serving, make_args, configs, children):
-    names = ("minigpt5-responses", "minigpt5-vision", "minigpt5-images", "minigpt5-req", "minigpt5-png",
-             "minigpt5-decoder-link", "minigpt5-request-metrics")
+    names = (
+        "minigpt5-responses",
+        "minigpt5-vision",
+        "minigpt5-images",
+        "minigpt5-req",
+        "minigpt5-png",
+        "minigpt5-decoder-link",
+        "minigpt5-request-metrics",
+    )
     before = set(threading.enumerate())
-    model = serving.minigpt5_model.MiniGPT5Model(make_args("minigpt5"),
-                                            metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload"))
-    request = public_request(configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5,
-                             num_inference_steps=1)
+    model = serving.minigpt5_model.MiniGPT5Model(
+        make_args("minigpt5"), metrics=serving.metrics.PublicModelMetrics("minigpt5_units_unload")
+    )
+    request = public_request(
+        configs, "units-unload-bls", text_input="Hi.", max_tokens=4, random_seed=5, num_inference_steps=1
+    )
     model.execute([request])
     request.get_response_sender().wait_final(WAIT_S)
     assert wait_until(lambda: _metric("minigpt5_inflight_requests", "minigpt5_units_unload") == 0)
@@ -935,17 +1081,22 @@ def _model_py_requests(name: str, configs, hidden):
     if name == "image_decoder":
         return [_image_request(config, np.zeros((1, 8, hidden), np.float32), [1], [7.5], [1], [0])]
     if name == "vicuna_decoder":  # a link call with nothing to do: empty events after link_wait_ms
-        return [fake_pb_utils.make_request({"link_id": ["units-link"], "commands": ['{"submit": [], "abort": []}']},
-                                           config=config)]
+        return [
+            fake_pb_utils.make_request(
+                {"link_id": ["units-link"], "commands": ['{"submit": [], "abort": []}']}, config=config
+            )
+        ]
     return [public_request(configs, "units-model-py", text_input=" ")]  # refused at once: INVALID_ARG
 
 
 @pytest.mark.parametrize("name", MODEL_DIRS)
 def test_model_py_delegates_to_the_serving_class(pb, serving, make_args, configs, hidden, children, name):
-    expected = {"vision_encoder": serving.vision_encoder_model.VisionEncoder,
-                "image_decoder": serving.image_decoder_model.ImageDecoderModel,
-                "vicuna_decoder": serving.vicuna_decoder_model.VicunaDecoderModel,
-                "minigpt5": serving.minigpt5_model.MiniGPT5Model}[name]
+    expected = {
+        "vision_encoder": serving.vision_encoder_model.VisionEncoder,
+        "image_decoder": serving.image_decoder_model.ImageDecoderModel,
+        "vicuna_decoder": serving.vicuna_decoder_model.VicunaDecoderModel,
+        "minigpt5": serving.minigpt5_model.MiniGPT5Model,
+    }[name]
     module = _load_model_py(name)
     before = set(threading.enumerate())
     triton_model = module.TritonPythonModel()
@@ -990,8 +1141,10 @@ class _MetricsEndpoint:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 count = counts.pop(0) if len(counts) > 1 else counts[0]
-                body = (f'nv_inference_count{{model="minigpt5"}} 3\n'
-                        f'minigpt5_inflight_requests{{model="minigpt5"}} {count}\n').encode()
+                body = (
+                    f'nv_inference_count{{model="minigpt5"}} 3\n'
+                    f'minigpt5_inflight_requests{{model="minigpt5"}} {count}\n'
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -999,6 +1152,7 @@ class _MetricsEndpoint:
 
             def log_message(self, *args):
                 pass
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
@@ -1009,6 +1163,7 @@ class _MetricsEndpoint:
 
 def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
     from minigpt5.launcher import drain
+
     monkeypatch.setattr(drain, "POLL_S", 0.01)
     monkeypatch.setattr(drain, "SETTLE_S", 0.0)
     endpoint, lines = _MetricsEndpoint([2, 2, 1, 0]), []
@@ -1022,6 +1177,7 @@ def test_drain_waits_until_nothing_is_in_flight_and_reports(monkeypatch):
 
 def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
     from minigpt5.launcher import drain
+
     monkeypatch.setattr(drain, "POLL_S", 0.01)
     endpoint, lines = _MetricsEndpoint([1]), []
     try:
@@ -1030,6 +1186,7 @@ def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
         endpoint.close()
     assert "still in flight at the exit timeout" in lines[-1]
     from minigpt5.launcher.local import free_port
+
     refused = f"http://127.0.0.1:{free_port()}/metrics"
     assert drain.inflight_requests(refused) is None
     assert not drain.wait_drained(refused, time.monotonic() + 30, lines.append)
@@ -1038,6 +1195,7 @@ def test_drain_gives_up_at_the_deadline_and_without_metrics(monkeypatch):
 
 def test_the_shutdown_flag_is_a_file_in_the_served_model_directory(tmp_path):
     from minigpt5.launcher import contract
+
     flag = contract.ShutdownFlag(tmp_path)
     assert not flag.raised() and not contract.ShutdownFlag(None).raised()
     contract.request_shutdown(tmp_path)

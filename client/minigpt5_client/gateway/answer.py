@@ -101,8 +101,17 @@ class ImagePlacement:
             return []
         self.delivered = number
         if not self.inline:
-            return [Delta(images=[{"type": "image_url", "image_url": {"url": png_data_url(event.image_png)},
-                                   "offset": event.offset}])]
+            return [
+                Delta(
+                    images=[
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": png_data_url(event.image_png)},
+                            "offset": event.offset,
+                        }
+                    ]
+                )
+            ]
         self.waiting = max(0, self.waiting - 1)
         deltas = self._release(max(0, event.offset - self.held_from))
         deltas.append(Delta(content=inline_image(number, event.image_png)))
@@ -123,7 +132,11 @@ class ImagePlacement:
         details = {"vokens": served.get("vokens", 0), "images": self.delivered}
         if self.started > self.delivered:
             details["images_left_out"] = self.started - self.delivered
-        return ModelUsage(model, served.get("prompt_tokens", 0) + image_tokens, served.get("completion_tokens", 0),
-                          self.final.finish_reason if self.final else "stop",
-                          prompt_tokens_details={"image_tokens": image_tokens}, completion_tokens_details=details)
-
+        return ModelUsage(
+            model,
+            served.get("prompt_tokens", 0) + image_tokens,
+            served.get("completion_tokens", 0),
+            self.final.finish_reason if self.final else "stop",
+            prompt_tokens_details={"image_tokens": image_tokens},
+            completion_tokens_details=details,
+        )

@@ -29,8 +29,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import MiniGPT5Error
 from ..contract import MODEL_NAME
+from ..errors import MiniGPT5Error
 from . import completion
 from .answer import Delta, Finished
 from .chat import Backends, answer
@@ -55,14 +55,29 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     middleware = []
     if settings.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
-    routes = [Route("/v1/models", list_models), Route("/v1/models/{model:path}", get_model),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/health", health), Route("/health/ready", ready),
-              Route("/", web_page), Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
-    handlers = {GatewayError: _error_response, HTTPException: _http_error, ClientGone: _client_gone,
-                Exception: _internal_error}
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+            )
+        )
+    routes = [
+        Route("/v1/models", list_models),
+        Route("/v1/models/{model:path}", get_model),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/health", health),
+        Route("/health/ready", ready),
+        Route("/", web_page),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    handlers = {
+        GatewayError: _error_response,
+        HTTPException: _http_error,
+        ClientGone: _client_gone,
+        Exception: _internal_error,
+    }
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.settings = settings
     return app
@@ -103,8 +118,9 @@ async def chat_completions(request: Request):
         return JSONResponse(completion.completion_json(ids, deltas, finished))
     # The first piece is awaited before answering, so that a refusal (bad input, busy) gets its status.
     first = await _until_disconnect(request, _next(items))
-    return StreamingResponse(_sse(ids, first, items, chat.include_usage), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(
+        _sse(ids, first, items, chat.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 async def _sse(ids, first, items: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
@@ -194,8 +210,11 @@ async def _read_json(request: Request, limit: int):
 
 
 def _too_large(size: int, limit: int) -> GatewayError:
-    return GatewayError(413, f"the request body is {size} bytes, over the gateway's limit of {limit} bytes "
-                        "(--max-body-mib)", code="request_too_large")
+    return GatewayError(
+        413,
+        f"the request body is {size} bytes, over the gateway's limit of {limit} bytes (--max-body-mib)",
+        code="request_too_large",
+    )
 
 
 def _authorize(request: Request) -> None:
@@ -204,8 +223,9 @@ def _authorize(request: Request) -> None:
         return
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise GatewayError(401, "You didn't provide an API key: send `Authorization: Bearer KEY`",
-                           code="missing_api_key")
+        raise GatewayError(
+            401, "You didn't provide an API key: send `Authorization: Bearer KEY`", code="missing_api_key"
+        )
     if not any(hmac.compare_digest(key.strip().encode(), known.encode()) for known in keys):
         raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
 
@@ -231,8 +251,9 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "not ready", "triton": settings.triton_url, "reason": str(error)}, 503)
     finally:
         await client.close()
-    return JSONResponse({"status": "ready" if is_ready else "not ready", "triton": settings.triton_url},
-                        200 if is_ready else 503)
+    return JSONResponse(
+        {"status": "ready" if is_ready else "not ready", "triton": settings.triton_url}, 200 if is_ready else 503
+    )
 
 
 async def _error_response(request: Request, error: GatewayError) -> JSONResponse:
@@ -242,9 +263,15 @@ async def _error_response(request: Request, error: GatewayError) -> JSONResponse
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return await _error_response(request, GatewayError(error.status_code, f"{request.method} {request.url.path}: "
-                                                       f"{error.detail}", code="not_found" if error.status_code == 404
-                                                       else None, headers=dict(error.headers or {})))
+    return await _error_response(
+        request,
+        GatewayError(
+            error.status_code,
+            f"{request.method} {request.url.path}: {error.detail}",
+            code="not_found" if error.status_code == 404 else None,
+            headers=dict(error.headers or {}),
+        ),
+    )
 
 
 async def _client_gone(request: Request, error: ClientGone) -> Response:

@@ -38,6 +38,7 @@ class Backends:
         backends = cls(settings, AsyncClient(settings.triton_url, timeout=settings.timeout_s))
         if settings.image_hosts:
             import httpx
+
             backends.http = httpx.AsyncClient()
         for target in settings.handoff.targets.values():
             key = target.api_key()
@@ -46,8 +47,10 @@ class Backends:
                 log.warning("hand-off model %s is not available: %s", target.name, backends.unavailable[target.name])
                 continue
             from openai import AsyncOpenAI
-            backends.handoff_clients[target.name] = AsyncOpenAI(base_url=target.base_url, api_key=key or "unused",
-                                                                timeout=settings.timeout_s)
+
+            backends.handoff_clients[target.name] = AsyncOpenAI(
+                base_url=target.base_url, api_key=key or "unused", timeout=settings.timeout_s
+            )
         return backends
 
     async def close(self) -> None:
@@ -64,8 +67,12 @@ async def answer(chat: ChatRequest, backends: Backends) -> AsyncIterator[Delta |
     settings = backends.settings
     target = choose_target(chat.handoff, chat.turns, settings.handoff)
     if target is not None and target.name not in backends.handoff_clients:
-        raise GatewayError(503, f"hand-off model {target.name} is not available: {backends.unavailable[target.name]}",
-                           param="model", code="handoff_unavailable")
+        raise GatewayError(
+            503,
+            f"hand-off model {target.name} is not available: {backends.unavailable[target.name]}",
+            param="model",
+            code="handoff_unavailable",
+        )
     pixels = await load_pixels([ref for turn in chat.turns for ref in turn.images], chat.preprocess, backends.http)
     history = [{"role": turn.role, "text": turn.text, "num_images": len(turn.images)} for turn in chat.history]
     placement = ImagePlacement(chat.inline_images, chat.max_images)
@@ -81,8 +88,9 @@ async def answer(chat: ChatRequest, backends: Backends) -> AsyncIterator[Delta |
     usages = [_priced(placement.usage(settings.model_name), settings)]
     if target is not None:
         messages = handoff_messages(chat.messages, Document.from_events(seen), settings.handoff.instruction)
-        async for delta in handoff_deltas(target, backends.handoff_clients[target.name], messages, length,
-                                          settings.handoff.separator, usages):
+        async for delta in handoff_deltas(
+            target, backends.handoff_clients[target.name], messages, length, settings.handoff.separator, usages
+        ):
             yield delta
     yield Finished(usages[-1].finish_reason, usages)
 

@@ -22,8 +22,19 @@ _NUMBER = ("temperature", "top_p", "guidance_scale", "repetition_penalty")
 _BOOLEAN = ("stream", "force_image", "inline_images")
 _STRING = ("scheduler", "image_preprocess", "force_image_mode")
 # Passed to the model as they are (thin-client keywords); the server checks their ranges and names them.
-_MODEL_PARAMETERS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "force_image",
-                     "force_image_mode", "max_images", "guidance_scale", "num_inference_steps", "scheduler")
+_MODEL_PARAMETERS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "force_image",
+    "force_image_mode",
+    "max_images",
+    "guidance_scale",
+    "num_inference_steps",
+    "scheduler",
+)
 # Accepted only at the value that asks for nothing: field -> (values accepted, why the rest is refused).
 _NEUTRAL = {
     "n": ((None, 1), "one choice per request"),
@@ -48,8 +59,20 @@ _NEUTRAL = {
 _RESPONSE_FORMATS = (None, {"type": "text"})
 # Identifiers and hints that change nothing in the answer.
 _IGNORED = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
-_KNOWN = {"model", "messages", "stream_options", "response_format", "modalities", "handoff", *_INTEGER, *_NUMBER,
-          *_BOOLEAN, *_STRING, *_NEUTRAL, *_IGNORED}
+_KNOWN = {
+    "model",
+    "messages",
+    "stream_options",
+    "response_format",
+    "modalities",
+    "handoff",
+    *_INTEGER,
+    *_NUMBER,
+    *_BOOLEAN,
+    *_STRING,
+    *_NEUTRAL,
+    *_IGNORED,
+}
 
 
 @dataclass
@@ -79,8 +102,9 @@ def parse_chat_request(body, settings: GatewaySettings) -> ChatRequest:
         raise GatewayError(400, "the request body must be a JSON object")
     _refuse_unknown_and_unsupported(body)
     _check_types(body)
-    request = ChatRequest(model=_model(body), turns=parse_messages(body.get("messages"), settings.image_hosts),
-                          messages=body["messages"])
+    request = ChatRequest(
+        model=_model(body), turns=parse_messages(body.get("messages"), settings.image_hosts), messages=body["messages"]
+    )
     request.stream = bool(body.get("stream"))
     request.include_usage = _include_usage(body, request.stream)
     request.inline_images = body.get("inline_images", settings.inline_images)
@@ -97,9 +121,13 @@ def split_model_name(model: str, base_name: str) -> str | None:
         return None
     prefix = base_name + "+"
     if model.startswith(prefix) and len(model) > len(prefix):
-        return model[len(prefix):]
-    raise GatewayError(404, f"The model `{model}` does not exist; GET /v1/models lists the models served here",
-                       param="model", code="model_not_found")
+        return model[len(prefix) :]
+    raise GatewayError(
+        404,
+        f"The model `{model}` does not exist; GET /v1/models lists the models served here",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _refuse_unknown_and_unsupported(body: dict) -> None:
@@ -111,7 +139,7 @@ def _refuse_unknown_and_unsupported(body: dict) -> None:
         if name in body and not any(body[name] == value and type(body[name]) is type(value) for value in accepted):
             raise bad_request(name, f"not supported: {reason} (got {_short(body[name])})")
     if body.get("response_format") not in _RESPONSE_FORMATS:
-        raise bad_request("response_format", "only {\"type\": \"text\"} is supported")
+        raise bad_request("response_format", 'only {"type": "text"} is supported')
 
 
 def _check_types(body: dict) -> None:
@@ -145,7 +173,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
     if not stream:
         raise bad_request("stream_options", "only allowed when stream is true")
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
-        raise bad_request("stream_options", "must be {\"include_usage\": true|false}")
+        raise bad_request("stream_options", 'must be {"include_usage": true|false}')
     return bool(options.get("include_usage"))
 
 
@@ -160,8 +188,10 @@ def _model_parameters(body: dict) -> dict:
     params = {name: body[name] for name in _MODEL_PARAMETERS if body.get(name) is not None}
     max_tokens, max_completion_tokens = body.get("max_tokens"), body.get("max_completion_tokens")
     if None not in (max_tokens, max_completion_tokens) and max_tokens != max_completion_tokens:
-        raise bad_request("max_completion_tokens", f"differs from max_tokens ({max_completion_tokens} vs "
-                          f"{max_tokens}); give one of them")
+        raise bad_request(
+            "max_completion_tokens",
+            f"differs from max_tokens ({max_completion_tokens} vs {max_tokens}); give one of them",
+        )
     if (max_completion_tokens or max_tokens) is not None:
         params["max_tokens"] = max_completion_tokens if max_completion_tokens is not None else max_tokens
     if params.get("seed") is not None and not 0 <= params["seed"] < 2**64:
@@ -169,8 +199,10 @@ def _model_parameters(body: dict) -> dict:
     modalities = body.get("modalities")
     if modalities is not None:
         if not isinstance(modalities, list) or not set(modalities) <= {"text", "image"} or "text" not in modalities:
-            raise bad_request("modalities", f"must be [\"text\"] or [\"text\", \"image\"] (MiniGPT-5 always writes "
-                              f"text), got {modalities!r}")
+            raise bad_request(
+                "modalities",
+                f'must be ["text"] or ["text", "image"] (MiniGPT-5 always writes text), got {modalities!r}',
+            )
         wants_image = "image" in modalities
         if body.get("force_image") is not None and body["force_image"] != wants_image:
             raise bad_request("force_image", f"{str(body['force_image']).lower()} contradicts modalities {modalities}")
@@ -186,7 +218,7 @@ def _max_images(body: dict, params: dict) -> int | None:
     if max_images < 0:
         raise bad_request("max_images", f"must be 0 or more, got {max_images}")
     if max_images == 0 and params.get("force_image"):
-        raise bad_request("max_images", "0 contradicts force_image (or modalities with \"image\")")
+        raise bad_request("max_images", '0 contradicts force_image (or modalities with "image")')
     return max_images
 
 
@@ -194,7 +226,7 @@ def _handoff(body: dict, model: str, settings: GatewaySettings) -> str | None:
     from_model = split_model_name(model, settings.model_name)
     from_field = body.get("handoff")
     if from_field is not None and not isinstance(from_field, str):
-        raise bad_request("handoff", f"must be the name of a hand-off model or \"auto\", got {from_field!r}")
+        raise bad_request("handoff", f'must be the name of a hand-off model or "auto", got {from_field!r}')
     if from_model and from_field and from_model != from_field:
         raise bad_request("handoff", f"{from_field!r} differs from the model name's {from_model!r}")
     name = from_field or from_model
@@ -203,8 +235,9 @@ def _handoff(body: dict, model: str, settings: GatewaySettings) -> str | None:
         return name
     known = ", ".join([*targets, *([AUTO] if settings.handoff.routes else [])]) or "none configured"
     if from_model and not from_field:
-        raise GatewayError(404, f"The model `{model}` does not exist; hand-off models: {known}", param="model",
-                           code="model_not_found")
+        raise GatewayError(
+            404, f"The model `{model}` does not exist; hand-off models: {known}", param="model", code="model_not_found"
+        )
     raise bad_request("handoff", f"{name!r} is not a hand-off model here; known: {known}")
 
 

@@ -19,7 +19,6 @@ from json.encoder import encode_basestring_ascii
 
 from .answer import Delta, Finished, ModelUsage
 
-
 _CONTENT_SUFFIX = '},"finish_reason":null,"logprobs":null}]}\n\n'
 
 
@@ -36,8 +35,10 @@ class CompletionIds:
     @functools.cached_property
     def content_prefix(self) -> str:
         """A text chunk up to its content's value (what _chunk writes, prepared once per answer)."""
-        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model}, separators=(",", ":"))
+        head = json.dumps(
+            {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model},
+            separators=(",", ":"),
+        )
         return f'data: {head[:-1]},"choices":[{{"index":0,"delta":{{"content":'
 
 
@@ -50,9 +51,14 @@ def completion_json(ids: CompletionIds, deltas: list[Delta], finished: Finished)
     handoff = next((delta.handoff for delta in deltas if delta.handoff), None)
     if handoff:
         message["handoff"] = handoff
-    return {"id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason, "logprobs": None}],
-            "usage": usage_json(finished.usages)}
+    return {
+        "id": ids.id,
+        "object": "chat.completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason, "logprobs": None}],
+        "usage": usage_json(finished.usages),
+    }
 
 
 def role_chunk(ids: CompletionIds) -> str:
@@ -62,8 +68,9 @@ def role_chunk(ids: CompletionIds) -> str:
 def delta_chunk(ids: CompletionIds, delta: Delta) -> str:
     if not (delta.images or delta.handoff or delta.model or delta.image_start):  # once per token: no dict, no dumps
         return f"{ids.content_prefix}{encode_basestring_ascii(delta.content)}{_CONTENT_SUFFIX}"
-    body: dict = {"content": delta.content} if delta.content or not (delta.images or delta.handoff
-                                                                        or delta.image_start) else {}
+    body: dict = (
+        {"content": delta.content} if delta.content or not (delta.images or delta.handoff or delta.image_start) else {}
+    )
     if delta.image_start:
         body["image_start"] = delta.image_start
     if delta.images:
@@ -78,8 +85,16 @@ def finish_chunk(ids: CompletionIds, finished: Finished) -> str:
 
 
 def usage_chunk(ids: CompletionIds, finished: Finished) -> str:
-    return _sse({"id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": ids.model,
-                 "choices": [], "usage": usage_json(finished.usages)})
+    return _sse(
+        {
+            "id": ids.id,
+            "object": "chat.completion.chunk",
+            "created": ids.created,
+            "model": ids.model,
+            "choices": [],
+            "usage": usage_json(finished.usages),
+        }
+    )
 
 
 def error_event(body: dict) -> str:
@@ -95,25 +110,45 @@ def usage_json(usages: list[ModelUsage]) -> dict:
     prompt = sum(usage.prompt_tokens or 0 for usage in usages)
     completion = sum(usage.completion_tokens or 0 for usage in usages)
     costs = [usage.cost_usd for usage in usages]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": first.prompt_tokens_details,
-            "completion_tokens_details": first.completion_tokens_details,
-            "cost_usd": round(sum(costs), 8) if None not in costs else None,
-            "models": [_model_line(usage) for usage in usages]}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": first.prompt_tokens_details,
+        "completion_tokens_details": first.completion_tokens_details,
+        "cost_usd": round(sum(costs), 8) if None not in costs else None,
+        "models": [_model_line(usage) for usage in usages],
+    }
 
 
 def _model_line(usage: ModelUsage) -> dict:
-    total = None if None in (usage.prompt_tokens, usage.completion_tokens) else \
-        usage.prompt_tokens + usage.completion_tokens
-    return {"model": usage.model, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": total, "prompt_tokens_details": usage.prompt_tokens_details,
-            "completion_tokens_details": usage.completion_tokens_details, "finish_reason": usage.finish_reason,
-            "cost_usd": usage.cost_usd}
+    total = (
+        None
+        if None in (usage.prompt_tokens, usage.completion_tokens)
+        else usage.prompt_tokens + usage.completion_tokens
+    )
+    return {
+        "model": usage.model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": total,
+        "prompt_tokens_details": usage.prompt_tokens_details,
+        "completion_tokens_details": usage.completion_tokens_details,
+        "finish_reason": usage.finish_reason,
+        "cost_usd": usage.cost_usd,
+    }
 
 
 def _chunk(ids: CompletionIds, delta: dict, *, finish_reason: str | None = None, model: str | None = None) -> str:
-    return _sse({"id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": model or ids.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+    return _sse(
+        {
+            "id": ids.id,
+            "object": "chat.completion.chunk",
+            "created": ids.created,
+            "model": model or ids.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+    )
 
 
 def _sse(body: dict) -> str:

@@ -15,16 +15,29 @@ RETRY_AFTER_S = 1  # what a refusal for lack of capacity tells clients to wait b
 
 # The model's input names, as its refusals start (`max_tokens: must be in [1, 1024], got 0`), and the
 # request field a client of this API knows them by.
-_INPUT_PARAMS = {"text_input": "messages", "images": "messages", "image_bytes": "messages", "history": "messages",
-                 "random_seed": "seed"}
+_INPUT_PARAMS = {
+    "text_input": "messages",
+    "images": "messages",
+    "image_bytes": "messages",
+    "history": "messages",
+    "random_seed": "seed",
+}
 _INPUT_NAME = re.compile(r"^([a-z_]+)(\[\d+\])?: ")
 
 
 class GatewayError(Exception):
     """An answer other than 200, in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,8 +50,15 @@ class GatewayError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 502: "server_error", 503: "server_error", 504: "timeout"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    502: "server_error",
+    503: "server_error",
+    504: "timeout",
+}
 
 
 def bad_request(param: str, message: str) -> GatewayError:

@@ -28,9 +28,11 @@ def choose_target(name: str | None, turns: list[ChatTurn], config: HandoffConfig
 
 
 def route_facts(turns: list[ChatTurn]) -> dict[str, bool]:
-    return {"follow_up": any(turn.role == "assistant" for turn in turns),
-            "message_has_images": bool(turns[-1].images),
-            "conversation_has_images": any(turn.images for turn in turns)}
+    return {
+        "follow_up": any(turn.role == "assistant" for turn in turns),
+        "message_has_images": bool(turns[-1].images),
+        "conversation_has_images": any(turn.images for turn in turns),
+    }
 
 
 def handoff_messages(messages: list[dict], answer: Document, instruction: str) -> list[dict]:
@@ -67,8 +69,9 @@ def _for_handoff(message: dict) -> list[dict]:
     urls += [match.group(1) for match in MARKDOWN_IMAGE.finditer(text)]
     converted = [{"role": "assistant", "content": MARKDOWN_IMAGE.sub("", text)}]
     if urls:
-        converted.append({"role": "user", "content": [{"type": "text", "text": ASSISTANT_IMAGES_NOTE},
-                                                      *map(_image_part, urls)]})
+        converted.append(
+            {"role": "user", "content": [{"type": "text", "text": ASSISTANT_IMAGES_NOTE}, *map(_image_part, urls)]}
+        )
     return converted
 
 
@@ -80,16 +83,21 @@ def _image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-async def handoff_deltas(target: HandoffTarget, client, messages: list[dict], answer_length: int,
-                         separator: str, usage_out: list[ModelUsage]) -> AsyncIterator[Delta]:
+async def handoff_deltas(
+    target: HandoffTarget, client, messages: list[dict], answer_length: int, separator: str, usage_out: list[ModelUsage]
+) -> AsyncIterator[Delta]:
     """Stream the target's answer (``client``: an ``openai.AsyncOpenAI`` for it) after the separator;
     ``answer_length``: the characters of content sent before. Its usage goes to ``usage_out``."""
     marker = separator.format(model=target.name)
     start = answer_length + len(marker)  # where the target's own text begins in the whole content
     yield Delta(content=marker, handoff={"model": target.name, "content_offset": start}, model=target.name)
-    stream = await client.chat.completions.create(model=target.model, messages=messages, stream=True,
-                                                  stream_options={"include_usage": True},
-                                                  extra_body=dict(target.extra_body) or None)
+    stream = await client.chat.completions.create(
+        model=target.model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=dict(target.extra_body) or None,
+    )
     finish_reason, reported = "stop", None
     async with stream:
         async for chunk in stream:
@@ -104,8 +112,9 @@ async def handoff_deltas(target: HandoffTarget, client, messages: list[dict], an
 
 def _shifted(images: list[dict], by: int) -> list[dict]:
     """Images a target returned (another gateway does), their offsets moved into the whole answer."""
-    return [{**image, "offset": image["offset"] + by} if isinstance(image.get("offset"), int) else image
-            for image in images]
+    return [
+        {**image, "offset": image["offset"] + by} if isinstance(image.get("offset"), int) else image for image in images
+    ]
 
 
 def _usage(target: HandoffTarget, reported, finish_reason: str) -> ModelUsage:
@@ -113,9 +122,15 @@ def _usage(target: HandoffTarget, reported, finish_reason: str) -> ModelUsage:
     if reported is None:
         return ModelUsage(target.name, None, None, finish_reason)
     prompt, completion = reported.prompt_tokens, reported.completion_tokens
-    return ModelUsage(target.name, prompt, completion, finish_reason, _details(reported.prompt_tokens_details),
-                      _details(reported.completion_tokens_details),
-                      target.price.cost_usd(prompt, completion) if target.price else None)
+    return ModelUsage(
+        target.name,
+        prompt,
+        completion,
+        finish_reason,
+        _details(reported.prompt_tokens_details),
+        _details(reported.completion_tokens_details),
+        target.price.cost_usd(prompt, completion) if target.price else None,
+    )
 
 
 def _details(details) -> dict:

@@ -28,7 +28,8 @@ ROUTE_CONDITIONS = ("follow_up", "message_has_images", "conversation_has_images"
 DEFAULT_INSTRUCTION = (
     "The assistant message above is MiniGPT-5's answer to my last message; each [image N] in it marks "
     "where it placed an image it generated, and those images follow here in order. Building on its text "
-    "and images, answer my last message.")
+    "and images, answer my last message."
+)
 DEFAULT_SEPARATOR = "\n\n**{model}:** "
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -98,13 +99,20 @@ def parse_handoff_config(data: dict) -> HandoffConfig:
     targets = {name: _target(name, spec) for name, spec in _mapping(data, "handoff_models").items()}
     routes = tuple(_route(index, spec, targets) for index, spec in enumerate(data.get("routes", [])))
     price = data.get("minigpt5_usd_per_million_tokens")
-    return HandoffConfig(targets, routes, _price(price, "minigpt5_usd_per_million_tokens") if price else None,
-                         _text(data, "instruction", DEFAULT_INSTRUCTION), _text(data, "separator", DEFAULT_SEPARATOR))
+    return HandoffConfig(
+        targets,
+        routes,
+        _price(price, "minigpt5_usd_per_million_tokens") if price else None,
+        _text(data, "instruction", DEFAULT_INSTRUCTION),
+        _text(data, "separator", DEFAULT_SEPARATOR),
+    )
 
 
 def _target(name: str, spec) -> HandoffTarget:
     where = f"handoff_models.{name}"
-    _expect(bool(_NAME.match(name)) and name != AUTO, f"{where}: a name is letters, digits, '.', '_', '-' and not 'auto'")
+    _expect(
+        bool(_NAME.match(name)) and name != AUTO, f"{where}: a name is letters, digits, '.', '_', '-' and not 'auto'"
+    )
     _expect(isinstance(spec, dict), f"{where}: must be an object")
     _no_unknown(spec, {"base_url", "model", "api_key_env", "usd_per_million_tokens", "extra_body"}, where)
     _expect(isinstance(spec.get("extra_body", {}), dict), f"{where}.extra_body: must be an object")
@@ -112,9 +120,14 @@ def _target(name: str, spec) -> HandoffTarget:
         _expect(isinstance(spec.get(key), str) and spec[key], f"{where}.{key}: required, a string")
     _expect(spec["base_url"].startswith(("http://", "https://")), f"{where}.base_url: must be an http(s) URL")
     price = spec.get("usd_per_million_tokens")
-    return HandoffTarget(name, spec["base_url"], spec["model"], spec.get("api_key_env"),
-                         _price(price, f"{where}.usd_per_million_tokens") if price else None,
-                         dict(spec.get("extra_body", {})))
+    return HandoffTarget(
+        name,
+        spec["base_url"],
+        spec["model"],
+        spec.get("api_key_env"),
+        _price(price, f"{where}.usd_per_million_tokens") if price else None,
+        dict(spec.get("extra_body", {})),
+    )
 
 
 def _route(index: int, spec, targets: dict) -> Route:
@@ -136,8 +149,10 @@ def _price(spec, where: str) -> Price:
     _no_unknown(spec, {"input", "output"}, where)
     for key in ("input", "output"):
         value = spec.get(key, 0.0)
-        _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-                f"{where}.{key}: must be a number >= 0 (USD per million tokens)")
+        _expect(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+            f"{where}.{key}: must be a number >= 0 (USD per million tokens)",
+        )
     return Price(float(spec.get("input", 0.0)), float(spec.get("output", 0.0)))
 
 
@@ -155,7 +170,10 @@ def _text(data: dict, key: str, default: str) -> str:
 
 def _no_unknown(spec: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(spec) - known)
-    _expect(not unknown, f"{where + ': ' if where else ''}unknown field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    _expect(
+        not unknown,
+        f"{where + ': ' if where else ''}unknown field {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+    )
 
 
 def _expect(condition: bool, message: str) -> None:

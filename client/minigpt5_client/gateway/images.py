@@ -43,8 +43,9 @@ async def _fetch(ref: ImageRef, http: httpx.AsyncClient | None) -> bytes:
     try:
         async with http.stream("GET", ref.url, timeout=URL_TIMEOUT_S, follow_redirects=False) as reply:
             if reply.status_code != 200:
-                raise bad_request(ref.field, f"fetching {ref.url} gave HTTP {reply.status_code} (redirects are "
-                                  "not followed)")
+                raise bad_request(
+                    ref.field, f"fetching {ref.url} gave HTTP {reply.status_code} (redirects are not followed)"
+                )
             data = bytearray()
             async for chunk in reply.aiter_bytes():
                 data += chunk

@@ -53,8 +53,10 @@ def parse_messages(messages, image_hosts: tuple[str, ...]) -> list[ChatTurn]:
             raise bad_request(where, "must be an object with `role` and `content`")
         role = _ROLES.get(message.get("role"))
         if role is None:
-            raise bad_request(f"{where}.role", f"must be system, developer, user or assistant, got "
-                              f"{message.get('role')!r} (tools are not supported)")
+            raise bad_request(
+                f"{where}.role",
+                f"must be system, developer, user or assistant, got {message.get('role')!r} (tools are not supported)",
+            )
         _refuse_unsupported_message_fields(message, where)
         text, images = _content(message, where, role, image_hosts)
         if role == "system":
@@ -67,8 +69,10 @@ def parse_messages(messages, image_hosts: tuple[str, ...]) -> list[ChatTurn]:
     if not turns or turns[-1].role != "human":
         raise bad_request("messages", "the last message must be the user's (MiniGPT-5 answers a user message)")
     if not turns[-1].text.strip():
-        raise bad_request(f"messages[{len(messages) - 1}].content", "the last user message has no text; "
-                          "MiniGPT-5 needs a text prompt next to any images")
+        raise bad_request(
+            f"messages[{len(messages) - 1}].content",
+            "the last user message has no text; MiniGPT-5 needs a text prompt next to any images",
+        )
     if system:
         first = next(turn for turn in turns if turn.role == "human")
         first.text = "\n\n".join([*system, first.text])
@@ -100,8 +104,9 @@ def _content(message: dict, where: str, role: str, image_hosts) -> tuple[str, li
         images.extend(_returned_images(message.get("images"), f"{where}.images", image_hosts))
         texts = [_take_markdown_images(text, f"{where}.content", images) for text in texts]
     elif message.get("images"):
-        raise bad_request(f"{where}.images", "only assistant messages carry `images`; send user images as "
-                          "image_url content parts")
+        raise bad_request(
+            f"{where}.images", "only assistant messages carry `images`; send user images as image_url content parts"
+        )
     return "".join(texts), images
 
 
@@ -122,11 +127,11 @@ def _returned_images(entries, where: str, image_hosts) -> list[ImageRef]:
     if entries is None:
         return []
     if not isinstance(entries, list):
-        raise bad_request(where, "must be a list of {\"type\": \"image_url\", \"image_url\": {\"url\": ...}}")
+        raise bad_request(where, 'must be a list of {"type": "image_url", "image_url": {"url": ...}}')
     refs = []
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or entry.get("type", "image_url") != "image_url":
-            raise bad_request(f"{where}[{number}]", "must be {\"type\": \"image_url\", \"image_url\": {\"url\": ...}}")
+            raise bad_request(f"{where}[{number}]", 'must be {"type": "image_url", "image_url": {"url": ...}}')
         refs.append(image_ref(entry.get("image_url"), f"{where}[{number}].image_url", image_hosts))
     return refs
 
@@ -149,8 +154,11 @@ def image_ref(image_url, where: str, image_hosts: tuple[str, ...]) -> ImageRef:
     if scheme not in ("http", "https"):
         raise bad_request(f"{where}.url", f"must be a data: or http(s) URL, got a {scheme or 'relative'} URL")
     if not host_allowed(host, image_hosts):
-        raise bad_request(f"{where}.url", f"http(s) image URLs are fetched only from allowed hosts and {host!r} is "
-                          "not one; send the image as a data: URL")
+        raise bad_request(
+            f"{where}.url",
+            f"http(s) image URLs are fetched only from allowed hosts and {host!r} is "
+            "not one; send the image as a data: URL",
+        )
     return ImageRef(f"{where}.url", url=url)
 
 
@@ -174,7 +182,7 @@ def _scheme_and_host(url: str) -> tuple[str, str]:
 
 def _data_url_image(url: str, where: str) -> ImageRef:
     header, comma, payload = url.partition(",")
-    media_type = header[len("data:"):].split(";")[0].lower()
+    media_type = header[len("data:") :].split(";")[0].lower()
     if not comma or ";base64" not in header.lower():
         raise bad_request(where, "a data: URL must be base64 (data:image/png;base64,...)")
     if media_type and not media_type.startswith("image/"):

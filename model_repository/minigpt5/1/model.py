@@ -1,6 +1,7 @@
 """Triton entry point of `minigpt5`; the logic lives in minigpt5/serving/minigpt5_model.py."""
-from minigpt5.serving.minigpt5_model import MiniGPT5Model
+
 from minigpt5.serving.metrics import PublicModelMetrics
+from minigpt5.serving.minigpt5_model import MiniGPT5Model
 
 
 class TritonPythonModel:

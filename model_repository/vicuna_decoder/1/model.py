@@ -1,6 +1,7 @@
 """Triton entry point of `vicuna_decoder`; the logic lives in minigpt5/serving/vicuna_decoder_model.py."""
-from minigpt5.serving.vicuna_decoder_model import VicunaDecoderModel
+
 from minigpt5.serving.metrics import DecoderMetrics
+from minigpt5.serving.vicuna_decoder_model import VicunaDecoderModel
 
 
 class TritonPythonModel:

@@ -1,4 +1,5 @@
 """Triton entry point of `vision_encoder`; the logic lives in minigpt5/serving/vision_encoder_model.py."""
+
 from minigpt5.serving.vision_encoder_model import VisionEncoder
 
 
