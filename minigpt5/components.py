@@ -3,6 +3,7 @@
 Modules are built directly on the target device and dtype (`torch.device` context), so the `full`
 preset can be materialised on a GPU, or on the `meta` device to count parameters without memory.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ A preset is plain JSON-able data: it is written into every weights manifest, so 
 fully describes the modules to build. Each component dict holds the keyword arguments of the
 transformers / diffusers config class it feeds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,10 +32,14 @@ UPSTREAM_LORA_ALPHA = 16.0
 # The two training formats of upstream's stage 2 and their system prompts, verbatim from upstream
 # eric-ai-lab/MiniGPT-5 dataloader.py (VIST: lines 236-237; MMDialog: lines 318-319). prompt.py renders them.
 PROMPT_FORMATS = {
-    "vist": ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
-             "once I provide it to you. Please understanding images and generate story."),
-    "mmdialog": ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-                 "images once I provide it to you. Please generate conversations with appropriate images."),
+    "vist": (
+        "Give the following images in <Img>ImageContent</Img> format. You will be able to see the images "
+        "once I provide it to you. Please understanding images and generate story."
+    ),
+    "mmdialog": (
+        "Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
+        "images once I provide it to you. Please generate conversations with appropriate images."
+    ),
 }
 SYSTEM_PROMPT = PROMPT_FORMATS["vist"]
 
@@ -71,73 +76,133 @@ SCHEDULER = {
 
 _FULL = {
     "vision": {  # EVA ViT-g/14 as transformers' Blip2VisionConfig
-        "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-        "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
-        "layer_norm_eps": 1e-6, "qkv_bias": True, "hidden_act": "gelu",
+        "hidden_size": 1408,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 39,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
     },
     "qformer": {
-        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-        "intermediate_size": 3072, "cross_attention_frequency": 2, "encoder_hidden_size": 1408,
-        "vocab_size": 30522, "max_position_embeddings": 512,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "cross_attention_frequency": 2,
+        "encoder_hidden_size": 1408,
+        "vocab_size": 30522,
+        "max_position_embeddings": 512,
     },
     "llm": {  # Vicuna-7B (LLaMA-7B shape); vocab_size comes from the tokenizer
-        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
     },
     "mapper": {
-        "d_model": 1024, "nhead": 8, "num_encoder_layers": 4, "num_decoder_layers": 4,
-        "dim_feedforward": 4096, "num_queries": NUM_T2I_QUERIES,
+        "d_model": 1024,
+        "nhead": 8,
+        "num_encoder_layers": 4,
+        "num_decoder_layers": 4,
+        "dim_feedforward": 4096,
+        "num_queries": NUM_T2I_QUERIES,
     },
     "unet": {  # SD 2.1-base
-        "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
         "block_out_channels": [320, 640, 1280, 1280],
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
         "use_linear_projection": True,
     },
     "vae": {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
         "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "sample_size": 512, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
     },
 }
 
 _TINY = {
     "vision": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "image_size": 224, "patch_size": 14,
-        "layer_norm_eps": 1e-6, "qkv_bias": True, "hidden_act": "gelu",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 14,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
     },
     "qformer": {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "cross_attention_frequency": 2, "encoder_hidden_size": 32,
-        "vocab_size": 64, "max_position_embeddings": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "cross_attention_frequency": 2,
+        "encoder_hidden_size": 32,
+        "vocab_size": 64,
+        "max_position_embeddings": 64,
     },
     "llm": {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 1024, "tie_word_embeddings": False,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
     },
     "mapper": {
-        "d_model": 32, "nhead": 4, "num_encoder_layers": 2, "num_decoder_layers": 2,
-        "dim_feedforward": 64, "num_queries": NUM_T2I_QUERIES,
+        "d_model": 32,
+        "nhead": 4,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "dim_feedforward": 64,
+        "num_queries": NUM_T2I_QUERIES,
     },
     "unet": {
-        "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
         "block_out_channels": [32, 64],
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
         "use_linear_projection": True,
     },
     "vae": {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
         "block_out_channels": [16, 32],
-        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "norm_num_groups": 8, "sample_size": 32, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
     },
 }
 

@@ -13,11 +13,12 @@ graph launches the whole step at once. Graphs want static shapes and fixed addre
 Off a GPU the same static computation runs eagerly (`capture=False`): that is what the CPU tests
 compare with the dynamic step, so only the capture itself needs CUDA.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 class StaticDecodeStep:
     """`run(ids, positions)` → final-norm states [n, H] of one token per row, rows in slots 0..n-1."""
 
-    def __init__(self, forward: Callable, *, max_rows: int, max_positions: int, pad_id: int,
-                 device: torch.device, capture: bool):
+    def __init__(
+        self, forward: Callable, *, max_rows: int, max_positions: int, pad_id: int, device: torch.device, capture: bool
+    ):
         """`forward(ids, positions, keys_total)` is the engine's step: [B, 1] ids at [B, 1] positions
         for the rows in slots 0..B-1, attending over their first `keys_total` positions."""
         self._forward = forward
@@ -53,8 +55,13 @@ class StaticDecodeStep:
                 self._graphs[batch, keys] = self._capture(batch, keys)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs (batch %s × keys %s) in %.1f s", len(self._graphs),
-                 self.batch_buckets, self.key_buckets, seconds)
+        log.info(
+            "captured %d decode CUDA graphs (batch %s × keys %s) in %.1f s",
+            len(self._graphs),
+            self.batch_buckets,
+            self.key_buckets,
+            seconds,
+        )
 
     def run(self, ids: list[int], positions: list[int]) -> torch.Tensor:
         rows = len(ids)

@@ -23,6 +23,7 @@ Design (see docs/DESIGN_DECODER.md for the why):
   blocks is copied into the row's slot and only the rest is prefilled; the prompt blocks computed go
   into the cache, which lives in the part of the KV budget the running rows do not reserve.
 """
+
 from __future__ import annotations
 
 import collections
@@ -121,10 +122,23 @@ class DecodeEngine:
     """Continuous-batching decoder over a `LlamaForCausalLM`. Thread-safe `submit`/`abort`;
     `step` is called by one thread (the engine loop) and returns the events of that step."""
 
-    def __init__(self, llm, tokenizer, *, voken_ids: list[int], eos_id: int, banned_ids: list[int],
-                 kv_budget_tokens: int = 65536, max_rows: int = 32, max_prefill_tokens: int = 4096,
-                 run_to_completion: bool = False, preallocate_kv: bool = False, static_decode: bool = False,
-                 capture_fallback: bool = False, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        *,
+        voken_ids: list[int],
+        eos_id: int,
+        banned_ids: list[int],
+        kv_budget_tokens: int = 65536,
+        max_rows: int = 32,
+        max_prefill_tokens: int = 4096,
+        run_to_completion: bool = False,
+        preallocate_kv: bool = False,
+        static_decode: bool = False,
+        capture_fallback: bool = False,
+        prefix_cache: PrefixCache | None = None,
+    ):
         """`run_to_completion=True` is the classic static batching baseline for benchmarks: new
         requests are admitted only when the whole running batch has finished. `preallocate_kv`
         allocates the KV pool at its largest (max_rows × context) now instead of growing it on
@@ -155,8 +169,14 @@ class DecodeEngine:
             self._kv.reserve(max_rows, self.max_positions)
         self._static, self.capture_error = None, None
         if static_decode:
-            self._static = StaticDecodeStep(self._decode_forward, max_rows=max_rows, max_positions=self.max_positions,
-                                            pad_id=eos_id, device=self._device, capture=self._device.type == "cuda")
+            self._static = StaticDecodeStep(
+                self._decode_forward,
+                max_rows=max_rows,
+                max_positions=self.max_positions,
+                pad_id=eos_id,
+                device=self._device,
+                capture=self._device.type == "cuda",
+            )
             if self._static.capture:
                 static_decode = self._capture(capture_fallback)
         self.static_decode = static_decode  # benchmarks switch it off to time the eager step in one run
@@ -186,10 +206,13 @@ class DecodeEngine:
             raise AdmissionError(
                 f"prompt ({request.prompt_embeds.shape[0]} positions incl. images) + max_tokens "
                 f"({request.params.max_tokens}) + {NUM_VOKENS - 1} per image (max_images="
-                f"{request.params.max_images}) exceeds the context of {self.max_positions} positions")
+                f"{request.params.max_images}) exceeds the context of {self.max_positions} positions"
+            )
         if needed > self.kv_budget_tokens:
-            raise AdmissionError(f"request needs {needed} KV positions, more than the KV-cache budget "
-                                 f"of {self.kv_budget_tokens} (kv_cache_budget_tokens)")
+            raise AdmissionError(
+                f"request needs {needed} KV positions, more than the KV-cache budget "
+                f"of {self.kv_budget_tokens} (kv_cache_budget_tokens)"
+            )
 
     def submit(self, request: DecodeRequest) -> None:
         self.check_admissible(request)
@@ -296,8 +319,14 @@ class DecodeEngine:
         # From position 0 attention is plainly causal; after a cached prefix each query sees keys 0..p.
         mask = (torch.arange(length, device=self._device) <= positions[..., None])[:, None] if start else None
         hidden = self._forward(embeds, positions, slice(slot, slot + 1), length, mask=mask)
-        row = _Row(request, StreamingDetokenizer(self.tokenizer), request.params.generator(), length=length,
-                   seen=torch.zeros(self._vocab_size, dtype=torch.bool), cached_positions=start)
+        row = _Row(
+            request,
+            StreamingDetokenizer(self.tokenizer),
+            request.params.generator(),
+            length=length,
+            seen=torch.zeros(self._vocab_size, dtype=torch.bool),
+            cached_positions=start,
+        )
         self.rows.append(row)
         self.prefill_positions_computed += length - start
         self.prefill_positions_reused += start
@@ -349,8 +378,9 @@ class DecodeEngine:
         embeds = self.llm.get_input_embeddings()(ids)
         return self._forward(embeds, positions, slice(0, ids.shape[0]), keys_total, mask)
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: slice, keys_total: int,
-                 mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, slots: slice, keys_total: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Final-norm hidden states of `embeds` [B, W, H] at `positions` [B, W] for the rows in KV `slots`.
         Each layer writes its new keys/values into the slots in place, then attends over their first
         `keys_total` positions (`mask` [B, 1, W, keys_total]; None: causal over a fresh slot). The norms,
@@ -368,14 +398,20 @@ class DecodeEngine:
             keys[slot_index, :, positions] = _rotate(attn.k_proj(x).view(batch, width, -1, attn.head_dim), cos, sin)
             values[slot_index, :, positions] = attn.v_proj(x).view(batch, width, -1, attn.head_dim)
             out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), keys[slots, :, :keys_total], values[slots, :, :keys_total], attn_mask=mask,
-                is_causal=mask is None, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1)
+                query.transpose(1, 2),
+                keys[slots, :, :keys_total],
+                values[slots, :, :keys_total],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=attn.scaling,
+                enable_gqa=attn.num_key_value_groups > 1,
+            )
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return model.norm(hidden)
 
     def _emit_vokens(self, row: _Row, block_states: torch.Tensor, events: list) -> None:
-        states = torch.cat([row.voken_source_state[None], block_states[:NUM_VOKENS - 1]]).float().cpu()
+        states = torch.cat([row.voken_source_state[None], block_states[: NUM_VOKENS - 1]]).float().cpu()
         row.voken_source_state = None
         row.images += 1
         row.record(self.voken_ids[1:])
@@ -399,8 +435,9 @@ class DecodeEngine:
         logits[:, self.banned_ids] = float("-inf")
         no_more_images = [i for i, row in enumerate(rows) if row.images >= row.request.params.max_images]
         logits[no_more_images, self.voken_ids[0]] = float("-inf")
-        tokens = sample_tokens(logits, [r.request.params for r in rows], torch.stack([r.seen for r in rows]),
-                               [r.generator for r in rows])
+        tokens = sample_tokens(
+            logits, [r.request.params for r in rows], torch.stack([r.seen for r in rows]), [r.generator for r in rows]
+        )
         for row, token, state in zip(rows, tokens, states):
             self._advance(row, self._force_image(row, token), state, events)
 
@@ -447,8 +484,8 @@ class DecodeEngine:
             self._release(row, pending[:stop_at], events)
             return True
         keep = next((k for k in (2, 1) if pending.endswith(STOP_TEXT[:k])), 0)
-        row.held = pending[len(pending) - keep:] if keep else ""
-        self._release(row, pending[:len(pending) - keep], events)
+        row.held = pending[len(pending) - keep :] if keep else ""
+        self._release(row, pending[: len(pending) - keep], events)
         return False
 
     def _flush_text(self, row: _Row, events: list) -> None:
@@ -471,8 +508,19 @@ class DecodeEngine:
         for row in self.rows:
             if row.finish_reason is not None:
                 vokens = row.images * NUM_VOKENS
-                events.append(Finished(row.request_id, row.finish_reason, len(row.generated), vokens,
-                                       row.images, row.text, row.generated, row.sampled, row.cached_positions))
+                events.append(
+                    Finished(
+                        row.request_id,
+                        row.finish_reason,
+                        len(row.generated),
+                        vokens,
+                        row.images,
+                        row.text,
+                        row.generated,
+                        row.sampled,
+                        row.cached_positions,
+                    )
+                )
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
@@ -548,8 +596,8 @@ class _KVSlots:
         shape = (rows, self.kv_heads, positions, self.head_dim)
         grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.layers)]
         for new, old in zip(grown, self.keys + self.values):
-            new[:old.shape[0], :, :old.shape[2]] = old
-        self.keys, self.values = grown[:self.layers], grown[self.layers:]
+            new[: old.shape[0], :, : old.shape[2]] = old
+        self.keys, self.values = grown[: self.layers], grown[self.layers :]
 
     def write_blocks(self, slot: int, blocks: list[CachedBlock]) -> None:
         """Copy cached blocks into the first positions of `slot`: one copy per layer and tensor (a
@@ -572,7 +620,7 @@ class _KVSlots:
             return
         index = torch.tensor(keep, device=self.device)
         for tensor in self.keys + self.values:
-            tensor[:len(keep), :, :positions] = tensor[:, :, :positions].index_select(0, index)
+            tensor[: len(keep), :, :positions] = tensor[:, :, :positions].index_select(0, index)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ drops from about 4 ms to about 2 ms per token. Weights get one scale per output 
 one per token (computed on the fly), and `torch._scaled_mm` multiplies the fp8 operands with the
 scales applied to its output. No host syncs and no branching on tensor values: CUDA-graph capturable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,13 @@ class Fp8Linear(nn.Module):
         scale = _row_scales(rows)
         # CUDA's rowwise kernels write bf16 only; the CPU writes the activation dtype directly.
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
-        out = torch._scaled_mm(_to_fp8(rows, scale), self.weight.t(), scale_a=scale,
-                               scale_b=self.weight_scale.view(1, -1), out_dtype=out_dtype).to(x.dtype)
+        out = torch._scaled_mm(
+            _to_fp8(rows, scale),
+            self.weight.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale.view(1, -1),
+            out_dtype=out_dtype,
+        ).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

@@ -9,10 +9,11 @@ generator) and guidance scale, and every operation is per sample, so a request's
 depend on its batch company beyond float rounding. Requests in one batch share the scheduler and the
 number of steps; callers group by those (`batch_key`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -95,8 +96,9 @@ class ImageDecoder:
         cond = self.mapper(states).to(self.unet.dtype)
         uncond = self.negative_embeds.to(self.unet.dtype).expand_as(cond)
         prompt_embeds = torch.cat([uncond, cond]) if guided else cond
-        scale = torch.tensor([job.guidance_scale for job in jobs], device=self.device,
-                             dtype=torch.float32).view(-1, 1, 1, 1)
+        scale = torch.tensor([job.guidance_scale for job in jobs], device=self.device, dtype=torch.float32).view(
+            -1, 1, 1, 1
+        )
         latents = torch.cat([self.initial_latents(job.seed) for job in jobs]).to(self.device, torch.float32)
         latents = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):

@@ -4,6 +4,7 @@ model.py:88-108: `fc`, `llm_to_t2i_mapping`, `t2i_decoder_prompt`).
 Parameter names follow upstream (`fc.0`, `fc.2`, `llm_to_t2i_mapping.*`, `t2i_decoder_prompt`) so
 converted checkpoints load without renaming.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -13,16 +14,29 @@ from torch import nn
 
 
 class FeatureMapper(nn.Module):
-    def __init__(self, llm_hidden_size: int, d_model: int, nhead: int, num_encoder_layers: int,
-                 num_decoder_layers: int, dim_feedforward: int, num_queries: int):
+    def __init__(
+        self,
+        llm_hidden_size: int,
+        d_model: int,
+        nhead: int,
+        num_encoder_layers: int,
+        num_decoder_layers: int,
+        dim_feedforward: int,
+        num_queries: int,
+    ):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(llm_hidden_size, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first": harmless
             warnings.simplefilter("ignore", UserWarning)
             self.llm_to_t2i_mapping = nn.Transformer(
-                d_model=d_model, nhead=nhead, num_encoder_layers=num_encoder_layers,
-                num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-                dropout=0.0, batch_first=True, norm_first=True,
+                d_model=d_model,
+                nhead=nhead,
+                num_encoder_layers=num_encoder_layers,
+                num_decoder_layers=num_decoder_layers,
+                dim_feedforward=dim_feedforward,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
             )
         self.t2i_decoder_prompt = nn.Parameter(torch.zeros(1, num_queries, d_model))
 

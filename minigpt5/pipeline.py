@@ -3,11 +3,12 @@
 `minigpt5 run` uses it, and the tests compare the served results against it: for a fixed seed a
 lone served request must equal `MiniGPT5Pipeline.run` exactly (text and image pixels).
 """
+
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -60,16 +61,23 @@ class Result:
 
 
 class MiniGPT5Pipeline:
-    def __init__(self, weights_dir, device: str | None = None, dtype: str | None = None,
-                 vision_dtype: str | None = None, image_dtype: str | None = None):
+    def __init__(
+        self,
+        weights_dir,
+        device: str | None = None,
+        dtype: str | None = None,
+        vision_dtype: str | None = None,
+        image_dtype: str | None = None,
+    ):
         self.weights = WeightsDir(weights_dir)
         self.device = resolve_device(device)
         llm_dtype = resolve_dtype(dtype, self.device)
         image_dtype = resolve_dtype(image_dtype, self.device, gpu_default="fp16")  # mapper, UNet, VAE
         self.prompts = PromptBuilder(self.weights)
         # The vision tower in fp16 on a GPU, as upstream runs it (vit_precision fp16, autocast).
-        self.vision = VisionStage.load(self.weights, self.device, resolve_dtype(vision_dtype, self.device,
-                                                                                 gpu_default="fp16"))
+        self.vision = VisionStage.load(
+            self.weights, self.device, resolve_dtype(vision_dtype, self.device, gpu_default="fp16")
+        )
         self.decoder = DecoderStage.load(self.weights, self.device, llm_dtype)
         self.images = ImageStage.load(self.weights, self.device, image_dtype)
         self._ids = itertools.count()
@@ -92,18 +100,32 @@ class MiniGPT5Pipeline:
                 if isinstance(event, TextDelta):
                     yield event
                 elif isinstance(event, VokenStates):
-                    job = ImageJob(event.states, image_seed(request.seed, image_index), request.guidance_scale,
-                                   request.num_inference_steps, request.scheduler)
+                    job = ImageJob(
+                        event.states,
+                        image_seed(request.seed, image_index),
+                        request.guidance_scale,
+                        request.num_inference_steps,
+                        request.scheduler,
+                    )
                     image_index += 1
-                    yield ImageReady(self.images.decode([job], on_image_step)[0], event.text_offset, event.states.numpy())
+                    yield ImageReady(
+                        self.images.decode([job], on_image_step)[0], event.text_offset, event.states.numpy()
+                    )
                 elif isinstance(event, Finished):
-                    usage = Usage(decode_request.prompt_tokens, decode_request.image_tokens,
-                                  event.completion_tokens, event.vokens, event.images, request.seed,
-                                  sampled_tokens=event.sampled_tokens)
+                    usage = Usage(
+                        decode_request.prompt_tokens,
+                        decode_request.image_tokens,
+                        event.completion_tokens,
+                        event.vokens,
+                        event.images,
+                        request.seed,
+                        sampled_tokens=event.sampled_tokens,
+                    )
                     yield Done(event.reason, usage, event.token_ids)
 
-    def run(self, prompt: str, images=None, history: list[Turn] = (), on_text=None, on_image_step=None,
-            **params) -> Result:
+    def run(
+        self, prompt: str, images=None, history: list[Turn] = (), on_text=None, on_image_step=None, **params
+    ) -> Result:
         result = Result()
         for event in self.stream(self.request(prompt, images, history, **params), on_image_step):
             if isinstance(event, TextDelta):

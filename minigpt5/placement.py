@@ -1,6 +1,7 @@
 """Where each part of the model runs and in which dtype: the device (`auto` = a GPU when there is one;
 a served model follows its Triton instance kind), the dtype (fp32 on a CPU, the part's own default on a
 GPU unless told otherwise), switches that default to on-GPU-only, and a stub's CPU threads."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ def resolve_dtype(dtype: str | None, device: str, gpu_default: str = "bf16") -> 
     """fp32 on CPU; on a GPU `gpu_default` (bf16 for the LLM side, fp16 for the vision tower) unless told otherwise."""
     if dtype in (None, "auto"):
         dtype = "fp32" if device == "cpu" else gpu_default
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    return {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }[dtype]
 
 
 def device_for(args: dict, params: dict) -> str:
@@ -36,7 +43,6 @@ def device_for(args: dict, params: dict) -> str:
 
 def dtype_for(params: dict, key: str, device: str, gpu_default: str):
     return resolve_dtype(params.get(key) or ("fp32" if device == "cpu" else gpu_default), device)
-
 
 
 def on_gpu_by_default(params: dict, key: str, device: str) -> bool:

@@ -14,6 +14,7 @@ at any time (LRU), aborts and failed steps cannot leave it inconsistent, and a r
 for it. Blocks are touched leaf first, so a chain's root is the most recent of the chain and LRU
 evicts a chain from its end: no block outlives its parent for long.
 """
+
 from __future__ import annotations
 
 import collections
@@ -68,7 +69,7 @@ class PrefixCache:
         """Chain hashes of the full blocks of `content` (one item per position, see position_content)."""
         size, parent, hashes = self.block_positions, model_key.encode(), []
         for start in range(0, len(content) - size + 1, size):
-            parent = hashlib.blake2b(parent + repr(content[start:start + size]).encode(), digest_size=16).digest()
+            parent = hashlib.blake2b(parent + repr(content[start : start + size]).encode(), digest_size=16).digest()
             hashes.append(parent)
         return hashes
 
@@ -80,7 +81,7 @@ class PrefixCache:
             if block is None:
                 break
             found.append(block)
-        self._touch(hashes[:len(found)])
+        self._touch(hashes[: len(found)])
         return found
 
     def insert(self, chain: list[bytes], first: int, blocks: list[CachedBlock], room: int) -> int:

@@ -22,6 +22,7 @@ The prompt is returned as text pieces between image slots. Each piece is tokenis
 split, so nothing a user types can become `[IMG0]` or `<ImageHere>`; the image slots are the only
 placeholder ids, and the decoder splices 32 image embeddings into each.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ def split_markers(text: str) -> list[str | None]:
     segments: list[str | None] = [""]
     last = 0
     for match in _MARKER.finditer(text):
-        segments[-1] += text[last:match.start()]
+        segments[-1] += text[last : match.start()]
         if match.group() == IMAGE_MARKER:
             segments += [IMAGE, ""]
         else:
@@ -96,8 +97,10 @@ def check_markers(turns: list[Turn]) -> None:
         markers = count_markers(turn.text)
         if markers and markers != turn.num_images:
             field = "text_input" if index == len(turns) - 1 else f"history[{index}]"
-            raise InvalidRequest(f"{field}: {markers} {IMAGE_MARKER} markers but the turn has {turn.num_images} "
-                                 f"images (one marker per image, or none; write \\{IMAGE_MARKER} for the text)")
+            raise InvalidRequest(
+                f"{field}: {markers} {IMAGE_MARKER} markers but the turn has {turn.num_images} "
+                f"images (one marker per image, or none; write \\{IMAGE_MARKER} for the text)"
+            )
 
 
 def _segments(turn: Turn, images_first: bool) -> list[str | None]:

@@ -4,6 +4,7 @@ both build a `GenerationRequest` here, so both accept and refuse exactly the sam
 Every refusal is an `InvalidRequest` whose message names the field and the limit (docs/LIMITS.md
 is generated from `LIMITS`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from minigpt5_client.contract import INPUT
 
 from .config import VISION_IMAGE_SIZE
@@ -83,11 +85,29 @@ def _in_range(name: str, value, low, high, *, low_open: bool = False):
     return value
 
 
-def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Limits = LIMITS,
-                  max_tokens=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-                  random_seed=None, force_image=None, force_image_mode=None, max_images=None, guidance_scale=None,
-                  num_inference_steps=None, scheduler=None, stream=None) -> GenerationRequest:
+def build_request(
+    prompt,
+    images=None,
+    history=(),
+    *,
+    defaults: dict,
+    limits: Limits = LIMITS,
+    max_tokens=None,
+    temperature=None,
+    top_p=None,
+    top_k=None,
+    repetition_penalty=None,
+    random_seed=None,
+    force_image=None,
+    force_image_mode=None,
+    max_images=None,
+    guidance_scale=None,
+    num_inference_steps=None,
+    scheduler=None,
+    stream=None,
+) -> GenerationRequest:
     """Validate user values (None = default) into a GenerationRequest, or raise InvalidRequest."""
+
     def pick(value, key):
         return defaults[key] if value is None else value
 
@@ -108,10 +128,12 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
     if claimed > len(images):
         raise InvalidRequest(f"history: its turns name {claimed} images but the request has {len(images)}")
 
-    max_tokens = _in_range("max_tokens", _number("max_tokens", pick(max_tokens, "max_tokens"), int),
-                           1, limits.max_tokens)
-    max_images = _in_range("max_images", _number("max_images", pick(max_images, "max_images"), int),
-                           0, limits.max_output_images)
+    max_tokens = _in_range(
+        "max_tokens", _number("max_tokens", pick(max_tokens, "max_tokens"), int), 1, limits.max_tokens
+    )
+    max_images = _in_range(
+        "max_images", _number("max_images", pick(max_images, "max_images"), int), 0, limits.max_output_images
+    )
     force_image = bool(pick(force_image, "force_image"))
     force_image_mode = pick(force_image_mode, "force_image_mode")
     if force_image_mode not in FORCE_IMAGE_MODES:
@@ -119,19 +141,25 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
     if force_image and max_images < 1:
         raise InvalidRequest("max_images: must be >= 1 with force_image")
     if force_image and max_tokens < max_images:
-        raise InvalidRequest(f"max_tokens: must be >= max_images ({max_images}) with force_image "
-                             f"(each image's [IMG0] is one sampled token)")
+        raise InvalidRequest(
+            f"max_tokens: must be >= max_images ({max_images}) with force_image "
+            f"(each image's [IMG0] is one sampled token)"
+        )
     seed = secrets.randbits(63) if random_seed is None else _number("random_seed", random_seed, int)
     if seed < 0:
         raise InvalidRequest(f"random_seed: must be >= 0, got {seed}")
     sampling = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_in_range("temperature", _number("temperature", pick(temperature, "temperature")),
-                              *limits.temperature),
+        temperature=_in_range(
+            "temperature", _number("temperature", pick(temperature, "temperature")), *limits.temperature
+        ),
         top_p=_in_range("top_p", _number("top_p", pick(top_p, "top_p")), *limits.top_p, low_open=True),
         top_k=_in_range("top_k", _number("top_k", pick(top_k, "top_k"), int), 0, limits.max_top_k),
-        repetition_penalty=_in_range("repetition_penalty", _number(
-            "repetition_penalty", pick(repetition_penalty, "repetition_penalty")), *limits.repetition_penalty),
+        repetition_penalty=_in_range(
+            "repetition_penalty",
+            _number("repetition_penalty", pick(repetition_penalty, "repetition_penalty")),
+            *limits.repetition_penalty,
+        ),
         seed=seed % (2**63),
         force_image=force_image,
         force_image_mode=force_image_mode,
@@ -141,12 +169,18 @@ def build_request(prompt, images=None, history=(), *, defaults: dict, limits: Li
     if scheduler not in SCHEDULERS:
         raise InvalidRequest(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     request = GenerationRequest(
-        prompt=prompt, images=images, history=history, sampling=sampling,
-        guidance_scale=_in_range("guidance_scale", _number(
-            "guidance_scale", pick(guidance_scale, "guidance_scale")), *limits.guidance_scale),
-        num_inference_steps=_in_range("num_inference_steps", _number(
-            "num_inference_steps", pick(num_inference_steps, "num_inference_steps"), int),
-            *limits.num_inference_steps),
+        prompt=prompt,
+        images=images,
+        history=history,
+        sampling=sampling,
+        guidance_scale=_in_range(
+            "guidance_scale", _number("guidance_scale", pick(guidance_scale, "guidance_scale")), *limits.guidance_scale
+        ),
+        num_inference_steps=_in_range(
+            "num_inference_steps",
+            _number("num_inference_steps", pick(num_inference_steps, "num_inference_steps"), int),
+            *limits.num_inference_steps,
+        ),
         scheduler=scheduler,
         stream=bool(stream) if stream is not None else False,
     )
@@ -160,8 +194,9 @@ def _check_images(images, limits: Limits) -> np.ndarray:
         return np.zeros((0, *shape), dtype=np.uint8)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape:
-        raise InvalidRequest(f"images: must be UINT8 [N, {shape[0]}, {shape[1]}, 3], got "
-                             f"{images.dtype} {list(images.shape)}")
+        raise InvalidRequest(
+            f"images: must be UINT8 [N, {shape[0]}, {shape[1]}, 3], got {images.dtype} {list(images.shape)}"
+        )
     if len(images) > limits.max_images:
         raise InvalidRequest(f"images: {len(images)} images, the limit is {limits.max_images}")
     return images
@@ -171,19 +206,27 @@ def _check_images(images, limits: Limits) -> np.ndarray:
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 
 
-def request_from_inputs(scalars: dict, images: np.ndarray | None, image_bytes: list[bytes], *, defaults: dict,
-                        limits: Limits = LIMITS) -> GenerationRequest:
+def request_from_inputs(
+    scalars: dict, images: np.ndarray | None, image_bytes: list[bytes], *, defaults: dict, limits: Limits = LIMITS
+) -> GenerationRequest:
     """The served model's inputs (None = absent) as a GenerationRequest, or InvalidRequest."""
     params = dict(scalars)
     text, history, mode = params.pop("text_input"), params.pop("history"), params.pop("image_preprocess")
     if text is None:
         raise InvalidRequest("text_input: required")
-    return build_request(text, request_images(images, image_bytes, mode, limits), parse_history(history),
-                         defaults=defaults, limits=limits, **params)
+    return build_request(
+        text,
+        request_images(images, image_bytes, mode, limits),
+        parse_history(history),
+        defaults=defaults,
+        limits=limits,
+        **params,
+    )
 
 
-def request_images(images: np.ndarray | None, image_bytes: list[bytes], mode: str | None,
-                   limits: Limits = LIMITS) -> np.ndarray | None:
+def request_images(
+    images: np.ndarray | None, image_bytes: list[bytes], mode: str | None, limits: Limits = LIMITS
+) -> np.ndarray | None:
     """`images` (pre-processed uint8) first, then the decoded `image_bytes`, in order."""
     from minigpt5_client.errors import ImageError
     from minigpt5_client.preprocess import preprocess_image
@@ -198,8 +241,14 @@ def request_images(images: np.ndarray | None, image_bytes: list[bytes], mode: st
         raise InvalidRequest(f"image_preprocess: must be 'pad' or 'crop', got {mode!r}")
     for index, data in enumerate(image_bytes):
         try:
-            arrays.append(preprocess_image(_encoded_image(data, index), mode, max_file_bytes=limits.max_image_bytes,
-                                           max_pixels=limits.max_image_pixels))
+            arrays.append(
+                preprocess_image(
+                    _encoded_image(data, index),
+                    mode,
+                    max_file_bytes=limits.max_image_bytes,
+                    max_pixels=limits.max_image_pixels,
+                )
+            )
         except ImageError as exc:
             raise InvalidRequest(f"image_bytes[{index}]: {exc}") from None
     return np.stack(arrays) if arrays else None
@@ -214,5 +263,6 @@ def _encoded_image(data: bytes, index: int) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest(f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) "
-                             f"nor base64 of one") from None
+        raise InvalidRequest(
+            f"image_bytes[{index}]: neither an encoded image (PNG/JPEG/GIF/WebP/BMP) nor base64 of one"
+        ) from None

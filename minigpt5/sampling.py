@@ -5,13 +5,13 @@ only the chosen ids cross to the host), each row with its own parameters; every 
 row, and each row's uniform comes from its own CPU generator, so a request's tokens depend only on
 its own logits and seed, never on which requests share its batch or on the device.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 
 FORCE_IMAGE_MODES = ("first", "end")
 
@@ -20,6 +20,7 @@ FORCE_IMAGE_MODES = ("first", "end")
 class SamplingParams:
     """Plain JSON-able values only: a request's parameters cross process boundaries as they are.
     The defaults are upstream's effective ones (config.DEFAULT_GENERATION, docs/API.md)."""
+
     max_tokens: int = 256  # sampled ids; the 7 forced vokens of each image do not count (upstream's max_new_tokens)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 0.9
@@ -73,8 +74,9 @@ def sorted_values(logits: torch.Tensor) -> torch.Tensor:
     return torch.sort(logits, dim=-1).values
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor,
-                  generators: list[torch.Generator]) -> list[int]:
+def sample_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor, generators: list[torch.Generator]
+) -> list[int]:
     """One token id per row of [B, V] logits (banned ids already at -inf), on any device; `seen`
     [B, V] marks the ids each row generated so far (repetition penalty)."""
     logits = logits.float()
@@ -82,6 +84,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: torc
 
     def per_row(values: list) -> torch.Tensor:
         return torch.tensor(values, device=device)
+
     logits = apply_repetition_penalty(logits, seen.to(device), per_row([p.repetition_penalty for p in params]))
     temperature = per_row([p.temperature for p in params])
     greedy = temperature <= 0

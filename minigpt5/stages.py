@@ -3,6 +3,7 @@
 A Triton model loads one stage; the in-process pipeline loads all three. Both call the same
 methods, which is what makes the served result equal the in-process one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,8 @@ class PromptBuilder:
         if needed > self.max_positions:
             raise InvalidRequest(
                 f"text_input: the prompt takes {positions} positions (history and images included); with "
-                f"max_tokens={request.sampling.max_tokens} it needs {needed}, the context is {self.max_positions}")
+                f"max_tokens={request.sampling.max_tokens} it needs {needed}, the context is {self.max_positions}"
+            )
         return ids
 
 
@@ -49,7 +51,7 @@ class VisionStage:
         self.tower = tower
 
     @classmethod
-    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "VisionStage":
+    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> VisionStage:
         return cls(weights.load("vision", device, dtype))
 
     def warmup(self) -> None:
@@ -63,8 +65,16 @@ class VisionStage:
 
 
 class DecoderStage:
-    def __init__(self, llm, tokenizer, tokens: dict, *, prefix_cache_tokens: int = 0, prefix_block_tokens: int = 16,
-                 **engine_options):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        tokens: dict,
+        *,
+        prefix_cache_tokens: int = 0,
+        prefix_block_tokens: int = 16,
+        **engine_options,
+    ):
         """`tokens`: the manifest's token ids (`vokens`, `image_placeholder`, `bos_id`, `eos_id`).
         `prefix_cache_tokens` > 0: the engine keeps up to that many positions of prompt KV in blocks of
         `prefix_block_tokens` for later requests (prefix_cache.py)."""
@@ -76,13 +86,24 @@ class DecoderStage:
         banned = [tokens["image_placeholder"], tokens["bos_id"], tokenizer.bos_token_id, tokenizer.unk_token_id]
         if prefix_cache_tokens > 0:
             engine_options["prefix_cache"] = PrefixCache(prefix_block_tokens, prefix_cache_tokens)
-        self.engine = DecodeEngine(llm, tokenizer, voken_ids=tokens["vokens"], eos_id=tokens["eos_id"],
-                                   banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
-                                   **engine_options)
+        self.engine = DecodeEngine(
+            llm,
+            tokenizer,
+            voken_ids=tokens["vokens"],
+            eos_id=tokens["eos_id"],
+            banned_ids=[i for i in banned if i is not None and i != tokens["eos_id"]],
+            **engine_options,
+        )
 
     @classmethod
-    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             quantization: str = "none", **engine_options) -> "DecoderStage":
+    def load(
+        cls,
+        weights: WeightsDir,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
+        **engine_options,
+    ) -> DecoderStage:
         """`quantization`: none, or fp8 (the decoder layers' weights, fp8.py; H100 or CPU)."""
         llm = weights.load("llm", device, dtype)
         if quantization == "fp8":
@@ -102,8 +123,14 @@ class DecoderStage:
             self.engine.step()
 
     @torch.inference_mode()
-    def make_request(self, request_id: str, prompt_ids: list[int], image_embeds: torch.Tensor | None,
-                     sampling: SamplingParams, image_keys: list[str] | None = None) -> DecodeRequest:
+    def make_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        image_embeds: torch.Tensor | None,
+        sampling: SamplingParams,
+        image_keys: list[str] | None = None,
+    ) -> DecodeRequest:
         """Embed the prompt ids and splice 32 image embeddings in place of each placeholder.
         `image_keys`: a content key per image for the prefix cache (prefix_cache.tensor_key of its
         embeddings, computed here when not given)."""
@@ -123,9 +150,14 @@ class DecoderStage:
             image_keys = [tensor_key(image.float()) for image in image_embeds] if count else []
         if len(image_keys) != count:
             raise InvalidRequest(f"images: {count} images but {len(image_keys)} image keys")
-        return DecodeRequest(request_id, embeds, sampling, prompt_tokens=len(prompt_ids) - count,
-                             image_tokens=embeds.shape[0] - len(prompt_ids) + count,
-                             content=position_content(prompt_ids, self.placeholder_id, image_keys))
+        return DecodeRequest(
+            request_id,
+            embeds,
+            sampling,
+            prompt_tokens=len(prompt_ids) - count,
+            image_tokens=embeds.shape[0] - len(prompt_ids) + count,
+            content=position_content(prompt_ids, self.placeholder_id, image_keys),
+        )
 
 
 class ImageStage:
@@ -133,12 +165,18 @@ class ImageStage:
         self.decoder = decoder
 
     @classmethod
-    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ImageStage":
+    def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ImageStage:
         unet = weights.load("unet", device, dtype)
         if str(device).startswith("cuda"):
             unet = unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        return cls(ImageDecoder(weights.load("mapper", device, dtype), unet, weights.load("vae", device, dtype),
-                                weights.manifest["scheduler"]))
+        return cls(
+            ImageDecoder(
+                weights.load("mapper", device, dtype),
+                unet,
+                weights.load("vae", device, dtype),
+                weights.manifest["scheduler"],
+            )
+        )
 
     def warmup(self) -> None:
         hidden = self.decoder.mapper.fc[0].in_features
@@ -154,4 +192,3 @@ class ImageStage:
             for i, image in zip(indices, self.decoder.decode([jobs[i] for i in indices], progress)):
                 images[i] = image
         return np.stack(images)
-

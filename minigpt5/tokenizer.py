@@ -1,4 +1,5 @@
 """Tokenizer handling: loading, the offline tiny tokenizer, untrusted-text encoding, streaming detokenisation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,10 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -52,8 +55,12 @@ def load_tokenizer(path: str | Path):
 def special_token_ids(tokenizer) -> dict:
     """Ids resolved from the tokenizer (never hard-coded): vokens, placeholder, BOS candidates, EOS."""
     ids = tokenizer.convert_tokens_to_ids([*VOKEN_TOKENS, IMAGE_PLACEHOLDER, "<s>", "</s>"])
-    return {"vokens": ids[:8], "image_placeholder": ids[8], "bos": {"<s>": ids[9], "</s>": ids[10]},
-            "eos": tokenizer.eos_token_id}
+    return {
+        "vokens": ids[:8],
+        "image_placeholder": ids[8],
+        "bos": {"<s>": ids[9], "</s>": ids[10]},
+        "eos": tokenizer.eos_token_id,
+    }
 
 
 def encode_untrusted(tokenizer, text: str) -> list[int]:
@@ -89,11 +96,11 @@ class StreamingDetokenizer:
     def _delta(self, ids: list[int]) -> str:
         if self._prefix_key != (self._prefix, self._read):  # the prefix only changes when text is released
             self._prefix_key = (self._prefix, self._read)
-            self._prefix_text = self.tokenizer.decode(ids[self._prefix:self._read])
+            self._prefix_text = self.tokenizer.decode(ids[self._prefix : self._read])
         prefix_text = self._prefix_text
-        full_text = self.tokenizer.decode(ids[self._prefix:])
+        full_text = self.tokenizer.decode(ids[self._prefix :])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            return full_text[len(prefix_text):]
+            return full_text[len(prefix_text) :]
         return ""
 
 

@@ -1,4 +1,5 @@
 """Vision tower: BLIP-2 EVA ViT-g + ln_vision + Q-Former (32 queries) + llama_proj."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,10 @@ class VisionTower(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC → normalised float NCHW in the tower's dtype."""
         if images.dtype != torch.uint8 or images.shape[1:] != (VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3):
-            raise ValueError(f"expected uint8 [N, {VISION_IMAGE_SIZE}, {VISION_IMAGE_SIZE}, 3], got "
-                             f"{images.dtype} {list(images.shape)}")
+            raise ValueError(
+                f"expected uint8 [N, {VISION_IMAGE_SIZE}, {VISION_IMAGE_SIZE}, 3], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
         pixels = images.permute(0, 3, 1, 2).float().div(255.0)
         pixels = (pixels - self.pixel_mean.float()) / self.pixel_std.float()
         return pixels.to(self.llama_proj.weight.dtype)

@@ -1,6 +1,7 @@
 """`python -m minigpt5.bench stages|e2e ...`: the benches alone, without the rest of the CLI (for a
 bare GPU machine where the client's or server's extra packages are absent). Same flags and output
 as `minigpt5 bench ...`."""
+
 from __future__ import annotations
 
 import argparse

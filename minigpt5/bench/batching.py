@@ -21,6 +21,7 @@ be spelled) are banned for this bench, images are off (max_images 0), and the co
 reported (`tokens.all_full_length`). Sampling is the served default (temperature 1, top-p 0.9,
 repetition penalty 2) with a fixed seed per request.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,19 +47,19 @@ USER_MESSAGES = (
 SHORT_ARRIVAL_WINDOW = (0.1, 0.75)  # short arrivals spread over this fraction of the long run (calibrated)
 METHOD = {
     "engine": "minigpt5.engine.DecodeEngine, driven by the bench thread: submit at the scheduled offsets "
-              "(at step boundaries, as the served engine loop admits), step(), timestamp each step's events",
+    "(at step boundaries, as the served engine loop admits), step(), timestamp each step's events",
     "baseline": "DecodeEngine(run_to_completion=True) over the same LLM: requests wait until the whole "
-                "running batch has finished",
+    "running batch has finished",
     "throughput": "N requests submitted together; completion tokens of all / wall time from submission to "
-                  "the last Finished; levels and engines interleaved in every repeat; best of --repeats "
-                  "(tokens_per_s_median beside it)",
+    "the last Finished; levels and engines interleaved in every repeat; best of --repeats "
+    "(tokens_per_s_median beside it)",
     "ttft": "scheduled arrival -> return of the step that yields the first TextDelta or VokenStates of "
-            "the request (waiting for the step in progress counts, as it does for a served request)",
+    "the request (waiting for the step in progress counts, as it does for a served request)",
     "short_ttft_p95_ratio": "p95 TTFT of the short requests arriving while 4 long ones run / p95 TTFT "
-                            "of the same short requests alone on the idle engine (nearest-rank p95 over "
-                            "--short-requests x --repeats samples)",
+    "of the same short requests alone on the idle engine (nearest-rank p95 over "
+    "--short-requests x --repeats samples)",
     "fixed_length": "EOS and all ids whose text contains '#' banned, max_images 0: every request runs to "
-                    "its max_tokens",
+    "its max_tokens",
 }
 
 
@@ -92,22 +93,34 @@ def build(ctx: dict, args) -> dict:
         torch.manual_seed(args.seed)
         llm = build_module("llm", bench_arch(args.preset), torch.device(device), dtype)
         stage = DecoderStage(llm, tokenizer, tokens)
-        prompts = [prompt_ids(tokens, 80, BASE_VOCAB[args.preset], seed=i, with_image=False)
-                   for i in range(len(USER_MESSAGES))]
+        prompts = [
+            prompt_ids(tokens, 80, BASE_VOCAB[args.preset], seed=i, with_image=False) for i in range(len(USER_MESSAGES))
+        ]
         source = {"weights": f"random {args.preset} preset built on {device}", "prompts": "80 random ids"}
     baseline = DecoderStage(stage.llm, stage.tokenizer, tokens, run_to_completion=True)
     banned = _fixed_length_bans(stage.tokenizer, tokens["eos_id"])
     for engine in (stage.engine, baseline.engine):
         engine.banned_ids = sorted(set(engine.banned_ids) | set(banned))
-    ctx.update(stage=stage, engines={"continuous": stage.engine, "run_to_completion": baseline.engine},
-               prompts=prompts, device=device)
-    return {**source, "seconds": round(time.perf_counter() - start, 2), "device": device,
-            "dtype": str(dtype).split(".")[-1], "vocab_size": len(stage.tokenizer), "banned_ids": len(banned),
-            "prompt_positions": sorted({len(p) for p in prompts})}
+    ctx.update(
+        stage=stage,
+        engines={"continuous": stage.engine, "run_to_completion": baseline.engine},
+        prompts=prompts,
+        device=device,
+    )
+    return {
+        **source,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": device,
+        "dtype": str(dtype).split(".")[-1],
+        "vocab_size": len(stage.tokenizer),
+        "banned_ids": len(banned),
+        "prompt_positions": sorted({len(p) for p in prompts}),
+    }
 
 
 def _request(text: str, defaults: dict):
     from ..request import build_request
+
     return build_request(text, defaults=defaults, max_tokens=1, random_seed=0)
 
 
@@ -132,8 +145,14 @@ class Workload:
         from ..sampling import SamplingParams
 
         prompts = self.ctx["prompts"]
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.args.temperature, top_p=0.9,
-                                repetition_penalty=2.0, seed=seed, max_images=0)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.args.temperature,
+            top_p=0.9,
+            repetition_penalty=2.0,
+            seed=seed,
+            max_images=0,
+        )
         request_id = f"{self.name}-{kind}-{index}"
         request = self.ctx["stage"].make_request(request_id, prompts[index % len(prompts)], None, params)
         self.items.append((offset_s, request, kind))
@@ -147,9 +166,18 @@ def drive(engine, workload: Workload) -> dict:
     if engine.has_work:
         raise RuntimeError("engine busy before a run")
     pending = sorted(workload.items, key=lambda item: item[0])
-    records = {request.request_id: {"kind": kind, "arrival_s": offset, "first_s": None, "done_s": None,
-                                    "tokens": 0, "expected": request.params.max_tokens, "reason": None}
-               for offset, request, kind in pending}
+    records = {
+        request.request_id: {
+            "kind": kind,
+            "arrival_s": offset,
+            "first_s": None,
+            "done_s": None,
+            "tokens": 0,
+            "expected": request.params.max_tokens,
+            "reason": None,
+        }
+        for offset, request, kind in pending
+    }
     budget_steps = 4 * sum(r["expected"] for r in records.values()) + 1000
     steps = 0
     start = time.perf_counter()
@@ -190,8 +218,13 @@ def p95(values: list[float]) -> float:
 
 def latency_summary(seconds: list[float]) -> dict:
     ms = [s * 1e3 for s in seconds]
-    return {"p50_ms": round(statistics.median(ms), 3), "p95_ms": round(p95(ms), 3),
-            "max_ms": round(max(ms), 3), "min_ms": round(min(ms), 3), "n": len(ms)}
+    return {
+        "p50_ms": round(statistics.median(ms), 3),
+        "p95_ms": round(p95(ms), 3),
+        "max_ms": round(max(ms), 3),
+        "min_ms": round(min(ms), 3),
+        "n": len(ms),
+    }
 
 
 def _ratio(a, b, digits: int = 3):
@@ -210,8 +243,13 @@ class TokenCount:
             self.short += record["tokens"] < record["expected"]
 
     def as_dict(self) -> dict:
-        return {"counted": self.counted, "expected": self.expected, "requests": self.requests,
-                "all_full_length": self.short == 0, "requests_short_of_max_tokens": self.short}
+        return {
+            "counted": self.counted,
+            "expected": self.expected,
+            "requests": self.requests,
+            "all_full_length": self.short == 0,
+            "requests_short_of_max_tokens": self.short,
+        }
 
 
 # ---- the workloads ----------------------------------------------------------------------------------
@@ -240,20 +278,28 @@ def throughput(ctx: dict, args, concurrency: list[int], tokens: TokenCount) -> d
                 tokens.add(run)
                 generated = sum(r["tokens"] for r in run["records"].values())
                 samples[c, mode].append((generated / run["wall_s"], run["wall_s"], generated, run["steps"]))
-        log(f"throughput repeat {repeat}: " + ", ".join(
-            f"c{c} {samples[c, 'continuous'][-1][0]:.0f}/{samples[c, 'run_to_completion'][-1][0]:.0f}"
-            for c in concurrency) + " tok/s (continuous/run_to_completion)")
+        log(
+            f"throughput repeat {repeat}: "
+            + ", ".join(
+                f"c{c} {samples[c, 'continuous'][-1][0]:.0f}/{samples[c, 'run_to_completion'][-1][0]:.0f}"
+                for c in concurrency
+            )
+            + " tok/s (continuous/run_to_completion)"
+        )
     result = {}
     for c in concurrency:
         entry = {"concurrency": c, "max_tokens": args.max_tokens}
         for mode in MODES:
             runs = samples[c, mode]
             rates = [r[0] for r in runs]
-            entry[mode] = {"tokens_per_s": round(max(rates), 1),
-                           "tokens_per_s_median": round(statistics.median(rates), 1),
-                           "wall_ms": round(min(r[1] for r in runs) * 1e3, 1),
-                           "tokens": runs[0][2], "steps": runs[0][3],
-                           "tokens_per_s_samples": [round(r, 1) for r in rates]}
+            entry[mode] = {
+                "tokens_per_s": round(max(rates), 1),
+                "tokens_per_s_median": round(statistics.median(rates), 1),
+                "wall_ms": round(min(r[1] for r in runs) * 1e3, 1),
+                "tokens": runs[0][2],
+                "steps": runs[0][3],
+                "tokens_per_s_samples": [round(r, 1) for r in rates],
+            }
         result[f"c{c}"] = entry
     return result
 
@@ -297,18 +343,28 @@ def ttft(ctx: dict, args, tokens: TokenCount) -> dict:
             short_latency[mode] += [r["done_s"] - r["arrival_s"] for r in shorts]
             busy_rates[mode].append(sum(r["tokens"] for r in records) / run["wall_s"])
             long_done[mode].append(max(r["done_s"] for r in records if r["kind"] == "long"))
-            log(f"ttft repeat {repeat} {mode:>17}: short TTFT busy p95 {p95(this_busy) * 1e3:.1f} ms, "
-                f"alone p95 {p95(alone[mode][-count:]) * 1e3:.1f} ms")
-    result = {"long_requests": LONG_REQUESTS, "long_tokens": args.long_tokens, "short_requests": count,
-              "short_tokens": args.short_tokens, "long_alone_ms": round(long_s * 1e3, 1),
-              "short_arrivals_ms": [round(o * 1e3, 1) for o in offsets]}
+            log(
+                f"ttft repeat {repeat} {mode:>17}: short TTFT busy p95 {p95(this_busy) * 1e3:.1f} ms, "
+                f"alone p95 {p95(alone[mode][-count:]) * 1e3:.1f} ms"
+            )
+    result = {
+        "long_requests": LONG_REQUESTS,
+        "long_tokens": args.long_tokens,
+        "short_requests": count,
+        "short_tokens": args.short_tokens,
+        "long_alone_ms": round(long_s * 1e3, 1),
+        "short_arrivals_ms": [round(o * 1e3, 1) for o in offsets],
+    }
     for mode in MODES:
         alone_s, busy_s = latency_summary(alone[mode]), latency_summary(busy[mode])
-        result[mode] = {"alone": alone_s, "busy": busy_s,
-                        "short_ttft_p95_ratio": _ratio(busy_s["p95_ms"], alone_s["p95_ms"]),
-                        "short_latency_busy": latency_summary(short_latency[mode]),
-                        "long_done_ms": round(statistics.median(long_done[mode]) * 1e3, 1),
-                        "busy_tokens_per_s": round(statistics.median(busy_rates[mode]), 1)}
+        result[mode] = {
+            "alone": alone_s,
+            "busy": busy_s,
+            "short_ttft_p95_ratio": _ratio(busy_s["p95_ms"], alone_s["p95_ms"]),
+            "short_latency_busy": latency_summary(short_latency[mode]),
+            "long_done_ms": round(statistics.median(long_done[mode]) * 1e3, 1),
+            "busy_tokens_per_s": round(statistics.median(busy_rates[mode]), 1),
+        }
     return result
 
 
@@ -332,8 +388,10 @@ def summarize(data: dict, concurrency: list[int]) -> None:
             "throughput_gain": _ratio(rates.get(str(gain_at)), rates.get("1"), 2),
             "throughput_gain_by_concurrency": {c: _ratio(v, rates.get("1"), 2) for c, v in rates.items()},
             "short_ttft_p95_ratio": ttft_mode.get("short_ttft_p95_ratio"),
-            "short_ttft_p95_ms": {"alone": (ttft_mode.get("alone") or {}).get("p95_ms"),
-                                  "busy": (ttft_mode.get("busy") or {}).get("p95_ms")},
+            "short_ttft_p95_ms": {
+                "alone": (ttft_mode.get("alone") or {}).get("p95_ms"),
+                "busy": (ttft_mode.get("busy") or {}).get("p95_ms"),
+            },
             "busy_tokens_per_s": ttft_mode.get("busy_tokens_per_s"),
         }
     data["throughput_gain_at"] = gain_at
@@ -365,13 +423,27 @@ def _run(args, report: Report, default_threads: int) -> int:
     import torch
 
     concurrency = sorted(set(args.concurrency) | {1})
-    report.data.update({
-        "preset": args.preset, "threads": torch.get_num_threads(), "threads_default": default_threads,
-        "settings": {"concurrency": concurrency, "max_tokens": args.max_tokens, "long_tokens": args.long_tokens,
-                     "short_tokens": args.short_tokens, "short_requests": args.short_requests,
-                     "long_requests": LONG_REQUESTS, "repeats": args.repeats, "temperature": args.temperature,
-                     "top_p": 0.9, "repetition_penalty": 2.0, "seeds": "fixed per request"},
-        "method": METHOD})
+    report.data.update(
+        {
+            "preset": args.preset,
+            "threads": torch.get_num_threads(),
+            "threads_default": default_threads,
+            "settings": {
+                "concurrency": concurrency,
+                "max_tokens": args.max_tokens,
+                "long_tokens": args.long_tokens,
+                "short_tokens": args.short_tokens,
+                "short_requests": args.short_requests,
+                "long_requests": LONG_REQUESTS,
+                "repeats": args.repeats,
+                "temperature": args.temperature,
+                "top_p": 0.9,
+                "repetition_penalty": 2.0,
+                "seeds": "fixed per request",
+            },
+            "method": METHOD,
+        }
+    )
     ctx: dict = {}
     report.section(("build",), lambda: build(ctx, args), required=True)
     if not ctx:
@@ -390,6 +462,8 @@ def _run(args, report: Report, default_threads: int) -> int:
 def _log_summary(data: dict) -> None:
     for mode in MODES:
         s = data[mode]
-        log(f"{mode:>17}: tokens/s {s['throughput_tokens_per_s']}, gain {s['throughput_gain']}x, "
-            f"short TTFT p95 ratio {s['short_ttft_p95_ratio']} {s['short_ttft_p95_ms']}")
+        log(
+            f"{mode:>17}: tokens/s {s['throughput_tokens_per_s']}, gain {s['throughput_gain']}x, "
+            f"short TTFT p95 ratio {s['short_ttft_p95_ratio']} {s['short_ttft_p95_ms']}"
+        )
     log(f"targets {data['targets']} met: {data['targets_met']}; tokens {data['tokens']}")

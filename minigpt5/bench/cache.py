@@ -18,6 +18,7 @@ Workloads (docs/BENCHMARKS.md, "bench cache"):
 Sampling is seeded (temperature --temperature, the served top-p and repetition penalty): tokens
 must be the same with and without the caches, and the JSON says whether they were.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -32,24 +33,28 @@ from .timing import log
 MODES = ("no_cache", "cache")
 TARGETS = {"turn_last_ttft_ratio_max": 0.5}
 USER_MESSAGES = (
-    "Tell me a story about a cat.", "What is in the image? Describe the scene.",
-    "Write a short poem about the sea at night.", "The family went to the beach. What happened next?",
-    "Describe a little house made of bread and sugar.", "A cat sits on a red sofa next to a window. Continue.",
-    "Explain how a rainbow forms, simply.", "Plan a walk through the forest with a dog.",
+    "Tell me a story about a cat.",
+    "What is in the image? Describe the scene.",
+    "Write a short poem about the sea at night.",
+    "The family went to the beach. What happened next?",
+    "Describe a little house made of bread and sugar.",
+    "A cat sits on a red sofa next to a window. Continue.",
+    "Explain how a rainbow forms, simply.",
+    "Plan a walk through the forest with a dog.",
 )
 METHOD = {
     "paths": "no_cache: VisionStage.encode of every image of the prompt + DecodeEngine without a prefix cache; "
-             "cache: EmbeddingCache in front of the same VisionStage + DecodeEngine with PrefixCache; one LLM",
+    "cache: EmbeddingCache in front of the same VisionStage + DecodeEngine with PrefixCache; one LLM",
     "ttft": "the turn's text and images in hand -> return of the engine step that yields its first TextDelta or "
-            "VokenStates: embeddings, prompt ids, make_request, prefill and first sample included; median "
-            "(ttft_ms) and best (ttft_ms_best) over --repeats after one untimed chat per path, caches emptied "
-            "before every repeat",
+    "VokenStates: embeddings, prompt ids, make_request, prefill and first sample included; median "
+    "(ttft_ms) and best (ttft_ms_best) over --repeats after one untimed chat per path, caches emptied "
+    "before every repeat",
     "prefill_positions": "prompt positions the engine computed (DecodeEngine.prefill_positions_computed)",
     "vision": "calls and images given to the vision encoder",
     "tokens_per_s": "completion tokens of all requests / wall time from submission to the last Finished; best of "
-                    "--repeats",
+    "--repeats",
     "served": "the chat through two real tritonservers (caches as configured / both off), alternating; new "
-              "pictures and words every repeat; TTFT = gRPC send -> first non-empty text event (cache_served.py)",
+    "pictures and words every repeat; TTFT = gRPC send -> first non-empty text event (cache_served.py)",
 }
 
 
@@ -63,18 +68,28 @@ def build(ctx: dict, args) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     weights = WeightsDir(resolve_weights(args.weights))
-    cached = DecoderStage.load(weights, device, dtype, prefix_cache_tokens=args.prefix_cache_tokens,
-                               prefix_block_tokens=args.block_tokens)
+    cached = DecoderStage.load(
+        weights, device, dtype, prefix_cache_tokens=args.prefix_cache_tokens, prefix_block_tokens=args.block_tokens
+    )
     plain = DecoderStage(cached.llm, cached.tokenizer, weights.tokens)
     vision = VisionStage.load(weights, device, dtype)
     vision.warmup()
     rng = np.random.default_rng(args.seed)
-    ctx.update(weights=weights, stages={"cache": cached, "no_cache": plain}, vision=vision,
-               prompts=PromptBuilder(weights, cached.tokenizer),
-               pictures=rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8))
-    return {"weights": str(weights.path), "device": device, "dtype": str(dtype).split(".")[-1],
-            "block_tokens": args.block_tokens, "prefix_cache_tokens": args.prefix_cache_tokens,
-            "seconds": round(time.perf_counter() - start, 2)}
+    ctx.update(
+        weights=weights,
+        stages={"cache": cached, "no_cache": plain},
+        vision=vision,
+        prompts=PromptBuilder(weights, cached.tokenizer),
+        pictures=rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8),
+    )
+    return {
+        "weights": str(weights.path),
+        "device": device,
+        "dtype": str(dtype).split(".")[-1],
+        "block_tokens": args.block_tokens,
+        "prefix_cache_tokens": args.prefix_cache_tokens,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 # ---- one path ---------------------------------------------------------------------------------------
@@ -104,8 +119,9 @@ class CachePath:
         if not len(request.images):
             return self.stage.make_request(request_id, ids, None, request.sampling)
         if self.embeddings is None:
-            return self.stage.make_request(request_id, ids, torch.from_numpy(self._encode(request.images)),
-                                           request.sampling)
+            return self.stage.make_request(
+                request_id, ids, torch.from_numpy(self._encode(request.images)), request.sampling
+            )
         entries, _ = self.embeddings.encode(request.images, self._encode)
         embeds = torch.from_numpy(np.stack([entry.embeds for entry in entries]))
         return self.stage.make_request(request_id, ids, embeds, request.sampling, [entry.key for entry in entries])
@@ -114,8 +130,16 @@ class CachePath:
 def _request(ctx: dict, args, text: str, images, history, seed: int):
     from ..request import build_request
 
-    return build_request(text, images, history, defaults=ctx["weights"].defaults, max_tokens=args.max_tokens,
-                         temperature=args.temperature, random_seed=seed, max_images=0)
+    return build_request(
+        text,
+        images,
+        history,
+        defaults=ctx["weights"].defaults,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        random_seed=seed,
+        max_images=0,
+    )
 
 
 def chat(ctx: dict, args, mode: str) -> dict:
@@ -128,7 +152,7 @@ def chat(ctx: dict, args, mode: str) -> dict:
     for turn in range(args.turns):
         text = f"Turn {turn + 1}: what happens in this picture?"
         start = time.perf_counter()
-        request = _request(ctx, args, text, ctx["pictures"][:turn + 1], history, args.seed + turn)
+        request = _request(ctx, args, text, ctx["pictures"][: turn + 1], history, args.seed + turn)
         computed, vision_images = engine.prefill_positions_computed, path.vision_images
         decode = path.decode_request(f"{mode}-turn{turn}", request)
         engine.submit(decode)
@@ -139,13 +163,22 @@ def chat(ctx: dict, args, mode: str) -> dict:
                     first = time.perf_counter() - start
                 if isinstance(event, Finished):
                     finished = event
-        turns.append({"ttft_ms": (first if first is not None else time.perf_counter() - start) * 1e3,
-                      "prompt_positions": decode.prompt_embeds.shape[0],
-                      "prefill_positions": engine.prefill_positions_computed - computed,
-                      "vision_images": path.vision_images - vision_images, "token_ids": finished.token_ids})
+        turns.append(
+            {
+                "ttft_ms": (first if first is not None else time.perf_counter() - start) * 1e3,
+                "prompt_positions": decode.prompt_embeds.shape[0],
+                "prefill_positions": engine.prefill_positions_computed - computed,
+                "vision_images": path.vision_images - vision_images,
+                "token_ids": finished.token_ids,
+            }
+        )
         history = history + [Turn("human", text, 1), Turn("assistant", finished.text)]
-    return {"turns": turns, "vision_calls": path.vision_calls, "vision_images": path.vision_images,
-            "distinct_images": args.turns}
+    return {
+        "turns": turns,
+        "vision_calls": path.vision_calls,
+        "vision_images": path.vision_images,
+        "distinct_images": args.turns,
+    }
 
 
 def shared(ctx: dict, args, mode: str) -> dict:
@@ -153,9 +186,15 @@ def shared(ctx: dict, args, mode: str) -> dict:
     from ..engine import Finished
 
     path = CachePath(ctx, mode, args)
-    requests = [path.decode_request(f"{mode}-shared{i}", _request(
-        ctx, args, f"Request {i + 1}. {USER_MESSAGES[i % len(USER_MESSAGES)]}", None, [], args.seed + 100 + i))
-        for i in range(args.concurrency)]
+    requests = [
+        path.decode_request(
+            f"{mode}-shared{i}",
+            _request(
+                ctx, args, f"Request {i + 1}. {USER_MESSAGES[i % len(USER_MESSAGES)]}", None, [], args.seed + 100 + i
+            ),
+        )
+        for i in range(args.concurrency)
+    ]
     computed = path.engine.prefill_positions_computed
     start = time.perf_counter()
     for request in requests:
@@ -165,10 +204,13 @@ def shared(ctx: dict, args, mode: str) -> dict:
         finished.update({e.request_id: e for e in path.engine.step() if isinstance(e, Finished)})
     wall = time.perf_counter() - start
     tokens = sum(event.completion_tokens for event in finished.values())
-    return {"tokens_per_s": tokens / wall, "completion_tokens": tokens,
-            "prompt_positions_per_request": statistics.mean(r.prompt_embeds.shape[0] for r in requests),
-            "prefill_positions_per_request": (path.engine.prefill_positions_computed - computed) / len(requests),
-            "token_ids": [finished[r.request_id].token_ids for r in requests]}
+    return {
+        "tokens_per_s": tokens / wall,
+        "completion_tokens": tokens,
+        "prompt_positions_per_request": statistics.mean(r.prompt_embeds.shape[0] for r in requests),
+        "prefill_positions_per_request": (path.engine.prefill_positions_computed - computed) / len(requests),
+        "token_ids": [finished[r.request_id].token_ids for r in requests],
+    }
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -178,7 +220,7 @@ def _alternate(fn, ctx: dict, args, name: str) -> dict:
     for mode in MODES:  # untimed: first-call costs stay out of the medians
         fn(ctx, args, mode)
     for repeat in range(args.repeats):
-        for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):
+        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
             runs[mode].append(fn(ctx, args, mode))
         log(f"{name}: repeat {repeat + 1}/{args.repeats}")
     return runs
@@ -194,7 +236,8 @@ def chat_section(ctx: dict, args) -> dict:
             "prompt_positions": [turn["prompt_positions"] for turn in last["turns"]],
             "prefill_positions": [turn["prefill_positions"] for turn in last["turns"]],
             "vision_images": [turn["vision_images"] for turn in last["turns"]],
-            "vision_calls_total": last["vision_calls"], "vision_images_total": last["vision_images"],
+            "vision_calls_total": last["vision_calls"],
+            "vision_images_total": last["vision_images"],
         }
     tokens = {mode: [[turn["token_ids"] for turn in r["turns"]] for r in results] for mode, results in runs.items()}
     out["same_tokens"] = all(t == tokens["no_cache"][0] for mode in MODES for t in tokens[mode])
@@ -205,11 +248,15 @@ def chat_section(ctx: dict, args) -> dict:
 
 def shared_section(ctx: dict, args) -> dict:
     runs = _alternate(shared, ctx, args, "shared")
-    out = {mode: {"tokens_per_s": round(max(r["tokens_per_s"] for r in results), 1),
-                  "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in results), 1),
-                  "prompt_positions_per_request": results[-1]["prompt_positions_per_request"],
-                  "prefill_positions_per_request": results[-1]["prefill_positions_per_request"]}
-           for mode, results in runs.items()}
+    out = {
+        mode: {
+            "tokens_per_s": round(max(r["tokens_per_s"] for r in results), 1),
+            "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in results), 1),
+            "prompt_positions_per_request": results[-1]["prompt_positions_per_request"],
+            "prefill_positions_per_request": results[-1]["prefill_positions_per_request"],
+        }
+        for mode, results in runs.items()
+    }
     out["requests"] = args.concurrency
     out["same_tokens"] = all(r["token_ids"] == runs["no_cache"][0]["token_ids"] for mode in MODES for r in runs[mode])
     out["tokens_per_s_ratio"] = round(out["cache"]["tokens_per_s"] / out["no_cache"]["tokens_per_s"], 3)
@@ -237,13 +284,16 @@ def summary(data: dict) -> dict:
         out["chat_vision_images"] = chat_result["cache"]["vision_images_total"]
         out["chat_vision_images_no_cache"] = chat_result["no_cache"]["vision_images_total"]
         out["chat_same_tokens"] = chat_result["same_tokens"]
-        out["met"] = {"turn_last_ttft_ratio": out["turn_last_ttft_ratio"] <= TARGETS["turn_last_ttft_ratio_max"],
-                      "vision_images_equal_distinct": out["chat_vision_images"] == chat_result["distinct_images"],
-                      "same_tokens": chat_result["same_tokens"] and shared_result.get("same_tokens", True)}
+        out["met"] = {
+            "turn_last_ttft_ratio": out["turn_last_ttft_ratio"] <= TARGETS["turn_last_ttft_ratio_max"],
+            "vision_images_equal_distinct": out["chat_vision_images"] == chat_result["distinct_images"],
+            "same_tokens": chat_result["same_tokens"] and shared_result.get("same_tokens", True),
+        }
     if "tokens_per_s_ratio" in shared_result:
         out["shared_tokens_per_s_ratio"] = shared_result["tokens_per_s_ratio"]
         out["shared_prefill_positions_per_request"] = {
-            mode: shared_result[mode]["prefill_positions_per_request"] for mode in MODES}
+            mode: shared_result[mode]["prefill_positions_per_request"] for mode in MODES
+        }
     return out
 
 
@@ -258,9 +308,18 @@ def main(args) -> int:
         torch.set_num_threads(threads)
     try:
         report = Report("cache", out=args.out, skip=args.skip)
-        report.set(("config",), {"turns": args.turns, "concurrency": args.concurrency, "repeats": args.repeats,
-                                 "max_tokens": args.max_tokens, "temperature": args.temperature,
-                                 "threads": torch.get_num_threads(), "threads_default": default_threads})
+        report.set(
+            ("config",),
+            {
+                "turns": args.turns,
+                "concurrency": args.concurrency,
+                "repeats": args.repeats,
+                "max_tokens": args.max_tokens,
+                "temperature": args.temperature,
+                "threads": torch.get_num_threads(),
+                "threads_default": default_threads,
+            },
+        )
         report.set(("method",), METHOD)
         ctx: dict = {}
         with torch.inference_mode():

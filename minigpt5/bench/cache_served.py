@@ -9,6 +9,7 @@ server that has served before. TTFT = the send -> the first non-empty `text` eve
 positions from `usage` (prompt positions less `cached_prompt_positions`); images encoded from
 Triton's `nv_inference_count` of `vision_encoder`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,17 @@ def measure(args, weights: Path) -> dict:
     servers = {}
     for mode in ("no_cache", "cache"):
         workdir = Path(tempfile.mkdtemp(prefix=f"minigpt5-bench-cache-{mode}-"))
-        servers[mode] = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(),
-                                      metrics_port=free_port(), host="127.0.0.1", device=args.device,
-                                      workdir=workdir, log_file=workdir / "tritonserver.log",
-                                      parameters=CACHES_OFF if mode == "no_cache" else None)
+        servers[mode] = TritonProcess(
+            weights,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            host="127.0.0.1",
+            device=args.device,
+            workdir=workdir,
+            log_file=workdir / "tritonserver.log",
+            parameters=CACHES_OFF if mode == "no_cache" else None,
+        )
     try:
         started = time.perf_counter()
         for server in servers.values():
@@ -45,10 +53,10 @@ def measure(args, weights: Path) -> dict:
             server.wait_ready(timeout=STARTUP_TIMEOUT_S)
         startup_s = time.perf_counter() - started
         runs = {mode: [] for mode in servers}
-        for mode, server in servers.items():  # untimed warm-up chat
+        for server in servers.values():  # untimed warm-up chat
             served_chat(server, args, repeat=-1)
         for repeat in range(args.repeats):
-            for mode in (("no_cache", "cache") if repeat % 2 == 0 else ("cache", "no_cache")):
+            for mode in ("no_cache", "cache") if repeat % 2 == 0 else ("cache", "no_cache"):
                 runs[mode].append(served_chat(servers[mode], args, repeat))
             log(f"served: repeat {repeat + 1}/{args.repeats}")
     finally:
@@ -67,14 +75,16 @@ def served_chat(server, args, repeat: int) -> dict:
     history, turns = [], []
     for turn in range(args.turns):
         text = f"Chat {repeat + 1}, turn {turn + 1}: what happens in this picture?"
-        inputs = [_grpc_tensor("text_input", np.array([text.encode()], dtype=np.object_)),
-                  _grpc_tensor("images", pictures[:turn + 1]),
-                  _grpc_tensor("history", np.array([json.dumps(history).encode()], dtype=np.object_)),
-                  _grpc_tensor("stream", np.array([True])),
-                  _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
-                  _grpc_tensor("temperature", np.array([args.temperature], dtype=np.float32)),
-                  _grpc_tensor("random_seed", np.array([args.seed + turn], dtype=np.uint64)),
-                  _grpc_tensor("max_images", np.array([0], dtype=np.int32))]
+        inputs = [
+            _grpc_tensor("text_input", np.array([text.encode()], dtype=np.object_)),
+            _grpc_tensor("images", pictures[: turn + 1]),
+            _grpc_tensor("history", np.array([json.dumps(history).encode()], dtype=np.object_)),
+            _grpc_tensor("stream", np.array([True])),
+            _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
+            _grpc_tensor("temperature", np.array([args.temperature], dtype=np.float32)),
+            _grpc_tensor("random_seed", np.array([args.seed + turn], dtype=np.uint64)),
+            _grpc_tensor("max_images", np.array([0], dtype=np.int32)),
+        ]
         events = _stream(url, "minigpt5", inputs)
         answer, ttft, usage = "", None, {}
         for stamp, arrays in events:
@@ -85,8 +95,14 @@ def served_chat(server, args, repeat: int) -> dict:
             if "usage" in arrays:
                 usage = json.loads(_string(arrays["usage"]))
         positions = usage["prompt_tokens"] + usage["image_tokens"]
-        turns.append({"ttft_ms": (ttft if ttft is not None else events[-1][0]) * 1e3, "prompt_positions": positions,
-                      "prefill_positions": positions - usage["cached_prompt_positions"], "text": answer})
+        turns.append(
+            {
+                "ttft_ms": (ttft if ttft is not None else events[-1][0]) * 1e3,
+                "prompt_positions": positions,
+                "prefill_positions": positions - usage["cached_prompt_positions"],
+                "text": answer,
+            }
+        )
         history += [{"role": "human", "text": text, "num_images": 1}, {"role": "assistant", "text": answer}]
     return {"turns": turns, "vision_images": _vision_images(metrics_url) - encoded_before}
 
@@ -112,8 +128,10 @@ def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
             "vision_images_total": [r["vision_images"] for r in results],
         }
     out["distinct_images"] = args.turns
-    out["same_text"] = all([t["text"] for t in a["turns"]] == [t["text"] for t in b["turns"]]
-                           for a, b in zip(runs["cache"], runs["no_cache"]))
+    out["same_text"] = all(
+        [t["text"] for t in a["turns"]] == [t["text"] for t in b["turns"]]
+        for a, b in zip(runs["cache"], runs["no_cache"])
+    )
     out.update(ttft_ratios(out))
     return out
 
@@ -121,11 +139,15 @@ def _summarize(runs: dict, args, startup_s: float, exit_codes: dict) -> dict:
 def ttft_by_turn(results: list[dict], turns: int) -> dict:
     """Median and best TTFT of each turn over the repeats."""
     samples = [[r["turns"][t]["ttft_ms"] for r in results] for t in range(turns)]
-    return {"ttft_ms": [round(statistics.median(s), 3) for s in samples],
-            "ttft_ms_best": [round(min(s), 3) for s in samples]}
+    return {
+        "ttft_ms": [round(statistics.median(s), 3) for s in samples],
+        "ttft_ms_best": [round(min(s), 3) for s in samples],
+    }
 
 
 def ttft_ratios(out: dict) -> dict:
     """cache / no_cache per turn, of the medians and of the best runs."""
-    return {name: [round(c / n, 3) for c, n in zip(out["cache"][key], out["no_cache"][key])]
-            for name, key in (("ttft_ratio", "ttft_ms"), ("ttft_ratio_best", "ttft_ms_best"))}
+    return {
+        name: [round(c / n, 3) for c, n in zip(out["cache"][key], out["no_cache"][key])]
+        for name, key in (("ttft_ratio", "ttft_ms"), ("ttft_ratio_best", "ttft_ms_best"))
+    }

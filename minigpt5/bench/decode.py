@@ -7,6 +7,7 @@ step time is the per-token latency each user sees at that batch size. Images are
 includes what the engine really does per step: the batched forward, lm_head, per-row sampling on the
 CPU (repetition penalty, top-p) and streaming detokenisation.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,9 @@ from .models import kv_bytes_per_position, llm_bytes, prompt_ids
 from .timing import log, summarize, synchronize
 
 
-def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_positions: int, steps: int,
-                  warmup: int, base_vocab: int) -> dict:
+def engine_decode(
+    decoder_stage, tokens: dict, device, *, batch: int, prompt_positions: int, steps: int, warmup: int, base_vocab: int
+) -> dict:
     """With static decode on (CUDA graphs on a GPU), the same rows are then timed for `steps` more
     steps with it off: `eager_ms_per_token` and `speedup_vs_eager` come from the same run."""
     engine = decoder_stage.engine
@@ -47,17 +49,29 @@ def engine_decode(decoder_stage, tokens: dict, device, *, batch: int, prompt_pos
     finally:  # leave the engine empty for the next section, also after a failure
         drain_engine(engine, ids)
     timing = summarize(samples)
-    result = {"batch": batch, "method": "DecodeEngine.step", "decode_mode": engine.decode_mode,
-              "prompt_positions": prompt_positions,
-              "admission_steps": admit_steps, "admission_ms": round(admit_ms, 1),
-              "ms_per_token": timing["ms"], "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
-              "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),
-              "kv_positions_allocated_end": allocated, "step": timing}
+    result = {
+        "batch": batch,
+        "method": "DecodeEngine.step",
+        "decode_mode": engine.decode_mode,
+        "prompt_positions": prompt_positions,
+        "admission_steps": admit_steps,
+        "admission_ms": round(admit_ms, 1),
+        "ms_per_token": timing["ms"],
+        "tokens_per_s": round(batch * 1e3 / timing["ms"], 1),
+        "kv_positions_per_row_mean": round((kv_start + kv_end) / 2 / batch, 1),
+        "kv_positions_allocated_end": allocated,
+        "step": timing,
+    }
     if eager:
         eager_timing = summarize(eager)
         result["static_vs_eager_error"] = static_error
-        result.update({"eager_ms_per_token": eager_timing["ms"],
-                       "speedup_vs_eager": round(eager_timing["ms"] / timing["ms"], 3), "eager_step": eager_timing})
+        result.update(
+            {
+                "eager_ms_per_token": eager_timing["ms"],
+                "speedup_vs_eager": round(eager_timing["ms"] / timing["ms"], 3),
+                "eager_step": eager_timing,
+            }
+        )
     return result
 
 
@@ -119,17 +133,27 @@ def hbm_floor(llm, result: dict, gbps: float | None) -> dict:
     bandwidth'); `floor_with_kv_ms` adds each row's valid KV cache at the timed steps' mean length."""
     weights = llm_bytes(llm)
     kv_per_row = kv_bytes_per_position(llm) * result["kv_positions_per_row_mean"]
-    out = {"read_per_step_bytes": weights["read_per_step_bytes"],
-           "kv_bytes_per_step": int(kv_per_row * result["batch"]),
-           "bytes_per_element": llm.dtype.itemsize, "gbps": gbps}
+    out = {
+        "read_per_step_bytes": weights["read_per_step_bytes"],
+        "kv_bytes_per_step": int(kv_per_row * result["batch"]),
+        "bytes_per_element": llm.dtype.itemsize,
+        "gbps": gbps,
+    }
     if not gbps:
-        out.update({"floor_weights_ms": None, "ratio_to_floor": None, "floor_with_kv_ms": None,
-                    "ratio_to_floor_with_kv": None})
+        out.update(
+            {"floor_weights_ms": None, "ratio_to_floor": None, "floor_with_kv_ms": None, "ratio_to_floor_with_kv": None}
+        )
         return out
     floor = weights["read_per_step_bytes"] / (gbps * 1e9) * 1e3
     floor_kv = (weights["read_per_step_bytes"] + out["kv_bytes_per_step"]) / (gbps * 1e9) * 1e3
-    out.update({"floor_weights_ms": _sig(floor), "ratio_to_floor": _sig(result["ms_per_token"] / floor),
-                "floor_with_kv_ms": _sig(floor_kv), "ratio_to_floor_with_kv": _sig(result["ms_per_token"] / floor_kv)})
+    out.update(
+        {
+            "floor_weights_ms": _sig(floor),
+            "ratio_to_floor": _sig(result["ms_per_token"] / floor),
+            "floor_with_kv_ms": _sig(floor_kv),
+            "ratio_to_floor_with_kv": _sig(result["ms_per_token"] / floor_kv),
+        }
+    )
     return out
 
 
@@ -137,11 +161,11 @@ def _sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def decode_sweep_estimate_s(ms_per_token: float | None, batch: int, steps: int, warmup: int,
-                            prefill_ms: float | None) -> float:
+def decode_sweep_estimate_s(
+    ms_per_token: float | None, batch: int, steps: int, warmup: int, prefill_ms: float | None
+) -> float:
     """Rough seconds for one batch size, from measured batch-1 numbers (sampling grows with rows)."""
     if ms_per_token is None:
         return 0.0
     per_step = ms_per_token * (1 + 0.05 * batch)
     return (per_step * (steps + warmup + 4) + (prefill_ms or 0.0) * batch) / 1e3
-

@@ -12,6 +12,7 @@ Sections, in priority order (a section the --budget-s cannot fit is skipped, not
 Decode runs the server's default: 1-token steps at static shapes, captured as CUDA graphs on a GPU
 (--decode-graphs); each decode batch is then also timed eagerly, so `speedup_vs_eager` is one run's ratio.
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,13 +21,21 @@ import time
 import torch
 
 from ..config import SCHEDULER
-from .decode import decode_sweep_estimate_s, engine_decode, hbm_floor
-from .one_answer import input_image, ready, run_once
 from ..fp8 import fp8_available, quantize_llm_fp8
+from .decode import decode_sweep_estimate_s, engine_decode, hbm_floor
 from .models import BASE_VOCAB, bench_tokenizer, llm_bytes, make_decoder, make_stages, prompt_ids
 from .naive import make_sd_pipeline, naive_once
+from .one_answer import input_image, ready, run_once
 from .report import Report
-from .stage_latency import build, time_decode_direct, time_mapper, time_prefill, time_unet_step, time_vae_decode, time_vision
+from .stage_latency import (
+    build,
+    time_decode_direct,
+    time_mapper,
+    time_prefill,
+    time_unet_step,
+    time_vae_decode,
+    time_vision,
+)
 from .timing import hbm_bandwidth, log, memory
 
 TARGET_MS = 2000.0  # the product's end-to-end target
@@ -35,14 +44,14 @@ NOTES = {
     "weights": "random, built on the device: timings only, never quality",
     "stages": "module forward on device-resident inputs, median of --repeats after --warmup, synchronised",
     "decode": "DecodeEngine.step at B rows (forward + sampling + detokenising); ms_per_token = median "
-              "step (CUDA graphs when cuda_graphs), eager_ms_per_token = the same rows right after with "
-              "static decode off; floor = LLM bytes read per step (all but the input-embedding table) / "
-              "bandwidth",
+    "step (CUDA graphs when cuda_graphs), eager_ms_per_token = the same rows right after with "
+    "static decode off; floor = LLM bytes read per step (all but the input-embedding table) / "
+    "bandwidth",
     "e2e": "one run each: VisionStage.encode -> DecoderStage engine (force_image, EOS banned) -> "
-           "ImageStage.decode, host copies included",
+    "ImageStage.decode, host copies included",
     "naive": "HF generate(output_hidden_states) + diffusers StableDiffusionPipeline (PNDM), same modules",
     "fp8": "decoder-layer weights fp8 e4m3 with per-channel scales, activations per token (torch._scaled_mm); "
-           "embeddings, norms, lm_head and the KV cache keep --dtype; floor counts 1 byte per fp8 weight",
+    "embeddings, norms, lm_head and the KV cache keep --dtype; floor counts 1 byte per fp8 weight",
 }
 
 
@@ -53,15 +62,26 @@ def main(args) -> int:
         return report.finish()
     device, modules = ctx["device"], ctx["modules"]
     static_decode = _switch(args.decode_graphs, device.type == "cuda")
-    report.data["settings"].update({
-        "decode_graphs": args.decode_graphs, "static_decode": static_decode, "fp8": args.fp8,
-        "max_tokens": args.max_tokens, "steps": args.steps, "dpm_steps": args.dpm_steps,
-        "vision_batches": args.vision_batches, "unet_batches": args.unet_batches,
-        "decode_batches": args.decode_batches, "decode_steps": args.decode_steps,
-        "budget_s": args.budget_s, "skip": args.skip})
+    report.data["settings"].update(
+        {
+            "decode_graphs": args.decode_graphs,
+            "static_decode": static_decode,
+            "fp8": args.fp8,
+            "max_tokens": args.max_tokens,
+            "steps": args.steps,
+            "dpm_steps": args.dpm_steps,
+            "vision_batches": args.vision_batches,
+            "unet_batches": args.unet_batches,
+            "decode_batches": args.decode_batches,
+            "decode_steps": args.decode_steps,
+            "budget_s": args.budget_s,
+            "skip": args.skip,
+        }
+    )
     stages = {}
-    report.section(("build", "stages"), lambda: _make_stages(stages, modules, args.preset, static_decode),
-                   required=True)
+    report.section(
+        ("build", "stages"), lambda: _make_stages(stages, modules, args.preset, static_decode), required=True
+    )
     if not stages:
         return report.finish()
     tokens, image_decoder, llm = stages["tokens"], stages["images"].decoder, modules["llm"]
@@ -73,20 +93,32 @@ def main(args) -> int:
 
     # ---- per-stage latencies ------------------------------------------------------------------------
     for batch in args.vision_batches:
-        section(("stages", f"vision_b{batch}"), lambda b=batch: time_vision(modules["vision"], device, b, **timing),
-                group="stages")
-    prefill = section(("stages", "prefill"), lambda: time_prefill(llm, device, args.prefill_tokens, **timing),
-                      group="stages")
-    direct = section(("stages", "decode_token"),
-                     lambda: time_decode_direct(llm, device, args.prefill_tokens, **timing), group="stages")
-    section(("stages", "mapper"), lambda: time_mapper(modules["mapper"], device, llm.config.hidden_size, **timing),
-            group="stages")
+        section(
+            ("stages", f"vision_b{batch}"),
+            lambda b=batch: time_vision(modules["vision"], device, b, **timing),
+            group="stages",
+        )
+    prefill = section(
+        ("stages", "prefill"), lambda: time_prefill(llm, device, args.prefill_tokens, **timing), group="stages"
+    )
+    direct = section(
+        ("stages", "decode_token"),
+        lambda: time_decode_direct(llm, device, args.prefill_tokens, **timing),
+        group="stages",
+    )
+    section(
+        ("stages", "mapper"),
+        lambda: time_mapper(modules["mapper"], device, llm.config.hidden_size, **timing),
+        group="stages",
+    )
     unet = {}
     for batch in args.unet_batches:
-        unet[batch] = section(("stages", f"unet_step_cfg_b{batch}"),
-                              lambda b=batch: time_unet_step(image_decoder, device, b, **timing), group="stages")
-    vae = section(("stages", "vae_decode"), lambda: time_vae_decode(image_decoder, device, 1, **timing),
-                  group="stages")
+        unet[batch] = section(
+            ("stages", f"unet_step_cfg_b{batch}"),
+            lambda b=batch: time_unet_step(image_decoder, device, b, **timing),
+            group="stages",
+        )
+    vae = section(("stages", "vae_decode"), lambda: time_vae_decode(image_decoder, device, 1, **timing), group="stages")
 
     # ---- engine decode at several batch sizes -------------------------------------------------------
     direct_ms = _ms(direct)
@@ -102,37 +134,80 @@ def main(args) -> int:
             return 0.0
         return factor * (args.max_tokens * token_ms + steps * (step_ms or 0.0) + (_ms(vae) or 0.0)) / 1e3 + 1.0
 
-    section(("e2e", "warmup"), lambda: _timed(lambda: ready(stages, prompt, image, device)), group="e2e",
-            estimate_s=estimate(2) * 0.05)
-    ours = section(("e2e", "pndm"), lambda: run_once(stages, prompt, image, device, max_tokens=args.max_tokens,
-                                                      steps=args.steps, scheduler="pndm", seed=args.seed),
-                   group="e2e", estimate_s=estimate(args.steps, 1.2))
+    section(
+        ("e2e", "warmup"),
+        lambda: _timed(lambda: ready(stages, prompt, image, device)),
+        group="e2e",
+        estimate_s=estimate(2) * 0.05,
+    )
+    ours = section(
+        ("e2e", "pndm"),
+        lambda: run_once(
+            stages,
+            prompt,
+            image,
+            device,
+            max_tokens=args.max_tokens,
+            steps=args.steps,
+            scheduler="pndm",
+            seed=args.seed,
+        ),
+        group="e2e",
+        estimate_s=estimate(args.steps, 1.2),
+    )
     holder = {}
 
     def naive_warmup():
         holder["pipe"] = make_sd_pipeline(modules, SCHEDULER)
-        return _timed(lambda: naive_once(modules, holder["pipe"], tokens, prompt, image, device,
-                                         max_tokens=10, steps=2, seed=1))
+        return _timed(
+            lambda: naive_once(modules, holder["pipe"], tokens, prompt, image, device, max_tokens=10, steps=2, seed=1)
+        )
+
     section(("naive", "warmup"), naive_warmup, group="naive", estimate_s=estimate(2) * 0.05)
     naive = None
     if "pipe" not in holder:
         warmup = report.data["naive"]["warmup"]
         report.set(("naive", "pndm"), dict(warmup) if "skipped" in warmup else {"skipped": "naive.warmup failed"})
     else:
-        naive = section(("naive", "pndm"), lambda: naive_once(modules, holder["pipe"], tokens, prompt, image, device,
-                                                              max_tokens=args.max_tokens, steps=args.steps,
-                                                              seed=args.seed),
-                        group="naive", estimate_s=estimate(args.steps, 1.5))
-    dpm = section(("e2e", "dpm"), lambda: run_once(stages, prompt, image, device, max_tokens=args.max_tokens,
-                                                    steps=args.dpm_steps, scheduler="dpm", seed=args.seed),
-                  group="e2e_dpm", estimate_s=estimate(args.dpm_steps, 1.2))
+        naive = section(
+            ("naive", "pndm"),
+            lambda: naive_once(
+                modules,
+                holder["pipe"],
+                tokens,
+                prompt,
+                image,
+                device,
+                max_tokens=args.max_tokens,
+                steps=args.steps,
+                seed=args.seed,
+            ),
+            group="naive",
+            estimate_s=estimate(args.steps, 1.5),
+        )
+    dpm = section(
+        ("e2e", "dpm"),
+        lambda: run_once(
+            stages,
+            prompt,
+            image,
+            device,
+            max_tokens=args.max_tokens,
+            steps=args.dpm_steps,
+            scheduler="dpm",
+            seed=args.seed,
+        ),
+        group="e2e_dpm",
+        estimate_s=estimate(args.dpm_steps, 1.2),
+    )
 
     fp8 = {}
     fp8_runs, why_not = fp8_available(device)
     if _switch(args.fp8, fp8_runs):
         holder.clear()  # the naive pipeline holds the LLM's bf16 layers no more
-        fp8 = _fp8_sections(report, args, stages, modules, device, bandwidth["gbps"], prompt, image, estimate,
-                            (direct_ms, _ms(prefill)))
+        fp8 = _fp8_sections(
+            report, args, stages, modules, device, bandwidth["gbps"], prompt, image, estimate, (direct_ms, _ms(prefill))
+        )
     else:
         report.set(("fp8",), {"skipped": "flag" if args.fp8 == "off" else why_not})
 
@@ -151,28 +226,42 @@ def _decode_sweep(report, args, stages: dict, device, gbps, direct_ms, prefill_m
             estimate *= 2  # the eager comparison
 
         def sweep(b=batch):
-            result = engine_decode(stages["decoder"], stages["tokens"], device, batch=b,
-                                   prompt_positions=args.prefill_tokens, steps=args.decode_steps,
-                                   warmup=args.warmup, base_vocab=BASE_VOCAB[args.preset])
+            result = engine_decode(
+                stages["decoder"],
+                stages["tokens"],
+                device,
+                batch=b,
+                prompt_positions=args.prefill_tokens,
+                steps=args.decode_steps,
+                warmup=args.warmup,
+                base_vocab=BASE_VOCAB[args.preset],
+            )
             return {**result, "hbm": hbm_floor(llm, result, gbps)}
+
         decode[batch] = report.section((group, f"b{batch}"), sweep, group=group, estimate_s=estimate)
     return decode
 
 
-def _fp8_sections(report, args, stages: dict, modules: dict, device, gbps, prompt, image, estimate,
-                  bf16_ms: tuple) -> dict:
+def _fp8_sections(
+    report, args, stages: dict, modules: dict, device, gbps, prompt, image, estimate, bf16_ms: tuple
+) -> dict:
     """Quantise the LLM in place, give it a fresh engine (graphs captured over the new weights; the
     old engine's KV pool is freed first), then decode and end to end again. The budget estimates use
     the --dtype timings `bf16_ms` (direct decode, prefill): fp8 should not be slower."""
+
     def quantize():
         stages["decoder"] = None  # its graphs point at the weights being replaced
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         stats = quantize_llm_fp8(modules["llm"])
-        stages["decoder"] = make_decoder(modules["llm"], stages["decoder_tokenizer"], stages["tokens"],
-                                         static_decode=report.data["settings"]["static_decode"],
-                                         capture_fallback=True)
+        stages["decoder"] = make_decoder(
+            modules["llm"],
+            stages["decoder_tokenizer"],
+            stages["tokens"],
+            static_decode=report.data["settings"]["static_decode"],
+            capture_fallback=True,
+        )
         return {**stats, "llm": llm_bytes(modules["llm"]), **_decode_mode(stages["decoder"].engine)}
 
     if report.section(("fp8", "quantize"), quantize, group="fp8", estimate_s=QUANTIZE_ESTIMATE_S) is None:
@@ -181,9 +270,13 @@ def _fp8_sections(report, args, stages: dict, modules: dict, device, gbps, promp
     results = {"decode": decode}
     for scheduler, steps in (("pndm", args.steps), ("dpm", args.dpm_steps)):
         results[scheduler] = report.section(
-            ("fp8", f"e2e_{scheduler}"), lambda sc=scheduler, st=steps: run_once(
-                stages, prompt, image, device, max_tokens=args.max_tokens, steps=st, scheduler=sc, seed=args.seed),
-            group="fp8", estimate_s=estimate(steps, 1.2))
+            ("fp8", f"e2e_{scheduler}"),
+            lambda sc=scheduler, st=steps: run_once(
+                stages, prompt, image, device, max_tokens=args.max_tokens, steps=st, scheduler=sc, seed=args.seed
+            ),
+            group="fp8",
+            estimate_s=estimate(steps, 1.2),
+        )
     return results
 
 
@@ -209,8 +302,9 @@ def summary(ours: dict | None, dpm: dict | None, naive: dict | None, decode: dic
         "fp8_e2e_dpm_ms": _ms(fp8.get("dpm")),
         "fp8_dpm_ratio_to_2s_target": ratio(_ms(fp8.get("dpm")), TARGET_MS),
         "fp8_decode_ms_per_token": {f"b{b}": r.get("ms_per_token") for b, r in fp8.get("decode", {}).items() if r},
-        "fp8_decode_ratio_to_hbm_floor": {f"b{b}": r["hbm"].get("ratio_to_floor")
-                                          for b, r in fp8.get("decode", {}).items() if r},
+        "fp8_decode_ratio_to_hbm_floor": {
+            f"b{b}": r["hbm"].get("ratio_to_floor") for b, r in fp8.get("decode", {}).items() if r
+        },
     }
 
 
@@ -224,11 +318,16 @@ def _make_stages(into: dict, modules: dict, preset_name: str, static_decode: boo
     """VisionStage / DecoderStage / ImageStage over the built modules (bench/models.py)."""
     tokenizer = bench_tokenizer(preset_name)
     start = time.perf_counter()
-    into.update(make_stages(modules, tokenizer, static_decode=static_decode, capture_fallback=True),
-                decoder_tokenizer=tokenizer)
-    return {"tokenizer": "word-level stand-in", "vocab_size": len(tokenizer),
-            "engine": "DecodeEngine defaults, EOS banned", "seconds": round(time.perf_counter() - start, 2),
-            **_decode_mode(into["decoder"].engine)}
+    into.update(
+        make_stages(modules, tokenizer, static_decode=static_decode, capture_fallback=True), decoder_tokenizer=tokenizer
+    )
+    return {
+        "tokenizer": "word-level stand-in",
+        "vocab_size": len(tokenizer),
+        "engine": "DecodeEngine defaults, EOS banned",
+        "seconds": round(time.perf_counter() - start, 2),
+        **_decode_mode(into["decoder"].engine),
+    }
 
 
 def _decode_mode(engine) -> dict:
@@ -249,13 +348,15 @@ def _timed(fn) -> dict:
 def _table(s: dict) -> str:
     def fmt(value):
         return "-" if value is None else f"{value}"
-    lines = [f"end to end (PNDM): {fmt(s['e2e_ms'])} ms  = {fmt(s['ratio_to_2s_target'])} × the 2 s target",
-             f"end to end (DPM):  {fmt(s['e2e_dpm_ms'])} ms  = {fmt(s['dpm_ratio_to_2s_target'])} × the 2 s target",
-             f"naive upstream:    {fmt(s['naive_ms'])} ms  → speedup {fmt(s['speedup_vs_naive'])}×",
-             f"decode ms/token:   {s['decode_ms_per_token']}",
-             f"  × HBM floor:     {s['decode_ratio_to_hbm_floor']}",
-             f"  vs eager step:   {s['decode_speedup_vs_eager']}",
-             f"fp8 end to end:    {fmt(s['fp8_e2e_ms'])} ms (PNDM), {fmt(s['fp8_e2e_dpm_ms'])} ms (DPM)",
-             f"fp8 decode:        {s['fp8_decode_ms_per_token']} ms/token, "
-             f"× floor {s['fp8_decode_ratio_to_hbm_floor']}"]
+
+    lines = [
+        f"end to end (PNDM): {fmt(s['e2e_ms'])} ms  = {fmt(s['ratio_to_2s_target'])} × the 2 s target",
+        f"end to end (DPM):  {fmt(s['e2e_dpm_ms'])} ms  = {fmt(s['dpm_ratio_to_2s_target'])} × the 2 s target",
+        f"naive upstream:    {fmt(s['naive_ms'])} ms  → speedup {fmt(s['speedup_vs_naive'])}×",
+        f"decode ms/token:   {s['decode_ms_per_token']}",
+        f"  × HBM floor:     {s['decode_ratio_to_hbm_floor']}",
+        f"  vs eager step:   {s['decode_speedup_vs_eager']}",
+        f"fp8 end to end:    {fmt(s['fp8_e2e_ms'])} ms (PNDM), {fmt(s['fp8_e2e_dpm_ms'])} ms (DPM)",
+        f"fp8 decode:        {s['fp8_decode_ms_per_token']} ms/token, × floor {s['fp8_decode_ratio_to_hbm_floor']}",
+    ]
     return "summary\n" + "\n".join(lines)

@@ -1,4 +1,5 @@
 """Types of flag values shared by the benches' parsers (stdlib only: parsers are built without torch)."""
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ Both paths decode in the same bench process, so client-side parsing is in both. 
 its own process (`minigpt5 gateway`), as deployed; with --url the Triton server is one already
 running, else the bench starts one on the tiny weights and stops it at the end.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,11 +40,23 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="minigpt5-gateway-", suffix=".log")[1])
-        command = [sys.executable, "-m", "minigpt5_client", "gateway", "--url", triton_url, "--host", "127.0.0.1",
-                   "--port", str(self.port), *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "minigpt5_client",
+            "gateway",
+            "--url",
+            triton_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -88,8 +101,13 @@ async def direct(client, params: dict) -> dict:
 async def through_gateway(session, gateway_url: str, params: dict) -> dict:
     """POST /v1/chat/completions with stream=true, read to `data: [DONE]` (aiohttp: the lightest SSE
     reader at hand, so that the client's own parsing weighs about what the direct path's does)."""
-    body = {"model": "minigpt5", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-            "stream_options": {"include_usage": True}, **params}
+    body = {
+        "model": "minigpt5",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **params,
+    }
     start, text, tokens = time.perf_counter(), [], None
     async with session.post(f"{gateway_url}/v1/chat/completions", json=body) as reply:
         if reply.status != 200:
@@ -108,32 +126,38 @@ async def through_gateway(session, gateway_url: str, params: dict) -> dict:
 def http_session(connections: int):
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
-                                 timeout=aiohttp.ClientTimeout(total=STARTUP_TIMEOUT_S))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=STARTUP_TIMEOUT_S)
+    )
 
 
 # ---- the measurements -------------------------------------------------------------------------------
 async def measure_lone(triton_url: str, gateway_url: str, args) -> dict:
     from minigpt5_client import AsyncClient
 
-    params = {"max_tokens": args.max_tokens, "seed": args.seed, "force_image": True,
-              "num_inference_steps": args.steps}
+    params = {"max_tokens": args.max_tokens, "seed": args.seed, "force_image": True, "num_inference_steps": args.steps}
     runs: dict[str, list] = {"direct": [], "gateway": []}
     async with AsyncClient(triton_url) as client, http_session(4) as http:
         ways = {"direct": lambda: direct(client, params), "gateway": lambda: through_gateway(http, gateway_url, params)}
         for way in ways.values():  # warm-up: channels, connections, first-call costs
             await way()
         for i in range(args.requests):
-            for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+            for name in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
                 runs[name].append(await ways[name]())
-            log(f"lone {i + 1}/{args.requests}: direct {runs['direct'][-1]['ms']:.0f} ms, "
-                f"gateway {runs['gateway'][-1]['ms']:.0f} ms")
+            log(
+                f"lone {i + 1}/{args.requests}: direct {runs['direct'][-1]['ms']:.0f} ms, "
+                f"gateway {runs['gateway'][-1]['ms']:.0f} ms"
+            )
     direct_ms = [run["ms"] for run in runs["direct"]]
     gateway_ms = [run["ms"] for run in runs["gateway"]]
-    return {"params": params, "direct_ms": _summary(direct_ms), "gateway_ms": _summary(gateway_ms),
-            "latency_ratio": _paired_ratio(gateway_ms, direct_ms),
-            "ratio_of_medians": _ratio(statistics.median(gateway_ms), statistics.median(direct_ms)),
-            "same_text": len({run["text"] for run in runs["direct"] + runs["gateway"]}) == 1}
+    return {
+        "params": params,
+        "direct_ms": _summary(direct_ms),
+        "gateway_ms": _summary(gateway_ms),
+        "latency_ratio": _paired_ratio(gateway_ms, direct_ms),
+        "ratio_of_medians": _ratio(statistics.median(gateway_ms), statistics.median(direct_ms)),
+        "same_text": len({run["text"] for run in runs["direct"] + runs["gateway"]}) == 1,
+    }
 
 
 async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
@@ -145,8 +169,10 @@ async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
     rates: dict[str, list] = {"direct": [], "gateway": []}
     tokens: dict[str, set] = {"direct": set(), "gateway": set()}
     async with AsyncClient(triton_url) as client, http_session(args.streams + 4) as http:
-        ways = {"direct": lambda i: direct(client, params(i)),
-                "gateway": lambda i: through_gateway(http, gateway_url, params(i))}
+        ways = {
+            "direct": lambda i: direct(client, params(i)),
+            "gateway": lambda i: through_gateway(http, gateway_url, params(i)),
+        }
 
         async def together(name: str) -> float:
             start = time.perf_counter()
@@ -158,26 +184,40 @@ async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
         for name in ways:  # warm-up
             await together(name)
         for i in range(args.rounds):
-            for name in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+            for name in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
                 rates[name].append(await together(name))
-            log(f"streams {i + 1}/{args.rounds}: direct {rates['direct'][-1]:.0f} tokens/s, "
-                f"gateway {rates['gateway'][-1]:.0f} tokens/s")
-    return {"streams": args.streams, "max_tokens": args.stream_tokens,
-            "direct_tokens_per_s": _rates(rates["direct"]), "gateway_tokens_per_s": _rates(rates["gateway"]),
-            "tokens_per_s_ratio": _paired_ratio(rates["gateway"], rates["direct"]),
-            "ratio_of_medians": _ratio(statistics.median(rates["gateway"]), statistics.median(rates["direct"])),
-            "same_tokens": len(tokens["direct"] | tokens["gateway"]) == 1,
-            "tokens_per_round": sorted(tokens["direct"] | tokens["gateway"])}
+            log(
+                f"streams {i + 1}/{args.rounds}: direct {rates['direct'][-1]:.0f} tokens/s, "
+                f"gateway {rates['gateway'][-1]:.0f} tokens/s"
+            )
+    return {
+        "streams": args.streams,
+        "max_tokens": args.stream_tokens,
+        "direct_tokens_per_s": _rates(rates["direct"]),
+        "gateway_tokens_per_s": _rates(rates["gateway"]),
+        "tokens_per_s_ratio": _paired_ratio(rates["gateway"], rates["direct"]),
+        "ratio_of_medians": _ratio(statistics.median(rates["gateway"]), statistics.median(rates["direct"])),
+        "same_tokens": len(tokens["direct"] | tokens["gateway"]) == 1,
+        "tokens_per_round": sorted(tokens["direct"] | tokens["gateway"]),
+    }
 
 
 def _summary(values: list[float]) -> dict:
-    return {"ms": round(statistics.median(values), 2), "min_ms": round(min(values), 2),
-            "max_ms": round(max(values), 2), "n": len(values)}
+    return {
+        "ms": round(statistics.median(values), 2),
+        "min_ms": round(min(values), 2),
+        "max_ms": round(max(values), 2),
+        "n": len(values),
+    }
 
 
 def _rates(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "n": len(values)}
+    return {
+        "median": round(statistics.median(values), 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+        "n": len(values),
+    }
 
 
 def _paired_ratio(gateway: list[float], direct: list[float]) -> float | None:
@@ -194,8 +234,10 @@ def _ratio(a: float, b: float) -> float | None:
 # ---- the run ----------------------------------------------------------------------------------------
 def main(args) -> int:
     report = Report("gateway", out=args.out)
-    report.data["settings"] = {key: getattr(args, key) for key in ("requests", "rounds", "streams", "max_tokens",
-                                                                 "stream_tokens", "steps", "seed")}
+    report.data["settings"] = {
+        key: getattr(args, key)
+        for key in ("requests", "rounds", "streams", "max_tokens", "stream_tokens", "steps", "seed")
+    }
     report.data["targets"] = TARGETS
     server = None
     try:
@@ -229,9 +271,16 @@ def _start_server(report: Report, args):
     from ..weights.tiny import resolve_weights
 
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-gateway-"))
-    server = TritonProcess(resolve_weights(args.weights), http_port=free_port(),
-                           grpc_port=free_port(), metrics_port=free_port(), host="127.0.0.1", device=args.device,
-                           workdir=workdir, log_file=workdir / "tritonserver.log")
+    server = TritonProcess(
+        resolve_weights(args.weights),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        host="127.0.0.1",
+        device=args.device,
+        workdir=workdir,
+        log_file=workdir / "tritonserver.log",
+    )
     report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "log": str(workdir / "tritonserver.log")}
 
     def start():
@@ -239,6 +288,7 @@ def _start_server(report: Report, args):
         server.start()
         server.wait_ready(timeout=STARTUP_TIMEOUT_S)
         return {"startup_s": round(time.perf_counter() - started, 1)}
+
     report.section(("server", "ready"), start, required=True)
     return server
 
@@ -247,13 +297,17 @@ def _summarize(data: dict) -> None:
     lone, streams = data.get("lone") or {}, data.get("streams") or {}
     latency, throughput = lone.get("latency_ratio"), streams.get("tokens_per_s_ratio")
     data["summary"] = {
-        "lone_latency_ratio": latency, "streams_tokens_per_s_ratio": throughput,
+        "lone_latency_ratio": latency,
+        "streams_tokens_per_s_ratio": throughput,
         "lone_direct_ms": (lone.get("direct_ms") or {}).get("ms"),
         "lone_gateway_ms": (lone.get("gateway_ms") or {}).get("ms"),
         "streams_direct_tokens_per_s": (streams.get("direct_tokens_per_s") or {}).get("median"),
         "streams_gateway_tokens_per_s": (streams.get("gateway_tokens_per_s") or {}).get("median"),
-        "targets_met": {"lone_latency_ratio": None if latency is None else latency <= TARGETS["lone_latency_ratio_max"],
-                        "streams_tokens_per_s_ratio": None if throughput is None
-                        else throughput >= TARGETS["streams_tokens_per_s_ratio_min"]},
+        "targets_met": {
+            "lone_latency_ratio": None if latency is None else latency <= TARGETS["lone_latency_ratio_max"],
+            "streams_tokens_per_s_ratio": None
+            if throughput is None
+            else throughput >= TARGETS["streams_tokens_per_s_ratio_min"],
+        },
     }
     log(f"gateway / direct: lone latency {latency}, tokens/s at {streams.get('streams')} streams {throughput}")

@@ -5,6 +5,7 @@ The LLM vocabulary is LLaMA's 32000 plus the 9 MiniGPT-5 tokens (tiny: 512 + 9).
 word-level one over synthetic words `t3`...: it decodes any id, and no sequence of its words spells the
 stop text '###', so generation length is set by `max_tokens` alone (EOS is banned as well).
 """
+
 from __future__ import annotations
 
 import torch
@@ -95,8 +96,7 @@ def parameter_counts(modules: dict) -> dict:
 def meta_parameter_counts(preset_name: str) -> dict:
     """`parameter_counts` of a preset built on the meta device: no memory is allocated."""
     arch = bench_arch(preset_name)
-    return parameter_counts({name: build_module(name, arch, "meta", torch.float32)
-                             for name in components.COMPONENTS})
+    return parameter_counts({name: build_module(name, arch, "meta", torch.float32) for name in components.COMPONENTS})
 
 
 def llm_bytes(llm) -> dict:
@@ -117,9 +117,14 @@ def kv_bytes_per_position(llm) -> int:
 # ---- the repository's stages around prebuilt modules ---------------------------------------------
 def token_ids(tokenizer) -> dict:
     from ..tokenizer import special_token_ids
+
     ids = special_token_ids(tokenizer)
-    return {"vokens": ids["vokens"], "image_placeholder": ids["image_placeholder"],
-            "bos_id": ids["bos"]["<s>"], "eos_id": ids["eos"]}
+    return {
+        "vokens": ids["vokens"],
+        "image_placeholder": ids["image_placeholder"],
+        "bos_id": ids["bos"]["<s>"],
+        "eos_id": ids["eos"],
+    }
 
 
 def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER, **engine_options) -> dict:

@@ -6,6 +6,7 @@ UNet with CFG, scheduler, VAE, uint8 to host). force_image (mode end) makes the 
 image; with random weights [IMG0] is then forced at the last chance, so the image is decoded after the text
 (the latest it can come; a real model draws it earlier, which overlaps nothing in this serial loop).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,12 +20,21 @@ from .timing import Stopwatch
 
 
 def input_image(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (1, VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3),
-                                                dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (1, VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3), dtype=np.uint8)
 
 
-def run_once(stages: dict, prompt: list[int], image: np.ndarray, device, *, max_tokens: int, steps: int,
-             scheduler: str, seed: int = 0, guidance_scale: float = 7.5) -> dict:
+def run_once(
+    stages: dict,
+    prompt: list[int],
+    image: np.ndarray,
+    device,
+    *,
+    max_tokens: int,
+    steps: int,
+    scheduler: str,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+) -> dict:
     vision, decoder, images_stage = stages["vision"], stages["decoder"], stages["images"]
     engine = decoder.engine
     if engine.has_work:
@@ -34,8 +44,9 @@ def run_once(stages: dict, prompt: list[int], image: np.ndarray, device, *, max_
     vision_ms = clock.ms()
     # max_tokens here counts generated positions (the benchmark's "N tokens"); the engine counts sampled
     # ids, and the one image's 7 forced vokens come on top of them.
-    sampling = SamplingParams(max_tokens=max_tokens - (NUM_VOKENS - 1), seed=seed, force_image=True,
-                              force_image_mode="end", max_images=1)
+    sampling = SamplingParams(
+        max_tokens=max_tokens - (NUM_VOKENS - 1), seed=seed, force_image=True, force_image_mode="end", max_images=1
+    )
     engine.submit(decoder.make_request(f"bench-e2e-{scheduler}-{seed}", prompt, image_embeds, sampling))
     first_token_ms, image_ms, outputs, finished = None, 0.0, [], None
     while engine.has_work:
@@ -62,7 +73,8 @@ def run_once(stages: dict, prompt: list[int], image: np.ndarray, device, *, max_
         "finish_reason": finished.reason if finished else None,
         "images": len(outputs),
         "image_shape": list(outputs[0].shape) if outputs else None,
-        "scheduler": scheduler, "steps": steps,
+        "scheduler": scheduler,
+        "steps": steps,
     }
 
 

@@ -5,6 +5,7 @@ whole device run); a section that the budget cannot fit is recorded as {"skipped
 `--out`, the JSON file is rewritten after every section, so a run killed from outside still leaves
 everything it measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,7 @@ class Report:
             node = node.setdefault(key, {})
         node[path[-1]] = value
 
-    def section(self, path: tuple, fn, *, group: str | None = None, estimate_s: float = 0.0,
-                required: bool = False):
+    def section(self, path: tuple, fn, *, group: str | None = None, estimate_s: float = 0.0, required: bool = False):
         """Run `fn()` and store its result at `path`; None when skipped or failed. A `required`
         section (the build) runs whatever the budget and the skip list say."""
         name = ".".join(path)
@@ -48,8 +48,9 @@ class Report:
             self.set(path, {"skipped": "flag"})
             return None
         if not required and not self.fits(estimate_s):
-            self.set(path, {"skipped": "budget", "estimate_s": round(estimate_s, 1),
-                            "elapsed_s": round(self.elapsed_s, 1)})
+            self.set(
+                path, {"skipped": "budget", "estimate_s": round(estimate_s, 1), "elapsed_s": round(self.elapsed_s, 1)}
+            )
             log(f"{name}: skipped, would overrun the {self.budget_s:.0f} s budget (estimate {estimate_s:.0f} s)")
             return None
         log(f"{self.elapsed_s:7.1f} s  {name} ...")

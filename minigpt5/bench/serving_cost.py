@@ -23,6 +23,7 @@ Random weights never pick [IMG0] on purpose, so with force_image alone the image
 (and overlap could never show): hence the seed search, done in-process before measuring (the served
 tokens equal the in-process ones, and the JSON checks it: `same_text_as_in_process`, `same_image`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,17 +55,17 @@ STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
 METHOD = {
     "latency": "median end-to-end ms of a lone request: served = gRPC ModelStreamInfer on `minigpt5` "
-               "(stream=true) from the send to the final response; in-process = MiniGPT5Pipeline.run in "
-               "the bench process (vision none, decode, then the image). force_image, the image is the "
-               "last thing generated (seed chosen so), so neither path can overlap anything",
+    "(stream=true) from the send to the final response; in-process = MiniGPT5Pipeline.run in "
+    "the bench process (vision none, decode, then the image). force_image, the image is the "
+    "last thing generated (seed chosen so), so neither path can overlap anything",
     "overlap": "a request whose [IMG0] is sampled early (seed search) and whose text runs on to "
-               "max_tokens; overlapped = served end to end; sequential = the decoder alone in the "
-               "bench process (same prompt ids and sampling) + image_decoder alone (HTTP infer through "
-               "Triton, its voken states); gain = median(sequential) / median(overlapped). The served "
-               "path also does gRPC streaming, IPC and PNG encoding that the sequential sum leaves out, "
-               "so the gain is if anything understated",
+    "max_tokens; overlapped = served end to end; sequential = the decoder alone in the "
+    "bench process (same prompt ids and sampling) + image_decoder alone (HTTP infer through "
+    "Triton, its voken states); gain = median(sequential) / median(overlapped). The served "
+    "path also does gRPC streaming, IPC and PNG encoding that the sequential sum leaves out, "
+    "so the gain is if anything understated",
     "ideal_gain": "sequential / max(decoder-only, decoder-only time to the voken states + image-only): "
-                  "what perfect overlap on free cores would give",
+    "what perfect overlap on free cores would give",
     "ttft": "send -> first non-empty `text` event; ttfi: send -> the `image` event (PNG included)",
 }
 
@@ -96,8 +97,13 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
         if kind == "force_image":
             tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=True)
             if img0 in tokens and tokens.index(img0) == args.max_tokens - NUM_VOKENS:
-                return {"seed": seed, "image_token_index": tokens.index(img0), "completion_tokens": len(tokens),
-                        "finish_reason": reason, "tried": seed - args.seed + 1}
+                return {
+                    "seed": seed,
+                    "image_token_index": tokens.index(img0),
+                    "completion_tokens": len(tokens),
+                    "finish_reason": reason,
+                    "tried": seed - args.seed + 1,
+                }
             continue
         prefix, _ = _decode_only(pipeline, seed, window + 1, force_image=False)
         if img0 not in prefix:
@@ -105,16 +111,23 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
         tokens, reason = _decode_only(pipeline, seed, sampled_budget(args.max_tokens), force_image=False)
         if reason == "length" and tokens.index(img0) <= window:
             index = tokens.index(img0)
-            return {"seed": seed, "image_token_index": index, "completion_tokens": len(tokens),
-                    "tokens_after_image": len(tokens) - index - NUM_VOKENS, "finish_reason": reason,
-                    "tried": seed - args.seed + 1}
-    raise RuntimeError(f"no {kind} seed in [{args.seed}, {args.seed + args.search_seeds}) "
-                       f"(raise --search-seeds or --max-tokens)")
+            return {
+                "seed": seed,
+                "image_token_index": index,
+                "completion_tokens": len(tokens),
+                "tokens_after_image": len(tokens) - index - NUM_VOKENS,
+                "finish_reason": reason,
+                "tried": seed - args.seed + 1,
+            }
+    raise RuntimeError(
+        f"no {kind} seed in [{args.seed}, {args.seed + args.search_seeds}) (raise --search-seeds or --max-tokens)"
+    )
 
 
 def sampled_budget(max_tokens: int) -> int:
     """The request's max_tokens (sampled ids) for an answer of `max_tokens` positions with one image."""
     from ..config import NUM_VOKENS
+
     return max_tokens - (NUM_VOKENS - 1)
 
 
@@ -122,17 +135,20 @@ def overlap_window(max_tokens: int) -> int:
     """Latest token index for the overlap request's [IMG0]: the first quarter of the text budget (at
     least 4), so that about three quarters of the text is generated after the image."""
     from ..config import NUM_VOKENS
+
     return max(4, (max_tokens - NUM_VOKENS) // 4)
 
 
 def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> tuple[list[int], str]:
     from ..engine import Finished
 
-    request = pipeline.request(PROMPT, max_tokens=max_tokens, random_seed=seed, force_image=force_image,
-                               force_image_mode="end")
+    request = pipeline.request(
+        PROMPT, max_tokens=max_tokens, random_seed=seed, force_image=force_image, force_image_mode="end"
+    )
     engine = pipeline.decoder.engine
-    decode = pipeline.decoder.make_request(f"search-{seed}-{max_tokens}", pipeline.prompts.prompt_ids(request),
-                                           None, request.sampling)
+    decode = pipeline.decoder.make_request(
+        f"search-{seed}-{max_tokens}", pipeline.prompts.prompt_ids(request), None, request.sampling
+    )
     engine.submit(decode)
     finished = None
     while engine.has_work:
@@ -143,8 +159,13 @@ def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> 
 
 
 def request_params(args, seed: int, force_image: bool) -> dict:
-    return {"max_tokens": sampled_budget(args.max_tokens), "random_seed": seed, "force_image": force_image,
-            "force_image_mode": "end", "num_inference_steps": args.steps}
+    return {
+        "max_tokens": sampled_budget(args.max_tokens),
+        "random_seed": seed,
+        "force_image": force_image,
+        "force_image_mode": "end",
+        "num_inference_steps": args.steps,
+    }
 
 
 # ---- one measurement each ---------------------------------------------------------------------------
@@ -187,16 +208,24 @@ def _stream(url: str, model: str, inputs: list, outputs: list[str] | None = None
 
 def served(url: str, args, seed: int, force_image: bool) -> dict:
     """The public model over gRPC streaming: end to end, first text, image_start, image."""
-    inputs = [_grpc_tensor("text_input", np.array([PROMPT.encode()], dtype=np.object_)),
-              _grpc_tensor("stream", np.array([True])),
-              _grpc_tensor("max_tokens", np.array([sampled_budget(args.max_tokens)], dtype=np.int32)),
-              _grpc_tensor("random_seed", np.array([seed], dtype=np.uint64)),
-              _grpc_tensor("force_image", np.array([force_image])),
-              _grpc_tensor("force_image_mode", np.array([b"end"], dtype=np.object_)),
-              _grpc_tensor("num_inference_steps", np.array([args.steps], dtype=np.int32))]
+    inputs = [
+        _grpc_tensor("text_input", np.array([PROMPT.encode()], dtype=np.object_)),
+        _grpc_tensor("stream", np.array([True])),
+        _grpc_tensor("max_tokens", np.array([sampled_budget(args.max_tokens)], dtype=np.int32)),
+        _grpc_tensor("random_seed", np.array([seed], dtype=np.uint64)),
+        _grpc_tensor("force_image", np.array([force_image])),
+        _grpc_tensor("force_image_mode", np.array([b"end"], dtype=np.object_)),
+        _grpc_tensor("num_inference_steps", np.array([args.steps], dtype=np.int32)),
+    ]
     events = _stream(url, "minigpt5", inputs)
-    out = {"ms": events[-1][0] * 1e3, "ttft_ms": None, "image_start_ms": None, "ttfi_ms": None, "text": "",
-           "images": []}
+    out = {
+        "ms": events[-1][0] * 1e3,
+        "ttft_ms": None,
+        "image_start_ms": None,
+        "ttfi_ms": None,
+        "text": "",
+        "images": [],
+    }
     for stamp, arrays in events:
         kind = _string(arrays.get("event_type"))
         text = _string(arrays.get("text_output"))
@@ -220,8 +249,11 @@ def decoder_only(pipeline, args, seed: int, force_image: bool) -> dict:
     request = pipeline.request(PROMPT, **request_params(args, seed, force_image))
     engine = pipeline.decoder.engine
     start = time.perf_counter()
-    engine.submit(pipeline.decoder.make_request(f"decoder-only-{seed}", pipeline.prompts.prompt_ids(request),
-                                                None, request.sampling))
+    engine.submit(
+        pipeline.decoder.make_request(
+            f"decoder-only-{seed}", pipeline.prompts.prompt_ids(request), None, request.sampling
+        )
+    )
     out = {"ms": None, "vokens_ms": None, "voken_states": None, "text": ""}
     while engine.has_work:
         for event in engine.step():
@@ -244,22 +276,26 @@ def image_only(http_url: str, voken_states: np.ndarray, seed: int, args) -> dict
 
     from ..image_decoder import SCHEDULERS, image_seed
 
-    arrays = {"voken_states": voken_states,
-              "seed": np.array([[image_seed(seed, 0)]], dtype=np.uint64),
-              "guidance_scale": np.array([[7.5]], dtype=np.float32),
-              "num_inference_steps": np.array([[args.steps]], dtype=np.int32),
-              "scheduler_id": np.array([[SCHEDULERS.index("pndm")]], dtype=np.int32)}
+    arrays = {
+        "voken_states": voken_states,
+        "seed": np.array([[image_seed(seed, 0)]], dtype=np.uint64),
+        "guidance_scale": np.array([[7.5]], dtype=np.float32),
+        "num_inference_steps": np.array([[args.steps]], dtype=np.int32),
+        "scheduler_id": np.array([[SCHEDULERS.index("pndm")]], dtype=np.int32),
+    }
     inputs = []
     for name, array in arrays.items():
         tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array, binary_data=True)
         inputs.append(tensor)
-    client = httpclient.InferenceServerClient(http_url, network_timeout=REQUEST_TIMEOUT_S,
-                                              connection_timeout=REQUEST_TIMEOUT_S)
+    client = httpclient.InferenceServerClient(
+        http_url, network_timeout=REQUEST_TIMEOUT_S, connection_timeout=REQUEST_TIMEOUT_S
+    )
     try:
         start = time.perf_counter()
-        result = client.infer("image_decoder", inputs,
-                              outputs=[httpclient.InferRequestedOutput("image", binary_data=True)])
+        result = client.infer(
+            "image_decoder", inputs, outputs=[httpclient.InferRequestedOutput("image", binary_data=True)]
+        )
         ms = (time.perf_counter() - start) * 1e3
     finally:
         client.close()
@@ -269,8 +305,12 @@ def image_only(http_url: str, voken_states: np.ndarray, seed: int, args) -> dict
 def in_process(pipeline, args, seed: int, force_image: bool) -> dict:
     start = time.perf_counter()
     result = pipeline.run(PROMPT, **request_params(args, seed, force_image))
-    return {"ms": (time.perf_counter() - start) * 1e3, "text": result.text, "images": result.images,
-            "token_ids": result.token_ids}
+    return {
+        "ms": (time.perf_counter() - start) * 1e3,
+        "text": result.text,
+        "images": result.images,
+        "token_ids": result.token_ids,
+    }
 
 
 def _string(array) -> str:
@@ -289,8 +329,12 @@ def _png(data) -> np.ndarray:
 
 # ---- statistics -------------------------------------------------------------------------------------
 def summary(values: list[float]) -> dict:
-    return {"ms": round(statistics.median(values), 2), "min_ms": round(min(values), 2),
-            "max_ms": round(max(values), 2), "n": len(values)}
+    return {
+        "ms": round(statistics.median(values), 2),
+        "min_ms": round(min(values), 2),
+        "max_ms": round(max(values), 2),
+        "n": len(values),
+    }
 
 
 def _median(values: list) -> float | None:
@@ -313,27 +357,58 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     report = Report("serving", out=args.out)
     weights = resolve_weights(args.weights)
-    report.data.update({"weights": str(weights), "device": args.device, "prompt": PROMPT, "method": METHOD,
-                        "in_process_openmp": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                                              "applied": not _TORCH_LOADED_BEFORE,
-                                              "threads": torch.get_num_threads()},
-                        "settings": {"requests": args.requests, "max_tokens": args.max_tokens,
-                                     "steps": args.steps, "scheduler": "pndm", "guidance_scale": 7.5,
-                                     "seed": args.seed, "search_seeds": args.search_seeds}})
+    report.data.update(
+        {
+            "weights": str(weights),
+            "device": args.device,
+            "prompt": PROMPT,
+            "method": METHOD,
+            "in_process_openmp": {
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                "applied": not _TORCH_LOADED_BEFORE,
+                "threads": torch.get_num_threads(),
+            },
+            "settings": {
+                "requests": args.requests,
+                "max_tokens": args.max_tokens,
+                "steps": args.steps,
+                "scheduler": "pndm",
+                "guidance_scale": 7.5,
+                "seed": args.seed,
+                "search_seeds": args.search_seeds,
+            },
+        }
+    )
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-serving-"))
     log_path = workdir / "tritonserver.log"
-    parameters = {model: {"cpu_threads": str(args.threads)} for model in ("vision_encoder", "vicuna_decoder",
-                                                                          "image_decoder")} if args.threads else None
-    server = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                           host="127.0.0.1", device=args.device, workdir=workdir, log_file=log_path,
-                           parameters=parameters)
-    report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "http": f"127.0.0.1:{server.http_port}",
-                             "log": str(log_path)}
+    parameters = (
+        {model: {"cpu_threads": str(args.threads)} for model in ("vision_encoder", "vicuna_decoder", "image_decoder")}
+        if args.threads
+        else None
+    )
+    server = TritonProcess(
+        weights,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        host="127.0.0.1",
+        device=args.device,
+        workdir=workdir,
+        log_file=log_path,
+        parameters=parameters,
+    )
+    report.data["server"] = {
+        "grpc": f"127.0.0.1:{server.grpc_port}",
+        "http": f"127.0.0.1:{server.http_port}",
+        "log": str(log_path),
+    }
     started = time.perf_counter()
     try:
+
         def start():  # the server loads its four models while this process loads the pipeline and searches seeds
             server.start()
             return {"pid": server.process.pid}
+
         report.section(("server", "start"), start, required=True)
         if server.process is not None:
             _measure(report, server, args, weights, started)
@@ -357,13 +432,12 @@ def _measure(report: Report, server, args, weights: Path, started: float) -> Non
         begin = time.perf_counter()
         ctx["pipeline"] = MiniGPT5Pipeline(weights, device=args.device)
         return {"seconds": round(time.perf_counter() - begin, 2), "device": ctx["pipeline"].device}
+
     report.section(("in_process_build",), load, required=True)
     if "pipeline" in ctx:
         pipeline = ctx["pipeline"]
-        report.section(("seeds", "force_image"), lambda: seed_search(pipeline, args, kind="force_image"),
-                       required=True)
-        report.section(("seeds", "overlap"), lambda: seed_search(pipeline, args, kind="overlap"),
-                       required=True)
+        report.section(("seeds", "force_image"), lambda: seed_search(pipeline, args, kind="force_image"), required=True)
+        report.section(("seeds", "overlap"), lambda: seed_search(pipeline, args, kind="overlap"), required=True)
 
     def ready():
         try:
@@ -371,21 +445,30 @@ def _measure(report: Report, server, args, weights: Path, started: float) -> Non
         except Exception as exc:
             raise RuntimeError(f"{exc}\n{_log_tail(log_path)}") from None
         return {"startup_s": round(time.perf_counter() - started, 1)}
+
     report.section(("server", "ready"), ready, required=True)
     seeds = report.data.get("seeds", {})
     if "pipeline" in ctx and "startup_s" in report.data["server"]["ready"]:
         if "seed" in seeds.get("force_image", {}):
-            report.section(("latency",), lambda: measure_latency(ctx["pipeline"], grpc_url, args,
-                                                                 seeds["force_image"]), required=True)
+            report.section(
+                ("latency",),
+                lambda: measure_latency(ctx["pipeline"], grpc_url, args, seeds["force_image"]),
+                required=True,
+            )
         if "seed" in seeds.get("overlap", {}):
-            report.section(("overlap",), lambda: measure_overlap(ctx["pipeline"], grpc_url, http_url, args,
-                                                                 seeds["overlap"]), required=True)
+            report.section(
+                ("overlap",),
+                lambda: measure_overlap(ctx["pipeline"], grpc_url, http_url, args, seeds["overlap"]),
+                required=True,
+            )
         if args.streams:
-            report.section(("streaming",), lambda: streaming.measure_throughput(
-                ctx["pipeline"], server, grpc_url, args, PROMPT), required=True)
+            report.section(
+                ("streaming",),
+                lambda: streaming.measure_throughput(ctx["pipeline"], server, grpc_url, args, PROMPT),
+                required=True,
+            )
         if args.short_requests:
-            report.section(("short_ttft",), lambda: streaming.measure_short_ttft(grpc_url, args, PROMPT),
-                           required=True)
+            report.section(("short_ttft",), lambda: streaming.measure_short_ttft(grpc_url, args, PROMPT), required=True)
 
 
 def measure_latency(pipeline, url: str, args, seed_info: dict) -> dict:
@@ -396,22 +479,30 @@ def measure_latency(pipeline, url: str, args, seed_info: dict) -> dict:
     for i in range(args.requests):
         order = ("served", "in_process") if i % 2 == 0 else ("in_process", "served")
         for which in order:
-            runs[which].append(served(url, args, seed, True) if which == "served"
-                               else in_process(pipeline, args, seed, True))
-        log(f"latency {i + 1}/{args.requests}: served {runs['served'][-1]['ms']:.0f} ms, "
-            f"in-process {runs['in_process'][-1]['ms']:.0f} ms")
+            runs[which].append(
+                served(url, args, seed, True) if which == "served" else in_process(pipeline, args, seed, True)
+            )
+        log(
+            f"latency {i + 1}/{args.requests}: served {runs['served'][-1]['ms']:.0f} ms, "
+            f"in-process {runs['in_process'][-1]['ms']:.0f} ms"
+        )
     reference = runs["in_process"][0]
     served_runs = runs["served"]
-    return {"seed": seed, "force_image": True, "image_token_index": seed_info["image_token_index"],
-            "served_ms": summary([r["ms"] for r in served_runs]),
-            "in_process_ms": summary([r["ms"] for r in runs["in_process"]]),
-            "served_ttft_ms": _median([r["ttft_ms"] for r in served_runs]),
-            "served_image_start_ms": _median([r["image_start_ms"] for r in served_runs]),
-            "served_ttfi_ms": _median([r["ttfi_ms"] for r in served_runs]),
-            "same_text_as_in_process": all(r["text"] == reference["text"] for r in served_runs),
-            "same_image_as_in_process": all(
-                len(r["images"]) == len(reference["images"]) == 1
-                and np.array_equal(r["images"][0], reference["images"][0]) for r in served_runs)}
+    return {
+        "seed": seed,
+        "force_image": True,
+        "image_token_index": seed_info["image_token_index"],
+        "served_ms": summary([r["ms"] for r in served_runs]),
+        "in_process_ms": summary([r["ms"] for r in runs["in_process"]]),
+        "served_ttft_ms": _median([r["ttft_ms"] for r in served_runs]),
+        "served_image_start_ms": _median([r["image_start_ms"] for r in served_runs]),
+        "served_ttfi_ms": _median([r["ttfi_ms"] for r in served_runs]),
+        "same_text_as_in_process": all(r["text"] == reference["text"] for r in served_runs),
+        "same_image_as_in_process": all(
+            len(r["images"]) == len(reference["images"]) == 1 and np.array_equal(r["images"][0], reference["images"][0])
+            for r in served_runs
+        ),
+    }
 
 
 def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) -> dict:
@@ -420,8 +511,13 @@ def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) ->
     def sequential():
         decoded = decoder_only(pipeline, args, seed, False)
         image = image_only(http_url, decoded["voken_states"], seed, args)
-        return {"decoder_ms": decoded["ms"], "vokens_ms": decoded["vokens_ms"], "image_ms": image["ms"],
-                "text": decoded["text"], "image": image["image"]}
+        return {
+            "decoder_ms": decoded["ms"],
+            "vokens_ms": decoded["vokens_ms"],
+            "image_ms": image["ms"],
+            "text": decoded["text"],
+            "image": image["image"],
+        }
 
     served(url, args, seed, False)  # warm-up
     sequential()
@@ -435,13 +531,17 @@ def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) ->
             baseline.append(sequential())
             overlapped.append(served(url, args, seed, False))
         serial.append(in_process(pipeline, args, seed, False)["ms"])
-        log(f"overlap {i + 1}/{args.requests}: served {overlapped[-1]['ms']:.0f} ms, sequential "
-            f"{baseline[-1]['decoder_ms']:.0f} + {baseline[-1]['image_ms']:.0f} ms")
+        log(
+            f"overlap {i + 1}/{args.requests}: served {overlapped[-1]['ms']:.0f} ms, sequential "
+            f"{baseline[-1]['decoder_ms']:.0f} + {baseline[-1]['image_ms']:.0f} ms"
+        )
     sequential_ms = [b["decoder_ms"] + b["image_ms"] for b in baseline]
     ideal_ms = [max(b["decoder_ms"], b["vokens_ms"] + b["image_ms"]) for b in baseline]
     served_ms = summary([r["ms"] for r in overlapped])
     return {
-        "seed": seed, "force_image": False, "image_token_index": seed_info["image_token_index"],
+        "seed": seed,
+        "force_image": False,
+        "image_token_index": seed_info["image_token_index"],
         "tokens_after_image": seed_info["tokens_after_image"],
         "served_ms": served_ms,
         "decoder_only_ms": summary([b["decoder_ms"] for b in baseline]),
@@ -457,9 +557,12 @@ def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) ->
         "served_ttfi_ms": _median([r["ttfi_ms"] for r in overlapped]),
         "same_text_as_in_process": all(r["text"] == reference["text"] for r in overlapped)
         and all(b["text"] == reference["text"] for b in baseline),
-        "same_image": all(len(r["images"]) == 1 and np.array_equal(r["images"][0], b["image"])
-                          and np.array_equal(b["image"], reference["images"][0])
-                          for r, b in zip(overlapped, baseline)),
+        "same_image": all(
+            len(r["images"]) == 1
+            and np.array_equal(r["images"][0], b["image"])
+            and np.array_equal(b["image"], reference["images"][0])
+            for r, b in zip(overlapped, baseline)
+        ),
     }
 
 
@@ -481,16 +584,20 @@ def summarize(data: dict) -> None:
         "force_image_time_to_first_image_ms": latency.get("served_ttfi_ms"),
     }
     levels = (data.get("streaming") or {}).get("levels") or {}
-    data["summary"].update({
-        "served_over_engine_tokens_per_s": {n: level["served_over_engine"] for n, level in levels.items()},
-        "served_tokens_per_s": {n: level["served"]["tokens_per_s"] for n, level in levels.items()},
-        "engine_alone_tokens_per_s": {n: level["engine_alone"]["tokens_per_s"] for n, level in levels.items()},
-        "short_ttft_p95_ratio": (data.get("short_ttft") or {}).get("short_ttft_p95_ratio"),
-    })
+    data["summary"].update(
+        {
+            "served_over_engine_tokens_per_s": {n: level["served_over_engine"] for n, level in levels.items()},
+            "served_tokens_per_s": {n: level["served"]["tokens_per_s"] for n, level in levels.items()},
+            "engine_alone_tokens_per_s": {n: level["engine_alone"]["tokens_per_s"] for n, level in levels.items()},
+            "short_ttft_p95_ratio": (data.get("short_ttft") or {}).get("short_ttft_p95_ratio"),
+        }
+    )
     data.update({k: data["summary"][k] for k in ("served_over_in_process_latency_ratio", "image_overlap_gain")})
     s = data["summary"]
-    log(f"served / in-process: {s['served_latency_ms']} / {s['in_process_latency_ms']} ms = "
+    log(
+        f"served / in-process: {s['served_latency_ms']} / {s['in_process_latency_ms']} ms = "
         f"{s['served_over_in_process_latency_ratio']}; overlap: sequential {s['sequential_ms']} / overlapped "
         f"{s['overlapped_ms']} ms = {s['image_overlap_gain']} (ideal {s['ideal_overlap_gain']}); "
         f"TTFT {s['time_to_first_token_ms']} ms, TTFI {s['time_to_first_image_ms']} ms; served / engine alone "
-        f"tokens/s by streams {s['served_over_engine_tokens_per_s']}; short TTFT p95 ratio {s['short_ttft_p95_ratio']}")
+        f"tokens/s by streams {s['served_over_engine_tokens_per_s']}; short TTFT p95 ratio {s['short_ttft_p95_ratio']}"
+    )

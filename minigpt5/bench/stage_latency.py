@@ -3,6 +3,7 @@
 The measurement functions here are reused by `bench e2e` (batch sizes are arguments). Each returns
 `{"ms": median, "min_ms", "max_ms", "n", ...}` from `timing.measure` plus what was measured.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -20,8 +21,7 @@ from .timing import environment, log, measure, memory
 @torch.inference_mode()
 def time_vision(tower, device, batch: int, **timing) -> dict:
     """VisionTower forward on uint8 images already on the device (normalise → ViT → Q-Former → proj)."""
-    images = torch.randint(0, 256, (batch, VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3), dtype=torch.uint8,
-                           device=device)
+    images = torch.randint(0, 256, (batch, VISION_IMAGE_SIZE, VISION_IMAGE_SIZE, 3), dtype=torch.uint8, device=device)
     return {"batch": batch, **measure(lambda: tower(images), device, **timing)}
 
 
@@ -82,8 +82,9 @@ def time_unet_step(image_decoder, device, images: int, guidance_scale: float = 7
     unet = image_decoder.unet
     size, channels = unet.config.sample_size, unet.config.in_channels
     latents = torch.randn(2 * images, channels, size, size, device=device, dtype=unet.dtype)
-    cond = image_decoder.mapper(torch.randn(images, NUM_VOKENS, image_decoder.mapper.fc[0].in_features,
-                                            device=device)).to(unet.dtype)
+    cond = image_decoder.mapper(
+        torch.randn(images, NUM_VOKENS, image_decoder.mapper.fc[0].in_features, device=device)
+    ).to(unet.dtype)
     embeds = torch.cat([image_decoder.negative_embeds.to(unet.dtype).expand_as(cond), cond])
     timestep = torch.tensor(500, device=device)
 
@@ -113,10 +114,21 @@ def build(report: Report, args) -> dict | None:
         report.errors += 1
         report.set(("build",), {"error": f"{type(exc).__name__}: {exc}"})
         return None
-    report.data.update({"preset": args.preset, "device": str(device), "dtype": str(llm_dtype).split(".")[-1],
-                        "image_dtype": str(image_dtype).split(".")[-1], "env": environment(device)})
-    report.data["settings"] = {"repeats": args.repeats, "warmup": args.warmup,
-                               "prefill_tokens": args.prefill_tokens, "seed": args.seed}
+    report.data.update(
+        {
+            "preset": args.preset,
+            "device": str(device),
+            "dtype": str(llm_dtype).split(".")[-1],
+            "image_dtype": str(image_dtype).split(".")[-1],
+            "env": environment(device),
+        }
+    )
+    report.data["settings"] = {
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "prefill_tokens": args.prefill_tokens,
+        "seed": args.seed,
+    }
     arch = bench_arch(args.preset)
 
     holder = {}
@@ -126,16 +138,17 @@ def build(report: Report, args) -> dict | None:
         holder["modules"] = build_modules(arch, device, llm_dtype, image_dtype, seed=args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return {"seconds": round(time.perf_counter() - start, 2),
-                "on": "target device, random init (no CPU copy, no files, no hub)"}
+        return {
+            "seconds": round(time.perf_counter() - start, 2),
+            "on": "target device, random init (no CPU copy, no files, no hub)",
+        }
 
     report.section(("build",), construct, required=True)
     modules = holder.get("modules")
     if modules is None:
         return None
     report.data["params"] = parameter_counts(modules)
-    return {"device": device, "llm_dtype": llm_dtype, "image_dtype": image_dtype, "arch": arch,
-            "modules": modules}
+    return {"device": device, "llm_dtype": llm_dtype, "image_dtype": image_dtype, "arch": arch, "modules": modules}
 
 
 def main(args) -> int:
@@ -151,8 +164,9 @@ def main(args) -> int:
     hidden = ctx["arch"]["llm"]["hidden_size"]
     report.section(("stages", "vision"), lambda: time_vision(modules["vision"], device, 1, **timing))
     report.section(("stages", "prefill"), lambda: time_prefill(modules["llm"], device, args.prefill_tokens, **timing))
-    report.section(("stages", "decode_token"),
-                   lambda: time_decode_direct(modules["llm"], device, args.prefill_tokens, **timing))
+    report.section(
+        ("stages", "decode_token"), lambda: time_decode_direct(modules["llm"], device, args.prefill_tokens, **timing)
+    )
     report.section(("stages", "mapper"), lambda: time_mapper(modules["mapper"], device, hidden, **timing))
     report.section(("stages", "unet_step_cfg"), lambda: time_unet_step(image_decoder, device, 1, **timing))
     report.section(("stages", "vae_decode"), lambda: time_vae_decode(image_decoder, device, 1, **timing))
@@ -162,6 +176,8 @@ def main(args) -> int:
 
 
 def _table(stages: dict) -> str:
-    rows = [f"{name:>16}: {value['ms']:10.3f} ms" if "ms" in value else f"{name:>16}: {value}"
-            for name, value in stages.items()]
+    rows = [
+        f"{name:>16}: {value['ms']:10.3f} ms" if "ms" in value else f"{name:>16}: {value}"
+        for name, value in stages.items()
+    ]
     return "stage latencies (median)\n" + "\n".join(rows)

@@ -17,6 +17,7 @@ the tokens streamed. The same for the bench process during the engine-alone run.
 The short-request TTFT check: 4 long streamed requests run while short ones arrive one after another;
 the same short ones also run alone. `short_ttft_p95_ratio` = p95 busy / p95 alone (send -> first text).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,9 +90,13 @@ def engine_alone(pipeline, prompt: str, per_stream: list[list[int]], max_tokens:
                     submit(stream)
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
-    return {"tokens": tokens, "requests": requests, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1),
-            "cpu_s_per_1k_tokens": {"bench (engine)": round(1000 * cpu / max(tokens, 1), 3)}}
+    return {
+        "tokens": tokens,
+        "requests": requests,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "cpu_s_per_1k_tokens": {"bench (engine)": round(1000 * cpu / max(tokens, 1), 3)},
+    }
 
 
 # ---- served -----------------------------------------------------------------------------------------
@@ -102,8 +107,13 @@ def served_streams(url: str, prompt: str, per_stream: list[list[int]], max_token
     seconds = time.perf_counter() - start
     after = process_cpu(server)
     cpu = {name: round(1000 * (after[name] - before.get(name, 0.0)) / max(tokens, 1), 3) for name in after}
-    return {"tokens": tokens, "requests": requests, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "cpu_s_per_1k_tokens": cpu}
+    return {
+        "tokens": tokens,
+        "requests": requests,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "cpu_s_per_1k_tokens": cpu,
+    }
 
 
 async def _served(url: str, prompt: str, per_stream: list[list[int]], max_tokens: int) -> tuple[int, int]:
@@ -111,6 +121,7 @@ async def _served(url: str, prompt: str, per_stream: list[list[int]], max_tokens
 
     counts = {"tokens": 0, "requests": 0}
     async with AsyncClient(url, protocol="grpc", timeout=600) as client:
+
         async def one_stream(seeds: list[int]) -> None:
             for seed in seeds:
                 async for event in client.stream(prompt, max_tokens=max_tokens, seed=seed):
@@ -118,6 +129,7 @@ async def _served(url: str, prompt: str, per_stream: list[list[int]], max_tokens
                     if usage is not None:
                         counts["tokens"] += usage["completion_tokens"]
                         counts["requests"] += 1
+
         await asyncio.gather(*(one_stream(seeds) for seeds in per_stream))
     return counts["tokens"], counts["requests"]
 
@@ -147,26 +159,38 @@ def measure_throughput(pipeline, server, url: str, args, prompt: str) -> dict:
 
     levels = sorted({int(n) for n in args.streams.split(",")})
     seeds = text_seeds(pipeline, max(levels) * args.stream_rounds, args.stream_tokens, args.seed + 100_000, prompt)
-    out: dict = {"stream_tokens": args.stream_tokens, "rounds": args.stream_rounds, "repeats": args.stream_repeats,
-                 "threads": torch.get_num_threads(), "levels": {}}
+    out: dict = {
+        "stream_tokens": args.stream_tokens,
+        "rounds": args.stream_rounds,
+        "repeats": args.stream_repeats,
+        "threads": torch.get_num_threads(),
+        "levels": {},
+    }
     served_streams(url, prompt, split_streams(seeds, 2, 1), args.stream_tokens, server)  # warm-up
     for n in levels:
         per_stream = split_streams(seeds, n, args.stream_rounds)
         runs: dict[str, list] = {"served": [], "engine_alone": []}
         for repeat in range(args.stream_repeats):
-            for side in (("served", "engine_alone") if repeat % 2 == 0 else ("engine_alone", "served")):
+            for side in ("served", "engine_alone") if repeat % 2 == 0 else ("engine_alone", "served"):
                 runs[side].append(
-                    served_streams(url, prompt, per_stream, args.stream_tokens, server) if side == "served"
-                    else engine_alone(pipeline, prompt, per_stream, args.stream_tokens))
+                    served_streams(url, prompt, per_stream, args.stream_tokens, server)
+                    if side == "served"
+                    else engine_alone(pipeline, prompt, per_stream, args.stream_tokens)
+                )
         served, alone = (max(runs[side], key=lambda run: run["tokens_per_s"]) for side in ("served", "engine_alone"))
         ratio = round(served["tokens_per_s"] / alone["tokens_per_s"], 3)
         out["levels"][str(n)] = {
-            "served": served, "engine_alone": alone, "served_over_engine": ratio,
+            "served": served,
+            "engine_alone": alone,
+            "served_over_engine": ratio,
             "served_tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs["served"]),
             "engine_alone_tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs["engine_alone"]),
-            "same_tokens": len({r["tokens"] for r in runs["served"] + runs["engine_alone"]}) == 1}
-        log(f"{n} streams: served {served['tokens_per_s']} tokens/s, engine alone {alone['tokens_per_s']} "
-            f"tokens/s (best of {args.stream_repeats}) = {ratio}; CPU s per 1k tokens {served['cpu_s_per_1k_tokens']}")
+            "same_tokens": len({r["tokens"] for r in runs["served"] + runs["engine_alone"]}) == 1,
+        }
+        log(
+            f"{n} streams: served {served['tokens_per_s']} tokens/s, engine alone {alone['tokens_per_s']} "
+            f"tokens/s (best of {args.stream_repeats}) = {ratio}; CPU s per 1k tokens {served['cpu_s_per_1k_tokens']}"
+        )
     return out
 
 
@@ -182,6 +206,7 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
 
     long_params = {"max_tokens": args.long_tokens, "temperature": 0.0, "repetition_penalty": 1.0}
     async with AsyncClient(url, protocol="grpc", timeout=600) as client:
+
         async def first_text_ms(seed: int, started: asyncio.Event | None = None, **params) -> float | None:
             start, first = time.perf_counter(), None
             async for event in client.stream(prompt, seed=seed, **params):
@@ -193,8 +218,10 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
 
         async def under_long_ones(shorts: list[int]) -> list:
             decoding = [asyncio.Event() for _ in range(LONG_REQUESTS)]
-            longs = [asyncio.create_task(first_text_ms(args.seed + 300_000 + i, decoding[i], **long_params))
-                     for i in range(LONG_REQUESTS)]
+            longs = [
+                asyncio.create_task(first_text_ms(args.seed + 300_000 + i, decoding[i], **long_params))
+                for i in range(LONG_REQUESTS)
+            ]
             await asyncio.wait_for(asyncio.gather(*(event.wait() for event in decoding)), timeout=600)
             busy = []
             for seed in shorts:
@@ -211,10 +238,15 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
             alone += [await first_text_ms(s, max_tokens=args.short_tokens) for s in shorts]
             busy += await under_long_ones(shorts)
     alone_p95, busy_p95 = p95([a for a in alone if a]), p95([b for b in busy if b]) if busy else None
-    return {"alone_ms": _rounded(alone), "busy_ms": _rounded(busy), "alone_p95_ms": round(alone_p95, 2),
-            "busy_p95_ms": None if busy_p95 is None else round(busy_p95, 2),
-            "short_ttft_p95_ratio": None if busy_p95 is None else round(busy_p95 / alone_p95, 3),
-            "busy_samples": len(busy), "long_tokens": args.long_tokens}
+    return {
+        "alone_ms": _rounded(alone),
+        "busy_ms": _rounded(busy),
+        "alone_p95_ms": round(alone_p95, 2),
+        "busy_p95_ms": None if busy_p95 is None else round(busy_p95, 2),
+        "short_ttft_p95_ratio": None if busy_p95 is None else round(busy_p95 / alone_p95, 3),
+        "busy_samples": len(busy),
+        "long_tokens": args.long_tokens,
+    }
 
 
 def p95(values: list[float]) -> float:

@@ -1,4 +1,5 @@
 """Timing primitives: device-synchronised wall clock, medians, and the machine's description."""
+
 from __future__ import annotations
 
 import platform
@@ -35,8 +36,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def summarize(samples_ms: list[float]) -> dict:
-    return {"ms": round(statistics.median(samples_ms), 3), "min_ms": round(min(samples_ms), 3),
-            "max_ms": round(max(samples_ms), 3), "n": len(samples_ms)}
+    return {
+        "ms": round(statistics.median(samples_ms), 3),
+        "min_ms": round(min(samples_ms), 3),
+        "max_ms": round(max(samples_ms), 3),
+        "n": len(samples_ms),
+    }
 
 
 def measure(fn, device: torch.device, *, repeats: int, warmup: int) -> dict:
@@ -99,14 +104,22 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-                    "multiprocessors": props.multi_processor_count})
+        env.update(
+            {
+                "gpu": props.name,
+                "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}",
+                "cuda": torch.version.cuda,
+                "multiprocessors": props.multi_processor_count,
+            }
+        )
     return env
 
 
 def memory(device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
-    return {"max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-            "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+    return {
+        "max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+    }

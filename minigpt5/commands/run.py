@@ -1,5 +1,6 @@
 """`minigpt5 run`: the whole model in this process; text streams to the terminal, the interleaved
 result is written as Markdown + PNGs and as JSON (the same Document format `minigpt5 generate` writes)."""
+
 from __future__ import annotations
 
 import sys
@@ -13,14 +14,19 @@ def run(args) -> int:
     from minigpt5_client.errors import ImageError
     from minigpt5_client.preprocess import encode_png, preprocess_images
 
-    from ..weights.tiny import resolve_weights
     from ..pipeline import MiniGPT5Pipeline
     from ..request import InvalidRequest
+    from ..weights.tiny import resolve_weights
 
     try:
         images = preprocess_images(args.image, "crop" if args.crop else "pad") if args.image else None
-        pipeline = MiniGPT5Pipeline(resolve_weights(args.weights), device=args.device, dtype=args.dtype,
-                                    vision_dtype=args.vision_dtype, image_dtype=args.image_dtype)
+        pipeline = MiniGPT5Pipeline(
+            resolve_weights(args.weights),
+            device=args.device,
+            dtype=args.dtype,
+            vision_dtype=args.vision_dtype,
+            image_dtype=args.image_dtype,
+        )
         params = {tensor.name: getattr(args, keyword) for keyword, tensor in PARAMETERS.items()}
         params["force_image"] = args.force_image or None  # the flag's absence means the default
         result = pipeline.run(args.prompt, images, on_text=_print_now, on_image_step=DiffusionProgress(), **params)
@@ -34,9 +40,12 @@ def run(args) -> int:
         path = document.save(args.out, fmt)
         print(f"wrote {path}", file=sys.stderr)
     usage = result.usage
-    print(f"{usage.completion_tokens} tokens ({usage.sampled_tokens} sampled, {usage.vokens} vokens), "
-          f"{usage.images} image(s), "
-          f"finish: {result.finish_reason}, seed {usage.seed}", file=sys.stderr)
+    print(
+        f"{usage.completion_tokens} tokens ({usage.sampled_tokens} sampled, {usage.vokens} vokens), "
+        f"{usage.images} image(s), "
+        f"finish: {result.finish_reason}, seed {usage.seed}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -55,6 +64,7 @@ class DiffusionProgress:
 
     def __call__(self, step: int, steps: int) -> None:
         from tqdm import tqdm
+
         if self.bar is None:
             self.images += 1
             self.bar = tqdm(total=steps, desc=f"image {self.images}", unit="step", file=self.file, leave=True)

@@ -6,6 +6,7 @@
   and the stub for this Python version) and point `--backend-directory` at it.
 The Python stubs find this package through PYTHONPATH and the weights through $MINIGPT5_WEIGHTS.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,17 @@ def find_tritonserver() -> TritonBinary:
     try:
         import pytriton
     except ImportError:
-        raise RuntimeError("tritonserver not found: not on PATH and nvidia-pytriton is not installed "
-                           "(pip install 'minigpt5-triton[server]')") from None
+        raise RuntimeError(
+            "tritonserver not found: not on PATH and nvidia-pytriton is not installed "
+            "(pip install 'minigpt5-triton[server]')"
+        ) from None
     root = Path(pytriton.__file__).resolve().parent
     libs = root.parent / "nvidia_pytriton.libs"
-    return TritonBinary(root / "tritonserver" / "bin" / "tritonserver", root / "tritonserver" / "backends" / "python",
-                        [libs] if libs.is_dir() else [])
+    return TritonBinary(
+        root / "tritonserver" / "bin" / "tritonserver",
+        root / "tritonserver" / "backends" / "python",
+        [libs] if libs.is_dir() else [],
+    )
 
 
 def prepare_backend_dir(binary: TritonBinary, workdir: Path) -> Path | None:
@@ -51,8 +57,11 @@ def prepare_backend_dir(binary: TritonBinary, workdir: Path) -> Path | None:
         raise RuntimeError(f"nvidia-pytriton has no python-backend stub for Python {version}")
     target = workdir / "backends" / "python"
     target.mkdir(parents=True, exist_ok=True)
-    for source in (binary.backend_source / "libtriton_python.so",
-                   binary.backend_source / "triton_python_backend_utils.py", stub):
+    for source in (
+        binary.backend_source / "libtriton_python.so",
+        binary.backend_source / "triton_python_backend_utils.py",
+        stub,
+    ):
         link = target / source.name
         if not link.exists():
             link.symlink_to(source)
@@ -79,8 +88,10 @@ def check_installed() -> None:
     try:
         metadata.distribution("minigpt5-triton")
     except metadata.PackageNotFoundError:
-        raise RuntimeError(f"minigpt5-triton is not installed in {sys.prefix}; the Triton python stubs could "
-                           f"not import it. Run `pip install -e '.[server]'` (or `make serve`).") from None
+        raise RuntimeError(
+            f"minigpt5-triton is not installed in {sys.prefix}; the Triton python stubs could "
+            f"not import it. Run `pip install -e '.[server]'` (or `make serve`)."
+        ) from None
 
 
 def _split(value: str | None) -> list[str]:

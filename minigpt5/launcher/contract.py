@@ -2,6 +2,7 @@
 device to use (environment variables of the stub processes; config.pbtxt parameters override them),
 and that a shutdown has begun (a flag file in the served copy of the `minigpt5` model's directory, raised
 by `minigpt5 serve` before it stops tritonserver: drain.py says why)."""
+
 from __future__ import annotations
 
 import os

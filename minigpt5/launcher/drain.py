@@ -11,6 +11,7 @@ the served copy of the `minigpt5` model's directory, the model then refuses new 
 "shutting down"), and serve polls `minigpt5_inflight_requests` on the metrics port until it is 0 or
 the exit timeout has passed. Only then does tritonserver get SIGTERM.
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,9 @@ def wait_drained(metrics_url: str, deadline: float, report=None, alive=lambda: T
             count = -1  # unknown: ask again
         if count is None:
             if report:
-                report(f"minigpt5: cannot read {INFLIGHT_METRIC} from {metrics_url}; not waiting for "
-                       f"requests in flight")
+                report(
+                    f"minigpt5: cannot read {INFLIGHT_METRIC} from {metrics_url}; not waiting for requests in flight"
+                )
             return False
         if count == 0:
             if waited:
@@ -63,12 +65,16 @@ def wait_drained(metrics_url: str, deadline: float, report=None, alive=lambda: T
         now = time.monotonic()
         if now >= deadline:
             if report:
-                report(f"minigpt5: {count if count > 0 else 'some'} request(s) still in flight at the exit "
-                       f"timeout; stopping anyway")
+                report(
+                    f"minigpt5: {count if count > 0 else 'some'} request(s) still in flight at the exit "
+                    f"timeout; stopping anyway"
+                )
             return False
         if report and now >= next_report and count > 0:
-            report(f"minigpt5: draining: {count} request(s) in flight, up to {deadline - now:.0f} s more; "
-                   f"new requests are refused")
+            report(
+                f"minigpt5: draining: {count} request(s) in flight, up to {deadline - now:.0f} s more; "
+                f"new requests are refused"
+            )
             next_report = now + 10
         waited = True
         time.sleep(POLL_S)

@@ -1,5 +1,6 @@
 """tritonserver on free local ports, for the tests and the benches: a TritonProcess with its own work
 directory and log file, started and stopped in one call each."""
+
 from __future__ import annotations
 
 import socket
@@ -22,15 +23,32 @@ class LocalServer:
     `parameters`: config.pbtxt overrides, e.g. {"minigpt5": {"max_inflight_requests": "2"}}. The other
     keywords go to TritonProcess."""
 
-    def __init__(self, weights: Path, *, device: str = "cpu", parameters: dict | None = None,
-                 workdir: Path | None = None, name: str = "server", **process_options):
+    def __init__(
+        self,
+        weights: Path,
+        *,
+        device: str = "cpu",
+        parameters: dict | None = None,
+        workdir: Path | None = None,
+        name: str = "server",
+        **process_options,
+    ):
         self.weights_dir = Path(weights)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"minigpt5-{name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "tritonserver.log"
-        self.process = TritonProcess(weights, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                                     host="127.0.0.1", device=device, workdir=self.workdir, log_file=self.log_path,
-                                     parameters=parameters, **process_options)
+        self.process = TritonProcess(
+            weights,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            host="127.0.0.1",
+            device=device,
+            workdir=self.workdir,
+            log_file=self.log_path,
+            parameters=parameters,
+            **process_options,
+        )
         self.http_url, self.grpc_url = self.process.http_url, self.process.grpc_url
         self.metrics_url = self.process.metrics_url
 
@@ -42,8 +60,9 @@ class LocalServer:
             self.process.wait_ready(timeout=timeout)
         except Exception as exc:
             self.stop(timeout=15)
-            raise RuntimeError(f"tritonserver did not start ({exc}); the end of {self.log_path}:\n"
-                               f"{self.log_tail()}") from None
+            raise RuntimeError(
+                f"tritonserver did not start ({exc}); the end of {self.log_path}:\n{self.log_tail()}"
+            ) from None
         return time.monotonic() - started
 
     def stop(self, timeout: float | None = None) -> int | None:

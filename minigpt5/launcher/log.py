@@ -1,6 +1,7 @@
 """tritonserver's output, copied line by line to where it goes (a log file or our stderr) while the
 model loading it reports is followed: Triton opens its HTTP and gRPC ports only once every model
 has loaded, so its log is the only place that says, meanwhile, which models are still loading."""
+
 from __future__ import annotations
 
 import re
@@ -50,10 +51,12 @@ class LogFollower:
             loaded, failed = self.loaded & set(models), self.failed & set(models)
             loading = sorted((self.loading & set(models)) - loaded - failed)
             waiting = sorted(set(models) - self.loading - loaded - failed)
-        parts = [f"loading {', '.join(loading)}" if loading else "",
-                 f"waiting {', '.join(waiting)}" if waiting else "",
-                 f"failed {', '.join(sorted(failed))}" if failed else "",
-                 f"loaded {', '.join(sorted(loaded))}" if loaded else ""]
+        parts = [
+            f"loading {', '.join(loading)}" if loading else "",
+            f"waiting {', '.join(waiting)}" if waiting else "",
+            f"failed {', '.join(sorted(failed))}" if failed else "",
+            f"loaded {', '.join(sorted(loaded))}" if loaded else "",
+        ]
         return "; ".join(p for p in parts if p) or "no model reported yet"
 
     def close(self, timeout: float = 5.0) -> None:

@@ -19,6 +19,7 @@ TritonProcess watches the stub processes and, when one dies, stops tritonserver 
 SIGKILL after `crash_grace_s`) so that every client gets an error at once and the orchestrator
 (Kubernetes, docker, systemd) restarts the server; `minigpt5 serve` then exits with code 3.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,14 +66,12 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-
 def check_weights(weights: Path) -> None:
     """A weights directory the stubs can load (manifest and every module file), checked before
     tritonserver starts: otherwise each stub fails on its own, deep in the server log."""
     from ..weights.layout import WeightsDir
 
     WeightsDir(weights)
-
 
 
 def security_args(admin_key: str | None, extra_args: list[str]) -> list[str]:
@@ -88,7 +87,6 @@ def security_args(admin_key: str | None, extra_args: list[str]) -> list[str]:
     if not any(a.startswith("--grpc-restricted-protocol") for a in extra_args):
         args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
     return args
-
 
 
 # ---- python-backend stub processes ----------------------------------------------------------------
@@ -111,8 +109,7 @@ def stub_processes(server_pid: int) -> dict[int, str]:
 
 def _children(pid: int) -> list[int]:
     try:  # /proc/PID/task/TID/children lists the children each thread forked (CONFIG_PROC_CHILDREN)
-        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     except (OSError, ValueError):
         pass
     children = []
@@ -126,7 +123,6 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-
 class TritonProcess:
     """One tritonserver process serving the MiniGPT-5 repository.
 
@@ -135,10 +131,25 @@ class TritonProcess:
     the restricted APIs (default $MINIGPT5_ADMIN_KEY; none: they are refused to everyone).
     `watchdog`: once ready, stop the server when a model's stub process dies (`crash` then says which)."""
 
-    def __init__(self, weights: Path, *, http_port=8000, grpc_port=8001, metrics_port=8002, host="0.0.0.0",
-                 device="auto", workdir: Path | None = None, log_verbose=0, extra_args=(), log_file=None,
-                 parameters: dict[str, dict[str, str]] | None = None, admin_key: str | None = None,
-                 watchdog: bool = True, crash_grace_s: float = CRASH_GRACE_S, repository: Path | None = None):
+    def __init__(
+        self,
+        weights: Path,
+        *,
+        http_port=8000,
+        grpc_port=8001,
+        metrics_port=8002,
+        host="0.0.0.0",
+        device="auto",
+        workdir: Path | None = None,
+        log_verbose=0,
+        extra_args=(),
+        log_file=None,
+        parameters: dict[str, dict[str, str]] | None = None,
+        admin_key: str | None = None,
+        watchdog: bool = True,
+        crash_grace_s: float = CRASH_GRACE_S,
+        repository: Path | None = None,
+    ):
         self.weights = Path(weights).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
@@ -176,11 +187,18 @@ class TritonProcess:
     def command(self, binary: TritonBinary) -> list[str]:
         if self.repository is None:
             self.repository = prepare_repository(self.workdir, self.parameters, self.source_repository)
-        cmd = [str(binary.executable), f"--model-repository={self.repository}",
-               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-               f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
-               f"--grpc-address={self.host}", "--allow-metrics=true",
-               f"--exit-timeout-secs={EXIT_TIMEOUT_S}", f"--log-verbose={self.log_verbose}"]
+        cmd = [
+            str(binary.executable),
+            f"--model-repository={self.repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            "--allow-metrics=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--log-verbose={self.log_verbose}",
+        ]
         if not self._id_given:
             cmd.append(f"--id={self.server_id}")
         backends = prepare_backend_dir(binary, self.workdir)
@@ -197,16 +215,21 @@ class TritonProcess:
         except ValueError:
             raise ValueError(f"--exit-timeout-secs={given}: expected a whole number of seconds") from None
 
-    def start(self) -> "TritonProcess":
+    def start(self) -> TritonProcess:
         check_installed()
         check_weights(self.weights)
-        self.exit_timeout_s  # a malformed operator value fails here, not at shutdown
+        _ = self.exit_timeout_s  # a malformed operator value fails here, not at shutdown
         binary = find_tritonserver()
         sink = open(self.log_file, "ab") if self.log_file else sys.stderr.buffer
         self.crash = None  # a restarted server starts with a clean record
         self._stopping = False
-        self.process = subprocess.Popen(self.command(binary), env=server_environment(binary, self.weights, self.device),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(binary),
+            env=server_environment(binary, self.weights, self.device),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.log = LogFollower(self.process.stdout, sink, owns_sink=bool(self.log_file))
         return self
 
@@ -218,9 +241,11 @@ class TritonProcess:
         next_report = started + LOADING_REPORT_S
         while timeout is None or time.monotonic() - started < timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready "
-                                   f"(a model failed to load, or ports {self.http_port}/{self.grpc_port}/"
-                                   f"{self.metrics_port} are taken: its log says which)")
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready "
+                    f"(a model failed to load, or ports {self.http_port}/{self.grpc_port}/"
+                    f"{self.metrics_port} are taken: its log says which)"
+                )
             if self._ready(base):
                 if self.watchdog:
                     self._start_watchdog()
@@ -229,8 +254,7 @@ class TritonProcess:
                 next_report += LOADING_REPORT_S
                 report(self._loading_line(time.monotonic() - started))
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({base}/health/ready): "
-                           f"{self.loading_state()}")
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s ({base}/health/ready): {self.loading_state()}")
 
     def _ready(self, base: str) -> bool:
         try:
@@ -281,8 +305,7 @@ class TritonProcess:
         if public is None or not public.is_dir():
             return  # not our repository (a test's own models): nothing to drain
         request_shutdown(public)
-        drain.wait_drained(self.metrics_url, deadline, report,
-                           alive=lambda: self.process.poll() is None)
+        drain.wait_drained(self.metrics_url, deadline, report, alive=lambda: self.process.poll() is None)
 
     def stubs(self) -> dict[int, str]:
         """The live python-backend stub processes of this server, {pid: model}."""
@@ -292,8 +315,9 @@ class TritonProcess:
         expected = self.stubs()
         if not expected:
             return  # no /proc or no python stubs: nothing to watch
-        threading.Thread(target=self._watch, args=(self.process, expected), name="minigpt5-stub-watchdog",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(self.process, expected), name="minigpt5-stub-watchdog", daemon=True
+        ).start()
 
     def _watch(self, process: subprocess.Popen, expected: dict[int, str]) -> None:
         while process.poll() is None and not self._stopping:
@@ -301,8 +325,10 @@ class TritonProcess:
             alive = stub_processes(process.pid)
             dead = sorted({model for pid, model in expected.items() if pid not in alive})
             if dead and process.poll() is None and not self._stopping and process is self.process:
-                self.crash = (f"the python stub of model {', '.join(dead)} died; Triton 2.51 neither restarts it "
-                              f"nor reports the model unready, so tritonserver was stopped to be restarted")
+                self.crash = (
+                    f"the python stub of model {', '.join(dead)} died; Triton 2.51 neither restarts it "
+                    f"nor reports the model unready, so tritonserver was stopped to be restarted"
+                )
                 print(f"minigpt5: {self.crash}", file=sys.stderr, flush=True)
                 process.send_signal(signal.SIGTERM)
                 try:

@@ -3,6 +3,7 @@ only the model directories, with config.pbtxt `parameters` overridden (`minigpt5
 minigpt5.max_inflight_requests=4`, or `parameters={"minigpt5": {"max_inflight_requests": "4"}}`).
 The configs are read and written with Triton's own protobuf schema; the repository itself is never
 edited."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,15 +32,16 @@ def rewrite_parameters(config_text: str, values: dict[str, str], model: str = "m
     config = _model_config(config_text)
     unknown = sorted(set(values) - set(config.parameters))
     if unknown:
-        raise ValueError(f"{model}: no parameter {', '.join(unknown)} in its config.pbtxt "
-                         f"(known: {', '.join(sorted(config.parameters))})")
+        raise ValueError(
+            f"{model}: no parameter {', '.join(unknown)} in its config.pbtxt "
+            f"(known: {', '.join(sorted(config.parameters))})"
+        )
     for key, value in values.items():
         config.parameters[key].string_value = str(value)
     return text_format.MessageToString(config)
 
 
-def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | None,
-                       source: Path | None = None) -> Path:
+def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | None, source: Path | None = None) -> Path:
     """The repository to serve: a copy in `workdir` of the models in `source` (default REPOSITORY)
     with `parameters` applied. Only directories holding a config.pbtxt are copied: a model directory
     left behind by an older checkout (its __pycache__ survives `git pull`) would make Triton refuse
@@ -51,8 +53,12 @@ def prepare_repository(workdir: Path, parameters: dict[str, dict[str, str]] | No
     if unknown:
         raise ValueError(f"no model {', '.join(unknown)} in {source} (models: {', '.join(models)})")
     # Check every override before copying anything.
-    rewritten = {model: rewrite_parameters((source / model / "config.pbtxt").read_text(), {
-        k: str(v) for k, v in values.items()}, model) for model, values in parameters.items()}
+    rewritten = {
+        model: rewrite_parameters(
+            (source / model / "config.pbtxt").read_text(), {k: str(v) for k, v in values.items()}, model
+        )
+        for model, values in parameters.items()
+    }
     target = workdir / "model_repository"
     if target.exists():
         shutil.rmtree(target)

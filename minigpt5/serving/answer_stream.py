@@ -6,6 +6,7 @@ Events come from the request's thread and from image threads: a lock keeps `sequ
 order (the ResponseWriter sends in FIFO order), and once the stream is closed (final or error)
 nothing more is sent.
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,6 +14,7 @@ import json
 import threading
 
 import numpy as np
+
 from minigpt5_client.preprocess import encode_png
 
 from . import triton_io
@@ -61,8 +63,15 @@ class AnswerStream:
             if self.streaming:
                 self._send("final", "", finish_reason=finish_reason, usage=usage, final=True)
             else:
-                self._send("complete", self.text, images=self._images, offsets=self._offsets,
-                           finish_reason=finish_reason, usage=usage, final=True)
+                self._send(
+                    "complete",
+                    self.text,
+                    images=self._images,
+                    offsets=self._offsets,
+                    finish_reason=finish_reason,
+                    usage=usage,
+                    final=True,
+                )
 
     def cancel(self) -> None:
         """The client went away: end the stream with the FINAL flag alone (Triton needs it even for
@@ -78,20 +87,33 @@ class AnswerStream:
                 self._closed = True
                 self.post(triton_io.error_response(exc), True)
 
-    def _send(self, event_type: str, text: str, *, images=None, offsets=None, finish_reason=None,
-              usage=None, final: bool = False) -> None:
+    def _send(
+        self,
+        event_type: str,
+        text: str,
+        *,
+        images=None,
+        offsets=None,
+        finish_reason=None,
+        usage=None,
+        final: bool = False,
+    ) -> None:
         if self._closed:
             return
-        tensors = [triton_io.string_tensor("event_type", event_type),
-                   triton_io.tensor("sequence_index", np.array([self._index], dtype=np.int32)),
-                   triton_io.string_tensor("text_output", text)]
+        tensors = [
+            triton_io.string_tensor("event_type", event_type),
+            triton_io.tensor("sequence_index", np.array([self._index], dtype=np.int32)),
+            triton_io.string_tensor("text_output", text),
+        ]
         if images is not None:
             tensors.append(triton_io.string_tensor("image_output", images))
         if offsets is not None:
             tensors.append(triton_io.tensor("image_offset", np.array(offsets, dtype=np.int32)))
         if finish_reason is not None:
-            tensors += [triton_io.string_tensor("finish_reason", finish_reason),
-                        triton_io.string_tensor("usage", json.dumps(usage))]
+            tensors += [
+                triton_io.string_tensor("finish_reason", finish_reason),
+                triton_io.string_tensor("usage", json.dumps(usage)),
+            ]
         self._index += 1
         self._closed = final
         self.post(triton_io.response(tensors), final)

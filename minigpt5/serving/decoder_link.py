@@ -9,13 +9,14 @@ after they were made and the engine never waits for the link. With nothing open 
 Triton-free: `call(link_id, commands, image_embeds) -> (events, voken_states)` is the BLS call,
 given by the model (minigpt5_model.py), so the tests can drive the link without Triton.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class DecodeStream:
     gathers text until then (a stream interval): a request that streams sends one response per
     interval instead of one per token, and one that fell behind catches up in one response."""
 
-    def __init__(self, link: "DecoderLink", request_id: str):
+    def __init__(self, link: DecoderLink, request_id: str):
         self.request_id = request_id
         self._link = link
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -114,8 +115,14 @@ class DecoderLink:
         self._thread = threading.Thread(target=self._loop, name="minigpt5-decoder-link", daemon=True)
         self._thread.start()
 
-    def open(self, request_id: str, prompt_ids: list[int], image_embeds: np.ndarray | None,
-             sampling: SamplingParams, image_keys: list[str] | None = None) -> DecodeStream:
+    def open(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        image_embeds: np.ndarray | None,
+        sampling: SamplingParams,
+        image_keys: list[str] | None = None,
+    ) -> DecodeStream:
         """Queue a request for decoding; its events (or its refusal) come through the stream."""
         stream = DecodeStream(self, request_id)
         with self._state:

@@ -14,6 +14,7 @@ One unary call per engine step (decoder_link.py drives it, vicuna_decoder_model.
 Text is detokenised in the decoder (its stop check needs the text); deltas a request produced since
 the last call travel merged into one event.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,10 +64,19 @@ class Failure:
 
 # ---- minigpt5 → vicuna_decoder ------------------------------------------------------------------
 def encode_commands(commands: Commands) -> tuple[str, np.ndarray | None]:
-    body = {"submit": [{"id": r.request_id, "prompt_ids": r.prompt_ids, "images": r.images,
-                        "image_keys": r.image_keys, "sampling": dataclasses.asdict(r.sampling)}
-                       for r in commands.submit],
-            "abort": commands.abort}
+    body = {
+        "submit": [
+            {
+                "id": r.request_id,
+                "prompt_ids": r.prompt_ids,
+                "images": r.images,
+                "image_keys": r.image_keys,
+                "sampling": dataclasses.asdict(r.sampling),
+            }
+            for r in commands.submit
+        ],
+        "abort": commands.abort,
+    }
     blocks = [r.image_embeds.reshape(-1, r.image_embeds.shape[-1]) for r in commands.submit if r.images]
     return json.dumps(body), np.concatenate(blocks).astype(np.float32, copy=False) if blocks else None
 
@@ -78,10 +88,13 @@ def decode_commands(text: str, image_embeds: np.ndarray | None) -> Commands:
         embeds = None
         if item["images"]:
             rows = NUM_QUERY_TOKENS * item["images"]
-            embeds = image_embeds[row:row + rows].reshape(item["images"], NUM_QUERY_TOKENS, -1)
+            embeds = image_embeds[row : row + rows].reshape(item["images"], NUM_QUERY_TOKENS, -1)
             row += rows
-        commands.submit.append(NewRequest(item["id"], item["prompt_ids"], SamplingParams(**item["sampling"]), embeds,
-                                          item.get("image_keys")))
+        commands.submit.append(
+            NewRequest(
+                item["id"], item["prompt_ids"], SamplingParams(**item["sampling"]), embeds, item.get("image_keys")
+            )
+        )
     return commands
 
 

@@ -9,13 +9,14 @@ our tests) and lets the batched stages see real batches:
   how the stages get real batches.
 Each request thread reads its own decoder events (decoder_link.py) and hands what it answers to the writer.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _NOTHING = object()
 
@@ -49,8 +50,14 @@ class BatchDispatcher:
     `on_call(waits, seconds)`, if given, hears of each successful call: each job's wait in the queue
     and the call's duration (metrics; it must not block)."""
 
-    def __init__(self, name: str, call: Callable[[list], list], rows: Callable[[object], int], max_rows: int,
-                 on_call: Callable[[list[float], float], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        call: Callable[[list], list],
+        rows: Callable[[object], int],
+        max_rows: int,
+        on_call: Callable[[list[float], float], None] | None = None,
+    ):
         self._call = call
         self._rows = rows
         self._max_rows = max_rows

@@ -11,13 +11,14 @@ prefix cache uses to name the image's positions, so it is hashed once per distin
 
 Triton-free (minigpt5_model.py calls `encode(images, encoder)` with its BLS call) and thread-safe.
 """
+
 from __future__ import annotations
 
 import collections
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -53,7 +54,9 @@ class EmbeddingCache:
         digest.update(np.ascontiguousarray(image, dtype=np.uint8).data)
         return digest.hexdigest()
 
-    def encode(self, images: np.ndarray, encoder: Callable[[np.ndarray], np.ndarray]) -> tuple[list[CachedEmbedding], int]:
+    def encode(
+        self, images: np.ndarray, encoder: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[list[CachedEmbedding], int]:
         """Embeddings of uint8 [N, 224, 224, 3] images: cached ones from here, the others (each
         distinct image once) from `encoder` in one call, then kept. Also returns how many images
         `encoder` was given."""
@@ -97,5 +100,6 @@ def weights_key(weights) -> str:
     vision = weights.path / component_file("vision")
     stat = vision.stat()
     manifest = (weights.path / MANIFEST).read_bytes()
-    return hashlib.blake2b(manifest + f"{vision.resolve()}{stat.st_size}{stat.st_mtime_ns}".encode(),
-                           digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        manifest + f"{vision.resolve()}{stat.st_size}{stat.st_mtime_ns}".encode(), digest_size=16
+    ).hexdigest()

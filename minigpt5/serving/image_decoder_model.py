@@ -3,6 +3,7 @@
 Each request row carries its own seed and guidance scale, so its image does not depend on its batch
 company; rows with the same scheduler and step count are decoded together (ImageStage.decode).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,13 +31,14 @@ class ImageDecoderModel:
             counts.append(len(rows))
         started = time.monotonic()
         images = self.stage.decode(jobs)
-        triton_io.log_info(f"image_decoder: {len(jobs)} image(s) from {len(requests)} request(s) in "
-                           f"{time.monotonic() - started:.2f}s")
+        triton_io.log_info(
+            f"image_decoder: {len(jobs)} image(s) from {len(requests)} request(s) in {time.monotonic() - started:.2f}s"
+        )
         if self.metrics:
             self.metrics.observe_image_batch(len(jobs))
         replies, start = [], 0
         for count in counts:
-            replies.append(triton_io.response([triton_io.tensor("image", images[start:start + count].copy())]))
+            replies.append(triton_io.response([triton_io.tensor("image", images[start : start + count].copy())]))
             start += count
         return replies
 
@@ -47,5 +49,13 @@ class ImageDecoderModel:
         scales = triton_io.input_array(request, "guidance_scale").reshape(-1)
         steps = triton_io.input_array(request, "num_inference_steps").reshape(-1)
         schedulers = triton_io.input_array(request, "scheduler_id").reshape(-1)
-        return [ImageJob(torch.from_numpy(states[i].copy()), int(seeds[i]), float(scales[i]), int(steps[i]),
-                         SCHEDULERS[int(schedulers[i])]) for i in range(len(states))]
+        return [
+            ImageJob(
+                torch.from_numpy(states[i].copy()),
+                int(seeds[i]),
+                float(scales[i]),
+                int(steps[i]),
+                SCHEDULERS[int(schedulers[i])],
+            )
+            for i in range(len(states))
+        ]

@@ -2,6 +2,7 @@
 
 Each family is created by the one model that owns it; they all carry a `model` label.
 """
+
 from __future__ import annotations
 
 import queue
@@ -104,42 +105,79 @@ class PublicModelMetrics:
         self.requests = {o: LockedMetric(requests.Metric(labels={**labels, "outcome": o})) for o in OUTCOMES}
         self.inflight = LockedMetric(inflight.Metric(labels=labels))
         ttft_family, self.time_to_first_token = _histogram(
-            "minigpt5_time_to_first_token_seconds", "Request arrival to first text delta", model, LATENCY_BUCKETS)
+            "minigpt5_time_to_first_token_seconds", "Request arrival to first text delta", model, LATENCY_BUCKETS
+        )
         ttfi_family, self.time_to_first_image = _histogram(
-            "minigpt5_time_to_first_image_seconds", "Request arrival to first image", model, LATENCY_BUCKETS)
+            "minigpt5_time_to_first_image_seconds", "Request arrival to first image", model, LATENCY_BUCKETS
+        )
         self._families += [ttft_family, ttfi_family]
-        cache_families, metrics = _metrics(model, [
-            ("minigpt5_image_embedding_cache_hits_total", "Images whose embeddings came from the cache", COUNTER),
-            ("minigpt5_image_embedding_cache_misses_total", "Images sent to vision_encoder", COUNTER),
-            ("minigpt5_image_embedding_cache_entries", "Images held by the embedding cache", GAUGE),
-            ("minigpt5_image_embedding_cache_bytes", "Bytes of embeddings held by the embedding cache", GAUGE)])
+        cache_families, metrics = _metrics(
+            model,
+            [
+                ("minigpt5_image_embedding_cache_hits_total", "Images whose embeddings came from the cache", COUNTER),
+                ("minigpt5_image_embedding_cache_misses_total", "Images sent to vision_encoder", COUNTER),
+                ("minigpt5_image_embedding_cache_entries", "Images held by the embedding cache", GAUGE),
+                ("minigpt5_image_embedding_cache_bytes", "Bytes of embeddings held by the embedding cache", GAUGE),
+            ],
+        )
         self._families += cache_families
         self.embedding_hits, self.embedding_misses, self.embedding_entries, self.embedding_bytes = metrics
-        histograms = [_histogram(name, description, model, buckets) for name, description, buckets in (
-            ("minigpt5_e2e_request_latency_seconds", "Request arrival to the final response of an answer",
-             E2E_BUCKETS),
-            ("minigpt5_time_per_output_token_seconds", "Mean time between an answer's sampled tokens after "
-                                                       "the first", TOKEN_LATENCY_BUCKETS),
-            ("minigpt5_request_prompt_tokens", "Prompt positions of an answer: text tokens and 32 per "
-                                               "input image", PROMPT_BUCKETS),
-            ("minigpt5_vision_latency_seconds", "The vision_encoder call that encoded a request's images",
-             STAGE_BUCKETS),
-            ("minigpt5_image_decode_latency_seconds", "The image_decoder call that decoded an image", STAGE_BUCKETS),
-            ("minigpt5_image_queue_wait_seconds", "An image's wait for the image_decoder, from its voken "
-                                                  "states to its call", STAGE_BUCKETS))]
+        histograms = [
+            _histogram(name, description, model, buckets)
+            for name, description, buckets in (
+                (
+                    "minigpt5_e2e_request_latency_seconds",
+                    "Request arrival to the final response of an answer",
+                    E2E_BUCKETS,
+                ),
+                (
+                    "minigpt5_time_per_output_token_seconds",
+                    "Mean time between an answer's sampled tokens after the first",
+                    TOKEN_LATENCY_BUCKETS,
+                ),
+                (
+                    "minigpt5_request_prompt_tokens",
+                    "Prompt positions of an answer: text tokens and 32 per input image",
+                    PROMPT_BUCKETS,
+                ),
+                (
+                    "minigpt5_vision_latency_seconds",
+                    "The vision_encoder call that encoded a request's images",
+                    STAGE_BUCKETS,
+                ),
+                (
+                    "minigpt5_image_decode_latency_seconds",
+                    "The image_decoder call that decoded an image",
+                    STAGE_BUCKETS,
+                ),
+                (
+                    "minigpt5_image_queue_wait_seconds",
+                    "An image's wait for the image_decoder, from its voken states to its call",
+                    STAGE_BUCKETS,
+                ),
+            )
+        ]
         self._families += [family for family, _ in histograms]
-        (self.e2e_latency, self.time_per_output_token, self.prompt_tokens, self.vision_latency,
-         self.image_decode_latency, self.image_queue_wait) = [metric for _, metric in histograms]
+        (
+            self.e2e_latency,
+            self.time_per_output_token,
+            self.prompt_tokens,
+            self.vision_latency,
+            self.image_decode_latency,
+            self.image_queue_wait,
+        ) = [metric for _, metric in histograms]
         self._recorder = _Recorder("minigpt5-request-metrics")
 
-    def observe_answer(self, seconds: float, prompt_positions: int, sampled_tokens: int,
-                       decode_seconds: float | None) -> None:
+    def observe_answer(
+        self, seconds: float, prompt_positions: int, sampled_tokens: int, decode_seconds: float | None
+    ) -> None:
         """A finished answer (outcome ok): its latency, its prompt and, with two sampled tokens or
         more, the mean time between them (`decode_seconds`: first token to last)."""
         self._recorder.put(self._record_answer, seconds, prompt_positions, sampled_tokens, decode_seconds)
 
-    def _record_answer(self, seconds: float, prompt_positions: int, sampled_tokens: int,
-                       decode_seconds: float | None) -> None:
+    def _record_answer(
+        self, seconds: float, prompt_positions: int, sampled_tokens: int, decode_seconds: float | None
+    ) -> None:
         self.e2e_latency.observe(seconds)
         self.prompt_tokens.observe(prompt_positions)
         if sampled_tokens > 1 and decode_seconds is not None:
@@ -188,26 +226,41 @@ class DecoderMetrics:
 
     def __init__(self, model: str = "vicuna_decoder"):
         self._batch_family, self.batch_size = _histogram(
-            "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS)
+            "minigpt5_decoder_batch_size", "Rows per decoder step", model, BATCH_BUCKETS
+        )
         self._prefill_family, self.prefill_latency = _histogram(
-            "minigpt5_prefill_latency_seconds", "Prefill of one request's prompt and its first token",
-            model, STAGE_BUCKETS)
-        self._state_families, state = _metrics(model, [
-            ("minigpt5_num_requests_waiting", "Requests waiting for a decoder row (rows or KV budget full)", GAUGE),
-            ("minigpt5_num_requests_running", "Requests in the decoder's batch", GAUGE),
-            ("minigpt5_kv_cache_used_positions", "KV-cache positions reserved by the running requests", GAUGE),
-            ("minigpt5_kv_cache_usage_ratio", "Reserved KV-cache positions / kv_cache_budget_tokens", GAUGE)])
+            "minigpt5_prefill_latency_seconds",
+            "Prefill of one request's prompt and its first token",
+            model,
+            STAGE_BUCKETS,
+        )
+        self._state_families, state = _metrics(
+            model,
+            [
+                ("minigpt5_num_requests_waiting", "Requests waiting for a decoder row (rows or KV budget full)", GAUGE),
+                ("minigpt5_num_requests_running", "Requests in the decoder's batch", GAUGE),
+                ("minigpt5_kv_cache_used_positions", "KV-cache positions reserved by the running requests", GAUGE),
+                ("minigpt5_kv_cache_usage_ratio", "Reserved KV-cache positions / kv_cache_budget_tokens", GAUGE),
+            ],
+        )
         self.waiting, self.running, self.kv_positions, self.kv_ratio = state
         self._state = (0, 0, 0)  # (waiting, running, reserved positions) as last set
         self._next_state = 0.0
-        self._families, metrics = _metrics(model, [
-            ("minigpt5_prefill_positions_total", "Prompt positions prefilled", COUNTER),
-            ("minigpt5_prefix_cache_saved_positions_total", "Prompt positions taken from the prefix cache "
-                                                           "instead of prefilled", COUNTER),
-            ("minigpt5_prefix_cache_hits_total", "Prompt blocks found in the prefix cache", COUNTER),
-            ("minigpt5_prefix_cache_misses_total", "Full prompt blocks not in the prefix cache", COUNTER),
-            ("minigpt5_prefix_cache_blocks", "Blocks held by the prefix cache", GAUGE),
-            ("minigpt5_prefix_cache_bytes", "Bytes of keys and values held by the prefix cache", GAUGE)])
+        self._families, metrics = _metrics(
+            model,
+            [
+                ("minigpt5_prefill_positions_total", "Prompt positions prefilled", COUNTER),
+                (
+                    "minigpt5_prefix_cache_saved_positions_total",
+                    "Prompt positions taken from the prefix cache instead of prefilled",
+                    COUNTER,
+                ),
+                ("minigpt5_prefix_cache_hits_total", "Prompt blocks found in the prefix cache", COUNTER),
+                ("minigpt5_prefix_cache_misses_total", "Full prompt blocks not in the prefix cache", COUNTER),
+                ("minigpt5_prefix_cache_blocks", "Blocks held by the prefix cache", GAUGE),
+                ("minigpt5_prefix_cache_bytes", "Bytes of keys and values held by the prefix cache", GAUGE),
+            ],
+        )
         self.prefill, self.saved, self.hits, self.misses, self.blocks, self.bytes = metrics
         self._reported = (0, 0, 0, 0)  # the engine's totals at the last update
         self._next_update = 0.0
@@ -271,7 +324,8 @@ class DecoderMetrics:
 class ImageMetrics:
     def __init__(self, model: str = "image_decoder"):
         self._family, self.batch_size = _histogram(
-            "minigpt5_image_batch_size", "Images per image-decoder execution", model, BATCH_BUCKETS)
+            "minigpt5_image_batch_size", "Images per image-decoder execution", model, BATCH_BUCKETS
+        )
 
     def observe_image_batch(self, images: int) -> None:
         self.batch_size.observe(images)

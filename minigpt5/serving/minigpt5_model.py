@@ -14,6 +14,7 @@ The request thread wakes at least every CANCEL_CHECK_S: when the client has canc
 disconnected, or request_timeout_s has passed, the request's decoder row is aborted (its KV cache
 freed at the next step) and its pending images dropped.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from minigpt5_client.contract import SCALAR_INPUTS
 
 from ..engine import Finished, TextDelta, VokenStates
@@ -33,7 +35,7 @@ from ..request import InvalidRequest, request_from_inputs
 from ..stages import PromptBuilder
 from . import runtime, triton_io
 from .answer_stream import AnswerStream
-from .decoder_link import DecodeStream, DecoderLink
+from .decoder_link import DecoderLink, DecodeStream
 from .dispatch import BatchDispatcher, ResponseWriter
 from .embedding_cache import EmbeddingCache, weights_key
 from .options import PublicModelOptions
@@ -71,16 +73,28 @@ class MiniGPT5Model:
         self._inflight_lock = threading.Lock()
         self._workers = concurrent.futures.ThreadPoolExecutor(self.max_inflight, thread_name_prefix="minigpt5-req")
         self._encoders = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="minigpt5-png")
-        self._writer = ResponseWriter(triton_io.send, lambda exc: triton_io.log_warn(
-            f"minigpt5: could not send a response: {exc!r}"))
-        self._vision_calls = BatchDispatcher("vision", self._call_vision, rows=len, max_rows=VISION_MAX_BATCH,
-                                             on_call=metrics.observe_vision_call if metrics else None)
-        self._image_calls = BatchDispatcher("images", self._call_image_decoder, rows=lambda job: 1,
-                                            max_rows=IMAGE_MAX_BATCH,
-                                            on_call=metrics.observe_image_call if metrics else None)
-        triton_io.log_info(f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
-                           f"request timeout {self.request_timeout_s:g} s; image embedding cache "
-                           f"{cache_bytes / 2**20:g} MiB")
+        self._writer = ResponseWriter(
+            triton_io.send, lambda exc: triton_io.log_warn(f"minigpt5: could not send a response: {exc!r}")
+        )
+        self._vision_calls = BatchDispatcher(
+            "vision",
+            self._call_vision,
+            rows=len,
+            max_rows=VISION_MAX_BATCH,
+            on_call=metrics.observe_vision_call if metrics else None,
+        )
+        self._image_calls = BatchDispatcher(
+            "images",
+            self._call_image_decoder,
+            rows=lambda job: 1,
+            max_rows=IMAGE_MAX_BATCH,
+            on_call=metrics.observe_image_call if metrics else None,
+        )
+        triton_io.log_info(
+            f"minigpt5: weights {weights.path}; max {self.max_inflight} requests in flight; "
+            f"request timeout {self.request_timeout_s:g} s; image embedding cache "
+            f"{cache_bytes / 2**20:g} MiB"
+        )
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -128,6 +142,7 @@ class MiniGPT5Model:
                 with self._inflight_lock:
                     self._inflight -= 1
                 self._set_inflight_gauge()
+
         try:
             self._serve(request, sender, release)
         finally:
@@ -140,6 +155,7 @@ class MiniGPT5Model:
             if final:
                 release()
             self._writer.put(sender, reply, final)
+
         answer = AnswerStream(post, stream=False)
         try:
             generation = self._parse(request)
@@ -160,9 +176,12 @@ class MiniGPT5Model:
             answer.fail(exc)
 
     def _parse(self, request):
-        return request_from_inputs({name: triton_io.input_scalar(request, name) for name in SCALAR_INPUTS},
-                                   triton_io.input_array(request, "images"),
-                                   triton_io.input_strings(request, "image_bytes"), defaults=self.defaults)
+        return request_from_inputs(
+            {name: triton_io.input_scalar(request, name) for name in SCALAR_INPUTS},
+            triton_io.input_array(request, "images"),
+            triton_io.input_strings(request, "image_bytes"),
+            defaults=self.defaults,
+        )
 
     def _encode_images(self, images: np.ndarray) -> tuple[np.ndarray | None, list[str] | None]:
         """Embeddings [N, 32, H] and their content keys; only images not in the cache go to `vision_encoder`."""
@@ -172,26 +191,28 @@ class MiniGPT5Model:
             return self._vision_calls.submit(images).result(), None  # the decoder hashes them itself
         entries, encoded = self.embeddings.encode(images, lambda todo: self._vision_calls.submit(todo).result())
         if self.metrics:  # on the PNG threads, off the request's path: a metric update is an IPC round trip
-            self._encoders.submit(self.metrics.observe_embedding_cache, len(images) - encoded, encoded,
-                                  self.embeddings)
+            self._encoders.submit(self.metrics.observe_embedding_cache, len(images) - encoded, encoded, self.embeddings)
         return np.stack([entry.embeds for entry in entries]), [entry.key for entry in entries]
 
     @staticmethod
     def _call_vision(batches: list[np.ndarray]) -> list[np.ndarray]:
         """One `vision_encoder` request for the images of several requests, split back per request."""
-        child = pb_utils.InferenceRequest(model_name="vision_encoder", requested_output_names=["image_embeds"],
-                                          inputs=[triton_io.tensor("images", np.concatenate(batches))])
+        child = pb_utils.InferenceRequest(
+            model_name="vision_encoder",
+            requested_output_names=["image_embeds"],
+            inputs=[triton_io.tensor("images", np.concatenate(batches))],
+        )
         reply = child.exec()
         triton_io.raise_if_error(reply)
         embeds = triton_io.output_array(reply, "image_embeds")
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return np.split(embeds, bounds)
 
-    def _generate(self, generation, prompt_ids, image_embeds, image_keys, answer: AnswerStream, sender,
-                  arrived) -> str:
+    def _generate(self, generation, prompt_ids, image_embeds, image_keys, answer: AnswerStream, sender, arrived) -> str:
         deadline = arrived + self.request_timeout_s
-        stream = self.decoder.open(f"minigpt5-{uuid.uuid4().hex}", prompt_ids, image_embeds, generation.sampling,
-                                   image_keys)
+        stream = self.decoder.open(
+            f"minigpt5-{uuid.uuid4().hex}", prompt_ids, image_embeds, generation.sampling, image_keys
+        )
         images: list[concurrent.futures.Future] = []  # each ends once its image was sent
         try:
             finished = self._relay(stream, generation, answer, images, sender, arrived, deadline)
@@ -202,21 +223,38 @@ class MiniGPT5Model:
             _stop(stream, images)
             answer.cancel()
             return "cancelled"
-        usage = {"prompt_tokens": len(prompt_ids) - len(generation.images),
-                 "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
-                 "completion_tokens": finished.completion_tokens, "vokens": 8 * len(images), "images": len(images),
-                 "sampled_tokens": finished.sampled_tokens, "cached_prompt_positions": finished.cached_positions,
-                 "seed": generation.seed}
+        usage = {
+            "prompt_tokens": len(prompt_ids) - len(generation.images),
+            "image_tokens": 0 if image_embeds is None else int(image_embeds.shape[0] * image_embeds.shape[1]),
+            "completion_tokens": finished.completion_tokens,
+            "vokens": 8 * len(images),
+            "images": len(images),
+            "sampled_tokens": finished.sampled_tokens,
+            "cached_prompt_positions": finished.cached_positions,
+            "seed": generation.seed,
+        }
         if self.metrics:
             self.metrics.count_tokens(finished.completion_tokens - usage["vokens"], usage["vokens"], len(images))
         answer.finish(finished.reason, usage)
         if self.metrics:
-            self.metrics.observe_answer(time.monotonic() - arrived, usage["prompt_tokens"] + usage["image_tokens"],
-                                        finished.sampled_tokens, stream.decode_seconds)
+            self.metrics.observe_answer(
+                time.monotonic() - arrived,
+                usage["prompt_tokens"] + usage["image_tokens"],
+                finished.sampled_tokens,
+                stream.decode_seconds,
+            )
         return "ok"
 
-    def _relay(self, stream: DecodeStream, generation, answer: AnswerStream, images: list, sender,
-               arrived: float, deadline: float) -> Finished | None:
+    def _relay(
+        self,
+        stream: DecodeStream,
+        generation,
+        answer: AnswerStream,
+        images: list,
+        sender,
+        arrived: float,
+        deadline: float,
+    ) -> Finished | None:
         """Decoder events → answer events, until the decoder's Finished (returned) or the client is
         gone (None). Raises Overloaded at the request's deadline."""
         next_check = arrived + CANCEL_CHECK_S
@@ -240,9 +278,13 @@ class MiniGPT5Model:
                 hold_text_until = time.monotonic() + self.stream_interval_s
             elif isinstance(event, VokenStates):
                 answer.image_start(event.text_offset)
-                job = ImageRequest(np.asarray(event.states), image_seed(generation.seed, len(images)),
-                                   generation.guidance_scale, generation.num_inference_steps,
-                                   SCHEDULERS.index(generation.scheduler))
+                job = ImageRequest(
+                    np.asarray(event.states),
+                    image_seed(generation.seed, len(images)),
+                    generation.guidance_scale,
+                    generation.num_inference_steps,
+                    SCHEDULERS.index(generation.scheduler),
+                )
                 images.append(self._image_sent(job, answer, event.text_offset, arrived, first=not images))
 
     def _images_sent(self, stream: DecodeStream, images: list, sender, deadline: float) -> bool:
@@ -265,8 +307,9 @@ class MiniGPT5Model:
     def _timed_out(self) -> triton_io.Overloaded:
         return triton_io.Overloaded(f"request took longer than request_timeout_s={self.request_timeout_s}")
 
-    def _image_sent(self, job: "ImageRequest", answer: AnswerStream, offset: int, arrived: float,
-                    first: bool) -> concurrent.futures.Future:
+    def _image_sent(
+        self, job: ImageRequest, answer: AnswerStream, offset: int, arrived: float, first: bool
+    ) -> concurrent.futures.Future:
         """Queue the image; once decoded, PNG-encode and send it. The future ends when it was sent."""
         sent: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -285,8 +328,9 @@ class MiniGPT5Model:
                 sent.set_exception(decoded.exception())
                 return
             encoding = self._encoders.submit(deliver, decoded.result())
-            encoding.add_done_callback(lambda done: sent.set_exception(done.exception())
-                                       if done.exception() else sent.set_result(None))
+            encoding.add_done_callback(
+                lambda done: sent.set_exception(done.exception()) if done.exception() else sent.set_result(None)
+            )
 
         self._image_calls.submit(job).add_done_callback(on_decoded)
         return sent
@@ -297,23 +341,28 @@ class MiniGPT5Model:
         inputs = [triton_io.string_tensor("link_id", link_id), triton_io.string_tensor("commands", commands)]
         if image_embeds is not None:
             inputs.append(triton_io.tensor("image_embeds", image_embeds))
-        child = pb_utils.InferenceRequest(model_name="vicuna_decoder", inputs=inputs,
-                                          requested_output_names=["events", "voken_states"])
+        child = pb_utils.InferenceRequest(
+            model_name="vicuna_decoder", inputs=inputs, requested_output_names=["events", "voken_states"]
+        )
         reply = child.exec()
         triton_io.raise_if_error(reply)
         events = triton_io.output_array(reply, "events").reshape(-1)[0]
         return triton_io.decode_text("events", events), triton_io.output_array(reply, "voken_states")
 
     @staticmethod
-    def _call_image_decoder(jobs: list["ImageRequest"]) -> list[np.ndarray]:
+    def _call_image_decoder(jobs: list[ImageRequest]) -> list[np.ndarray]:
         """One batched `image_decoder` request for the images of several requests."""
-        child = pb_utils.InferenceRequest(model_name="image_decoder", requested_output_names=["image"], inputs=[
-            triton_io.tensor("voken_states", np.stack([j.voken_states for j in jobs]).astype(np.float32)),
-            triton_io.tensor("seed", np.array([[j.seed] for j in jobs], dtype=np.uint64)),
-            triton_io.tensor("guidance_scale", np.array([[j.guidance_scale] for j in jobs], dtype=np.float32)),
-            triton_io.tensor("num_inference_steps", np.array([[j.steps] for j in jobs], dtype=np.int32)),
-            triton_io.tensor("scheduler_id", np.array([[j.scheduler_id] for j in jobs], dtype=np.int32)),
-        ])
+        child = pb_utils.InferenceRequest(
+            model_name="image_decoder",
+            requested_output_names=["image"],
+            inputs=[
+                triton_io.tensor("voken_states", np.stack([j.voken_states for j in jobs]).astype(np.float32)),
+                triton_io.tensor("seed", np.array([[j.seed] for j in jobs], dtype=np.uint64)),
+                triton_io.tensor("guidance_scale", np.array([[j.guidance_scale] for j in jobs], dtype=np.float32)),
+                triton_io.tensor("num_inference_steps", np.array([[j.steps] for j in jobs], dtype=np.int32)),
+                triton_io.tensor("scheduler_id", np.array([[j.scheduler_id] for j in jobs], dtype=np.int32)),
+            ],
+        )
         reply = child.exec()
         triton_io.raise_if_error(reply)
         return list(triton_io.output_array(reply, "image"))

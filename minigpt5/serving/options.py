@@ -1,6 +1,7 @@
 """The models' config.pbtxt `parameters` as typed options, each read and converted in one place. The
 defaults live in config.pbtxt only (commented there); a parameter missing from it is an error, and a
 value that does not convert names its parameter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

@@ -1,5 +1,6 @@
 """What a served model reads from Triton's arguments: its config.pbtxt parameters, its weights (the
 `weights` parameter, else the environment) and its placement (placement.py decides)."""
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ def model_parameters(args: dict) -> dict:
 @dataclass
 class Placement:
     """What a served model needs to load its stage: its parameters, weights, device and dtype."""
+
     params: dict
     weights: WeightsDir
     device: str

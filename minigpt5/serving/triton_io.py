@@ -3,6 +3,7 @@
 The serving modules call these helpers instead of pb_utils directly, so the unit tests can replace
 `triton_python_backend_utils` with a small fake module and run without Triton.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,21 +42,21 @@ def decode_text(name: str, raw: bytes) -> str:
         raise InvalidRequest(f"{name}: not valid UTF-8 (byte {exc.start})") from None
 
 
-def string_tensor(name: str, values) -> "pb_utils.Tensor":
+def string_tensor(name: str, values) -> pb_utils.Tensor:
     items = [values] if isinstance(values, (str, bytes)) else list(values)
     encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in items]
     return pb_utils.Tensor(name, np.array(encoded, dtype=np.object_))
 
 
-def tensor(name: str, array) -> "pb_utils.Tensor":
+def tensor(name: str, array) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.ascontiguousarray(array))
 
 
-def response(tensors: list) -> "pb_utils.InferenceResponse":
+def response(tensors: list) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
+def error_response(exc: BaseException) -> pb_utils.InferenceResponse:
     """The error a client sees: INVALID_ARG for bad input, UNAVAILABLE for overload, INTERNAL otherwise."""
     if isinstance(exc, InvalidRequest):
         code = pb_utils.TritonError.INVALID_ARG
@@ -64,7 +65,6 @@ def error_response(exc: BaseException) -> "pb_utils.InferenceResponse":
     else:
         code = pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
-
 
 
 def send(sender, reply=None, final: bool = False) -> None:

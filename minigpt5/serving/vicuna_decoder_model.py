@@ -7,6 +7,7 @@ steps the `DecodeEngine` whenever it has work and files each step's events in th
 requests and aborts in and takes the link's outbox out: at once when it holds events, else as soon
 as a step puts some there, or empty after `link_wait_ms`. The engine never waits for a call.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,8 +45,9 @@ class EngineLoop:
         """Queue a request; one that can never fit (context, KV budget) is refused in the outbox."""
         try:
             embeds = None if request.image_embeds is None else torch.from_numpy(request.image_embeds)
-            decode_request = self.stage.make_request(request.request_id, request.prompt_ids, embeds, request.sampling,
-                                                     request.image_keys)
+            decode_request = self.stage.make_request(
+                request.request_id, request.prompt_ids, embeds, request.sampling, request.image_keys
+            )
             with self._events:
                 if not self._running:
                     raise Overloaded("model is unloading")
@@ -102,8 +104,9 @@ class EngineLoop:
         with self._events:
             for event in events:
                 ends = isinstance(event, (Finished, Failure))
-                owner = link_id or (self._owner.pop(event.request_id, None) if ends
-                                    else self._owner.get(event.request_id))
+                owner = link_id or (
+                    self._owner.pop(event.request_id, None) if ends else self._owner.get(event.request_id)
+                )
                 if owner is not None:
                     self._outbox.setdefault(owner, []).append(event)
             self._events.notify_all()
@@ -120,7 +123,10 @@ class VicunaDecoderModel:
         quantization = options.llm_quantization
         self.link_wait_s = options.link_wait_ms / 1000
         stage = DecoderStage.load(
-            where.weights, where.device, where.dtype, quantization=quantization,
+            where.weights,
+            where.device,
+            where.dtype,
+            quantization=quantization,
             kv_budget_tokens=options.kv_cache_budget_tokens,
             max_rows=options.max_batch_rows,
             max_prefill_tokens=options.max_prefill_tokens_per_step,
@@ -128,19 +134,26 @@ class VicunaDecoderModel:
             static_decode=on_gpu_by_default(where.params, "decode_cuda_graphs", where.device),
             capture_fallback=options.decode_cuda_graphs == "auto",
             prefix_cache_tokens=options.prefix_cache_tokens,
-            prefix_block_tokens=options.prefix_cache_block_tokens)
+            prefix_block_tokens=options.prefix_cache_block_tokens,
+        )
         self.metrics = metrics
         self.loop = EngineLoop(stage, observe_step=metrics.observe_step if metrics else None)
         engine = stage.engine
         cache = engine.prefix_cache
-        caching = (f"prefix cache {cache.max_positions} positions in blocks of {cache.block_positions}"
-                   if cache is not None else "prefix cache off")
-        triton_io.log_info(f"{where.describe('vicuna_decoder')}; decode: {engine.decode_mode}; "
-                           f"LLM quantization: {quantization}; {engine.max_rows} rows, KV budget "
-                           f"{engine.kv_budget_tokens} positions; {caching}")
+        caching = (
+            f"prefix cache {cache.max_positions} positions in blocks of {cache.block_positions}"
+            if cache is not None
+            else "prefix cache off"
+        )
+        triton_io.log_info(
+            f"{where.describe('vicuna_decoder')}; decode: {engine.decode_mode}; "
+            f"LLM quantization: {quantization}; {engine.max_rows} rows, KV budget "
+            f"{engine.kv_budget_tokens} positions; {caching}"
+        )
         if engine.capture_error:
-            triton_io.log_warn(f"vicuna_decoder: decode CUDA graphs failed, decoding eagerly (slower): "
-                               f"{engine.capture_error}")
+            triton_io.log_warn(
+                f"vicuna_decoder: decode CUDA graphs failed, decoding eagerly (slower): {engine.capture_error}"
+            )
 
     def execute(self, requests: list) -> list:
         return [self._answer(request) for request in requests]
@@ -148,8 +161,9 @@ class VicunaDecoderModel:
     def _answer(self, request):
         try:
             link_id = triton_io.input_scalar(request, "link_id")
-            commands = decode_commands(triton_io.input_scalar(request, "commands"),
-                                       triton_io.input_array(request, "image_embeds"))
+            commands = decode_commands(
+                triton_io.input_scalar(request, "commands"), triton_io.input_array(request, "image_embeds")
+            )
             for request_id in commands.abort:
                 self.loop.abort(request_id)
             for new in commands.submit:

@@ -1,4 +1,5 @@
 """`vision_encoder`: uint8 224² images → 32×H embeddings, batched across requests by Triton."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,6 @@ class VisionEncoder:
         embeds = self.stage.encode(np.concatenate(batches)).numpy()
         replies, start = [], 0
         for batch in batches:
-            replies.append(triton_io.response([triton_io.tensor("image_embeds", embeds[start:start + len(batch)])]))
+            replies.append(triton_io.response([triton_io.tensor("image_embeds", embeds[start : start + len(batch)])]))
             start += len(batch)
         return replies

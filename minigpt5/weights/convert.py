@@ -15,6 +15,7 @@ guesswork: every source key must match one of the explicit rules below, else it 
 reported by name; every tensor the modules need that no source supplies is *missing*, reported by
 name. Shapes are checked before any tensor data is read. Pickles are only opened with weights_only=True.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,9 @@ import pickle
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -62,7 +63,7 @@ class ConvertOptions:
     allow_unknown: bool = False
 
     @classmethod
-    def from_namespace(cls, args) -> "ConvertOptions":
+    def from_namespace(cls, args) -> ConvertOptions:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -70,6 +71,7 @@ class ConvertOptions:
 # Key rules. A rule's target is "component:name", written as a re.Match.expand template; a
 # "#part" suffix marks a piece combined with others into one tensor (EVA q/v biases, LoRA A/B).
 # A rule without target marks keys that are known but unused; they are counted in the report.
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -83,24 +85,35 @@ _LIGHTNING_LLAMA = r"(?:model\.)?llama_model\.(?:base_model\.model\.)?"  # Light
 _PEFT_COPY = r"(?:modules_to_save\.default\.)?"
 
 STAGE_RULES = (
-    Rule(_LIGHTNING_LLAMA + r"(model\.embed_tokens|lm_head)\.original_module\.weight", None,
-         "PEFT's frozen copy of the pre-LoRA rows; the modules_to_save copy is the trained one"),
+    Rule(
+        _LIGHTNING_LLAMA + r"(model\.embed_tokens|lm_head)\.original_module\.weight",
+        None,
+        "PEFT's frozen copy of the pre-LoRA rows; the modules_to_save copy is the trained one",
+    ),
     Rule(_LIGHTNING_LLAMA + r"model\.embed_tokens\." + _PEFT_COPY + r"weight", r"llm:model.embed_tokens.weight"),
     Rule(_LIGHTNING_LLAMA + r"lm_head\." + _PEFT_COPY + r"weight", r"llm:lm_head.weight"),
-    Rule(_LIGHTNING_LLAMA + r"model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+_proj)\.lora_([AB])(?:\.default)?\.weight",
-         r"llm:model.layers.\1.\2.weight#lora_\3"),
+    Rule(
+        _LIGHTNING_LLAMA + r"model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+_proj)\.lora_([AB])(?:\.default)?\.weight",
+        r"llm:model.layers.\1.\2.weight#lora_\3",
+    ),
     Rule(r"(?:model\.)?(fc\.\d+\.(?:weight|bias)|llm_to_t2i_mapping\..+|t2i_decoder_prompt)", r"mapper:\1"),
 )
 
 VICUNA_RULES = (
-    Rule(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", None,
-         "rotary buffer saved by old transformers; recomputed from the config"),
+    Rule(
+        r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+        None,
+        "rotary buffer saved by old transformers; recomputed from the config",
+    ),
     Rule(r"(model\..+|lm_head\.weight)", r"llm:\1"),
 )
 
 HF_BLIP2_RULES = (
-    Rule(r"(language_model|language_projection)\..+", None,
-         "BLIP-2's own language model and projection; MiniGPT-5 uses Vicuna and llama_proj"),
+    Rule(
+        r"(language_model|language_projection)\..+",
+        None,
+        "BLIP-2's own language model and projection; MiniGPT-5 uses Vicuna and llama_proj",
+    ),
     Rule(r"(vision_model\..+|qformer\..+|query_tokens)", r"vision:\1"),
 )
 
@@ -113,9 +126,12 @@ def lavis_rules(vision_depth: int) -> tuple[Rule, ...]:
     (the mapping of transformers' convert_blip_2_original_to_pytorch.py)."""
     layer = r"vision:vision_model.encoder.layers.\1."
     return (
-        Rule(_EVA + r"blocks\.(\d+)\..+", None,
-             "ViT blocks beyond the configured depth (BLIP-2 drops EVA's last block; LAVIS loads non-strictly)",
-             applies=lambda match: int(match[1]) >= vision_depth),
+        Rule(
+            _EVA + r"blocks\.(\d+)\..+",
+            None,
+            "ViT blocks beyond the configured depth (BLIP-2 drops EVA's last block; LAVIS loads non-strictly)",
+            applies=lambda match: int(match[1]) >= vision_depth,
+        ),
         Rule(_EVA + r"cls_token", r"vision:vision_model.embeddings.class_embedding"),
         Rule(_EVA + r"pos_embed", r"vision:vision_model.embeddings.position_embedding"),
         Rule(_EVA + r"patch_embed\.proj\.(weight|bias)", r"vision:vision_model.embeddings.patch_embedding.\1"),
@@ -128,14 +144,24 @@ def lavis_rules(vision_depth: int) -> tuple[Rule, ...]:
         Rule(r"ln_vision\.(weight|bias)", r"vision:vision_model.post_layernorm.\1"),
         Rule(r"query_tokens", r"vision:query_tokens"),
         Rule(r"Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)", r"vision:qformer.layernorm.\1"),
-        Rule(_QFORMER_LAYER + r"(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)",
-             r"vision:qformer.encoder.layer.\1.\2.attention.\3.\4"),
-        Rule(_QFORMER_LAYER + r"((?:attention|crossattention)\.output|intermediate_query|output_query)\.(.+)",
-             r"vision:qformer.encoder.layer.\1.\2.\3"),
-        Rule(r"Qformer\.bert\.embeddings\.(word_embeddings\.weight|position_embeddings\.weight|position_ids)", None,
-             "Q-Former text embeddings; query tokens do not use them (MiniGPT-4 deletes them)"),
-        Rule(_QFORMER_LAYER + r"(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)", None,
-             "Q-Former text FFN; query tokens use the *_query FFN (MiniGPT-4 deletes it)"),
+        Rule(
+            _QFORMER_LAYER + r"(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)",
+            r"vision:qformer.encoder.layer.\1.\2.attention.\3.\4",
+        ),
+        Rule(
+            _QFORMER_LAYER + r"((?:attention|crossattention)\.output|intermediate_query|output_query)\.(.+)",
+            r"vision:qformer.encoder.layer.\1.\2.\3",
+        ),
+        Rule(
+            r"Qformer\.bert\.embeddings\.(word_embeddings\.weight|position_embeddings\.weight|position_ids)",
+            None,
+            "Q-Former text embeddings; query tokens do not use them (MiniGPT-4 deletes them)",
+        ),
+        Rule(
+            _QFORMER_LAYER + r"(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)",
+            None,
+            "Q-Former text FFN; query tokens use the *_query FFN (MiniGPT-4 deletes it)",
+        ),
         Rule(r"Qformer\.cls\..+", None, "Q-Former masked-LM head (MiniGPT-4 deletes it)"),
         Rule(r"(t5_proj|opt_proj)\.(weight|bias)", None, "BLIP-2's projection to its own language model"),
     )
@@ -147,14 +173,19 @@ UNET_RULES = (Rule(r"(.+)", r"unet:\1"),)
 
 VAE_RULES = (
     # diffusers' pre-0.14 names of the VAE mid-block attention (renamed by diffusers on load too).
-    *(Rule(r"((?:encoder|decoder)\.mid_block\.attentions\.\d+)\." + old + r"\.(weight|bias)", r"vae:\1." + new + r".\2")
-      for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))),
+    *(
+        Rule(
+            r"((?:encoder|decoder)\.mid_block\.attentions\.\d+)\." + old + r"\.(weight|bias)", r"vae:\1." + new + r".\2"
+        )
+        for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+    ),
     Rule(r"(.+)", r"vae:\1"),
 )
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading sources: every tensor is described by its shape and read only when saved.
+
 
 @dataclass
 class Pending:
@@ -185,7 +216,8 @@ def load_pickle(path: Path):
         raise ConversionError(
             f"{path}: refused by torch.load(weights_only=True), it holds more than tensors and plain "
             f"containers ({reason}). If you trust the file, re-save only its state dict in an isolated "
-            f"environment (docs/CONVERT.md).") from None
+            f"environment (docs/CONVERT.md)."
+        ) from None
 
 
 def _state_dict_of(obj, path: Path) -> dict:
@@ -217,8 +249,12 @@ def _read_tensor_file(label: str, path: Path) -> dict[str, Pending]:
         raise ConversionError(f"{label} {path}: no such file")
     if path.suffix == ".safetensors":
         handle = safe_open(str(path), framework="pt")
-        return {key: Pending(tuple(handle.get_slice(key).get_shape()), lambda h=handle, k=key: h.get_tensor(k),
-                             f"{label}:{key}") for key in handle.keys()}
+        return {
+            key: Pending(
+                tuple(handle.get_slice(key).get_shape()), lambda h=handle, k=key: h.get_tensor(k), f"{label}:{key}"
+            )
+            for key in handle.keys()
+        }
     state = _state_dict_of(load_pickle(path), path)
     return {key: Pending(tuple(t.shape), lambda t=t: t, f"{label}:{key}") for key, t in state.items()}
 
@@ -245,15 +281,22 @@ def open_sources(opts: ConvertOptions, arch: dict) -> list[Source]:
         ("--vicuna", opts.vicuna, VICUNA_RULES, _weight_files(opts.vicuna, TRANSFORMERS_FILES)),
         ("--stage1", opts.stage1, STAGE_RULES, [opts.stage1]),
         ("--stage2", opts.stage2, STAGE_RULES, [opts.stage2]),
-        ("--blip2", opts.blip2, HF_BLIP2_RULES if blip2_is_hf else lavis,
-         _weight_files(opts.blip2, TRANSFORMERS_FILES) if blip2_is_hf else [opts.blip2]),
+        (
+            "--blip2",
+            opts.blip2,
+            HF_BLIP2_RULES if blip2_is_hf else lavis,
+            _weight_files(opts.blip2, TRANSFORMERS_FILES) if blip2_is_hf else [opts.blip2],
+        ),
         ("--eva-vit", opts.eva_vit, lavis, [opts.eva_vit]),
         ("--minigpt4-proj", opts.minigpt4_proj, PROJ_RULES, [opts.minigpt4_proj]),
         ("--sd unet", opts.sd / "unet", UNET_RULES, _weight_files(opts.sd / "unet", DIFFUSERS_FILES)),
         ("--sd vae", opts.sd / "vae", VAE_RULES, _weight_files(opts.sd / "vae", DIFFUSERS_FILES)),
     ]
-    return [Source(label, path, rules, read_tensor_files(label, files))
-            for label, path, rules, files in specs if path is not None]
+    return [
+        Source(label, path, rules, read_tensor_files(label, files))
+        for label, path, rules, files in specs
+        if path is not None
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,11 +311,14 @@ def architecture(opts: ConvertOptions) -> dict:
     if opts.blip2.is_dir():
         arch["vision"], arch["qformer"] = blip2_architecture(opts.blip2, arch["vision"], arch["qformer"])
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
     arch["unet"] = diffusers_architecture(UNet2DConditionModel, opts.sd / "unet")
     arch["vae"] = diffusers_architecture(AutoencoderKL, opts.sd / "vae")
     if arch["mapper"]["d_model"] != arch["unet"]["cross_attention_dim"]:
-        raise ConversionError(f"mapper d_model {arch['mapper']['d_model']} (preset {opts.preset!r}) != UNet "
-                              f"cross_attention_dim {arch['unet']['cross_attention_dim']} ({opts.sd / 'unet'})")
+        raise ConversionError(
+            f"mapper d_model {arch['mapper']['d_model']} (preset {opts.preset!r}) != UNet "
+            f"cross_attention_dim {arch['unet']['cross_attention_dim']} ({opts.sd / 'unet'})"
+        )
     return arch
 
 
@@ -286,6 +332,7 @@ def _read_config(folder: Path) -> dict:
 def llm_architecture(folder: Path, keys) -> dict:
     """The LLaMA fields the manifest carries; fields it does not carry must have LlamaConfig's defaults."""
     from transformers import LlamaConfig
+
     raw = _read_config(folder)
     if raw.get("model_type") != "llama":
         raise ConversionError(f"{folder}/config.json: model_type {raw.get('model_type')!r}, expected 'llama'")
@@ -300,6 +347,7 @@ def llm_architecture(folder: Path, keys) -> dict:
 
 def blip2_architecture(folder: Path, vision_keys, qformer_keys) -> tuple[dict, dict]:
     from transformers import Blip2QFormerConfig, Blip2VisionConfig
+
     raw = _read_config(folder)
     vision = Blip2VisionConfig(**raw.get("vision_config", {}))
     qformer = Blip2QFormerConfig(**raw.get("qformer_config", {}))
@@ -327,6 +375,7 @@ def expected_shapes(arch: dict, vocab_size: int) -> dict[str, dict[str, tuple[in
 # ---------------------------------------------------------------------------------------------
 # Routing keys through rules, then combining sources.
 
+
 @dataclass
 class Routed:
     source: Source
@@ -348,8 +397,10 @@ def route(source: Source, expected: dict) -> Routed:
             if name.split("#")[0] not in expected[component]:
                 routed.unknown.append(key)
             elif (component, name) in routed.targets:
-                raise ConversionError(f"{source.label} {source.path}: {routed.targets[component, name]} and "
-                                      f"{key} both give {component} {name}")
+                raise ConversionError(
+                    f"{source.label} {source.path}: {routed.targets[component, name]} and "
+                    f"{key} both give {component} {name}"
+                )
             else:
                 routed.targets[component, name] = key
     return routed
@@ -366,8 +417,10 @@ def _first_rule(rules, key):
 def check_unknown(routes: list[Routed], allow_unknown: bool) -> None:
     if allow_unknown or not any(r.unknown for r in routes):
         return
-    raise ConversionError("unknown keys (no conversion rule; pass --allow-unknown to skip them):\n" + "\n".join(
-        f"  {r.source.label} {r.source.path}: {key}" for r in routes for key in r.unknown))
+    raise ConversionError(
+        "unknown keys (no conversion rule; pass --allow-unknown to skip them):\n"
+        + "\n".join(f"  {r.source.label} {r.source.path}: {key}" for r in routes for key in r.unknown)
+    )
 
 
 def combine(routes: list[Routed]) -> tuple[dict[str, dict[str, Pending]], dict[str, int]]:
@@ -418,6 +471,7 @@ def _qkv_bias(base: str, pieces: dict[str, Pending]) -> Pending:
     def load():
         q_bias, v_bias = q.load(), v.load()
         return torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
+
     return Pending((3 * q.shape[0],), load, f"{q.origin} + {v.origin}")
 
 
@@ -433,6 +487,7 @@ def _merge_lora(base: str, weight: Pending | None, pieces: dict[str, Pending], a
 
     def load():
         return weight.load().float() + (alpha / rank) * (b.load().float() @ a.load().float())
+
     return Pending(weight.shape, load, f"{weight.origin} + LoRA({a.origin}, {b.origin})"), rank
 
 
@@ -440,18 +495,26 @@ def check_complete(tensors: dict[str, dict[str, Pending]], expected: dict, vocab
     missing = [f"  {c}: {name}" for c in components.COMPONENTS for name in expected[c] if name not in tensors[c]]
     if missing:
         raise ConversionError("missing tensors (no source supplies them):\n" + "\n".join(missing))
-    wrong = [f"  {c}: {name} from {p.origin} has shape {list(p.shape)}, the model needs {list(expected[c][name])}"
-             for c in components.COMPONENTS for name, p in tensors[c].items() if p.shape != expected[c][name]]
+    wrong = [
+        f"  {c}: {name} from {p.origin} has shape {list(p.shape)}, the model needs {list(expected[c][name])}"
+        for c in components.COMPONENTS
+        for name, p in tensors[c].items()
+        if p.shape != expected[c][name]
+    ]
     if wrong:
         rows = {tensors["llm"][n].shape[0] for n in ("model.embed_tokens.weight", "lm_head.weight")}
-        hint = (f"\n  (the tokenizer has {vocab_size} tokens after adding the MiniGPT-5 tokens; the checkpoint's "
-                f"embedding has {sorted(rows)} rows: wrong Vicuna tokenizer or stage-1 file?)"
-                if rows != {vocab_size} else "")
+        hint = (
+            f"\n  (the tokenizer has {vocab_size} tokens after adding the MiniGPT-5 tokens; the checkpoint's "
+            f"embedding has {sorted(rows)} rows: wrong Vicuna tokenizer or stage-1 file?)"
+            if rows != {vocab_size}
+            else ""
+        )
         raise ConversionError("shape mismatches (wrong --preset or mismatched files?):\n" + "\n".join(wrong) + hint)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer.
+
 
 def vicuna_tokenizer(folder: Path):
     """The Vicuna tokenizer plus [IMG0]..[IMG7], <ImageHere>, which must take the ids right after the
@@ -464,13 +527,16 @@ def vicuna_tokenizer(folder: Path):
     add_minigpt5_tokens(tokenizer)
     ids = tokenizer.convert_tokens_to_ids([*VOKEN_TOKENS, IMAGE_PLACEHOLDER])
     if ids != list(range(base_size, base_size + len(ids))):
-        raise ConversionError(f"--vicuna {folder}: the tokenizer already holds some MiniGPT-5 tokens "
-                              f"(ids {ids}); upstream added all 9 after the base vocabulary")
+        raise ConversionError(
+            f"--vicuna {folder}: the tokenizer already holds some MiniGPT-5 tokens "
+            f"(ids {ids}); upstream added all 9 after the base vocabulary"
+        )
     return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
 # The conversion.
+
 
 @dataclass
 class ConversionReport:
@@ -488,8 +554,9 @@ class ConversionReport:
             lines += [f"      {n} ignored: {reason}" for reason, n in self.ignored.get(source, {}).items()]
         lines += [f"  {pair}: {n} tensors replaced" for pair, n in self.overrides.items()]
         if self.lora["merged"]:
-            lines.append(f"  LoRA merged into {self.lora['merged']} weights (r={self.lora['ranks']}, "
-                         f"alpha={self.lora['alpha']})")
+            lines.append(
+                f"  LoRA merged into {self.lora['merged']} weights (r={self.lora['ranks']}, alpha={self.lora['alpha']})"
+            )
         lines += [f"  WARNING unknown key skipped: {s} {k}" for s, keys in self.unknown.items() for k in keys]
         return lines
 
@@ -497,6 +564,7 @@ class ConversionReport:
 @dataclass
 class Plan:
     """What a conversion writes: the manifest and, per module, every tensor as a Pending (nothing read yet)."""
+
     manifest: dict
     tokenizer: object
     tensors: dict[str, dict[str, Pending]]
@@ -516,8 +584,9 @@ def plan(opts: ConvertOptions) -> Plan:
         tensors[name], merged_ranks = assemble(parts[name], opts.lora_alpha)
         ranks += merged_ranks
     check_complete(tensors, expected, len(tokenizer))
-    manifest = make_manifest(arch, tokenizer, bos=opts.bos, prompt_format=prompt_format(opts),
-                             source=_provenance(opts, set(ranks)))
+    manifest = make_manifest(
+        arch, tokenizer, bos=opts.bos, prompt_format=prompt_format(opts), source=_provenance(opts, set(ranks))
+    )
     report = ConversionReport(
         out=opts.out,
         matched={r.source.label: len(r.targets) for r in routes},
@@ -536,8 +605,12 @@ def convert(opts: ConvertOptions, progress: bool = False) -> ConversionReport:
         raise ConversionError(f"--out {opts.out}: exists and is not empty")
     conversion = plan(opts)
     dtype = DTYPES[opts.dtype]
-    _save_atomically(opts.out, conversion.manifest, conversion.tokenizer,
-                     lambda name: module_tensors(name, conversion.tensors[name], dtype, progress))
+    _save_atomically(
+        opts.out,
+        conversion.manifest,
+        conversion.tokenizer,
+        lambda name: module_tensors(name, conversion.tensors[name], dtype, progress),
+    )
     return conversion.report
 
 
@@ -546,6 +619,7 @@ def module_tensors(name: str, pending: dict[str, Pending], dtype: torch.dtype, p
     items = pending.items()
     if progress:
         from tqdm import tqdm
+
         items = tqdm(items, desc=name, unit="tensor")
     return {key: p.load().to(dtype) for key, p in items}
 
@@ -559,10 +633,18 @@ def prompt_format(opts: ConvertOptions) -> str:
 
 
 def _provenance(opts: ConvertOptions, ranks: set[int]) -> dict:
-    files = {f: str(getattr(opts, f)) for f in ("stage1", "stage2", "vicuna", "blip2", "eva_vit", "minigpt4_proj", "sd")
-             if getattr(opts, f) is not None}
-    return {"kind": "upstream-convert", "files": files, "preset": opts.preset, "dtype": opts.dtype,
-            "lora": {"ranks": sorted(ranks), "alpha": opts.lora_alpha}}
+    files = {
+        f: str(getattr(opts, f))
+        for f in ("stage1", "stage2", "vicuna", "blip2", "eva_vit", "minigpt4_proj", "sd")
+        if getattr(opts, f) is not None
+    }
+    return {
+        "kind": "upstream-convert",
+        "files": files,
+        "preset": opts.preset,
+        "dtype": opts.dtype,
+        "lora": {"ranks": sorted(ranks), "alpha": opts.lora_alpha},
+    }
 
 
 def _save_atomically(out: Path, manifest: dict, tokenizer, state_dicts) -> None:

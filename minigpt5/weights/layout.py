@@ -10,6 +10,7 @@
 
 Only safetensors are ever read here: loading weights cannot execute code.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def component_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
-def make_manifest(arch: dict, tokenizer, *, bos: str | None = None, prompt_format: str = "vist",
-                  source: dict | None = None) -> dict:
+def make_manifest(
+    arch: dict, tokenizer, *, bos: str | None = None, prompt_format: str = "vist", source: dict | None = None
+) -> dict:
     """A manifest for `arch` whose token ids are read from `tokenizer`. `prompt_format`: the training
     format of the stage-2 checkpoint (`vist` or `mmdialog`, prompt.py); `bos`: None = the one that
     format's checkpoint was trained with (config.DEFAULT_BOS)."""
@@ -50,8 +52,13 @@ def make_manifest(arch: dict, tokenizer, *, bos: str | None = None, prompt_forma
         "format": FORMAT,
         "version": VERSION,
         "architecture": arch,
-        "tokens": {"vokens": ids["vokens"], "image_placeholder": ids["image_placeholder"],
-                   "bos": bos, "bos_id": ids["bos"][bos], "eos_id": ids["eos"]},
+        "tokens": {
+            "vokens": ids["vokens"],
+            "image_placeholder": ids["image_placeholder"],
+            "bos": bos,
+            "bos_id": ids["bos"][bos],
+            "eos_id": ids["eos"],
+        },
         "prompt": {"format": prompt_format, "system": PROMPT_FORMATS[prompt_format]},
         "defaults": dict(DEFAULT_GENERATION),
         "scheduler": dict(SCHEDULER),
@@ -83,6 +90,7 @@ def module_progress(show: bool, verb: str):
     if not show:
         return components.COMPONENTS
     from tqdm import tqdm
+
     bar = tqdm(components.COMPONENTS, unit="module", desc=verb)
     return _named(bar, verb)
 
@@ -100,8 +108,9 @@ class WeightsDir:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.path}: no {MANIFEST} (build one with `minigpt5 weights tiny` "
-                                    f"or `minigpt5 weights convert`)")
+            raise FileNotFoundError(
+                f"{self.path}: no {MANIFEST} (build one with `minigpt5 weights tiny` or `minigpt5 weights convert`)"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise ValueError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
@@ -140,6 +149,7 @@ class WeightsDir:
         file one tensor at a time: peak memory is the module plus its largest tensor, not twice the module
         (the 7B LLM at real size). Strict: every key and every shape must match."""
         from transformers.initialization import no_init_weights
+
         with components.building_on(device, dtype), no_init_weights():
             module = components.build(name, self.arch)
         path = self.path / component_file(name)

@@ -5,6 +5,7 @@ memory is the largest module (the LLM), never the whole model; the same seed giv
 The tokenizer is the benchmarks' word-level one with LLaMA's 32000 ids plus the MiniGPT-5 tokens
 (bench/models.py): the embedding and LM head have their real shapes without any file from a hub.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,17 +40,27 @@ def spread_learned_queries(module: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.02)
 
 
-def build_random_weights(out_dir: str | Path, preset_name: str = "slim", dtype: str = "bf16", seed: int = 0,
-                         progress: bool = False) -> Path:
+def build_random_weights(
+    out_dir: str | Path, preset_name: str = "slim", dtype: str = "bf16", seed: int = 0, progress: bool = False
+) -> Path:
     if preset_name not in RANDOM_PRESETS:
-        raise ValueError(f"preset {preset_name!r}: random weights are built for {', '.join(RANDOM_PRESETS)} "
-                         f"(tiny: `minigpt5 weights tiny`)")
+        raise ValueError(
+            f"preset {preset_name!r}: random weights are built for {', '.join(RANDOM_PRESETS)} "
+            f"(tiny: `minigpt5 weights tiny`)"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     from ..tokenizer import word_level_tokenizer
+
     tokenizer = word_level_tokenizer(LLAMA_VOCAB)
-    manifest = make_manifest(preset(preset_name), tokenizer, source={
-        "kind": f"{preset_name}-random", "seed": seed, "dtype": dtype})
+    manifest = make_manifest(
+        preset(preset_name), tokenizer, source={"kind": f"{preset_name}-random", "seed": seed, "dtype": dtype}
+    )
     arch = manifest["architecture"]
-    return save_weights(out_dir, manifest, tokenizer,
-                        lambda name: random_module(name, arch, seed, DTYPES[dtype]).state_dict(), progress=progress)
+    return save_weights(
+        out_dir,
+        manifest,
+        tokenizer,
+        lambda name: random_module(name, arch, seed, DTYPES[dtype]).state_dict(),
+        progress=progress,
+    )

@@ -1,4 +1,5 @@
 """Tiny random weights in the real layout: built offline in seconds, identical for the same seed."""
+
 from __future__ import annotations
 
 import hashlib

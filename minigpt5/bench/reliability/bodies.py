@@ -1,12 +1,11 @@
 """Triton 2.51's HTTP frontend and request bodies around 4 MiB, on a trivial one-model repository."""
+
 from __future__ import annotations
 
 import http.client
 import json
 import time
 from pathlib import Path
-
-
 
 ECHO_CONFIG = """name: "echo"
 backend: "python"
@@ -16,7 +15,7 @@ input [ { name: "text_input", data_type: TYPE_STRING, dims: [ 1 ] } ]
 output [ { name: "text_output", data_type: TYPE_STRING, dims: [ 1 ] } ]
 instance_group [ { count: 1, kind: KIND_CPU } ]
 """
-ECHO_MODEL = '''import numpy as np
+ECHO_MODEL = """import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -28,7 +27,7 @@ class TritonPythonModel:
             request.get_response_sender().send(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", size)]),
                                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
-'''
+"""
 
 
 def echo_repository(root: Path) -> Path:
@@ -44,14 +43,20 @@ def echo_repository(root: Path) -> Path:
 FORM = "application/x-www-form-urlencoded"  # what `curl -d` and urllib send by default
 
 
-def post_body(url: str, body: bytes, *, content_type: str = "application/json", chunked: bool = False,
-              timeout: float = 60.0) -> str:
+def post_body(
+    url: str, body: bytes, *, content_type: str = "application/json", chunked: bool = False, timeout: float = 60.0
+) -> str:
     """POST `body` to the echo model's /generate: the status, or how it failed."""
     host, _, port = url.rpartition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
-        connection.request("POST", "/v2/models/echo/generate", body=iter([body]) if chunked else body,
-                           headers={"Content-Type": content_type}, encode_chunked=chunked)
+        connection.request(
+            "POST",
+            "/v2/models/echo/generate",
+            body=iter([body]) if chunked else body,
+            headers={"Content-Type": content_type},
+            encode_chunked=chunked,
+        )
         reply = connection.getresponse()
         reply.read()
         return str(reply.status)
@@ -81,17 +86,29 @@ def probe_http_body(start_server, sizes=(1 << 20, 8 << 20)) -> dict:
                     server = start_server()
                 status = post_body(server.http_url, infer_body(size), content_type=content_type, chunked=chunked)
                 deadline = time.monotonic() + 10
-                while server.process.process.poll() is None and status.startswith("connection_error") \
-                        and time.monotonic() < deadline:
+                while (
+                    server.process.process.poll() is None
+                    and status.startswith("connection_error")
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.2)
-                rows.append({"body_bytes": size, "content_type": content_type, "chunked": chunked, "status": status,
-                             "server_alive": server.process.process.poll() is None,
-                             "exit_code": server.process.process.poll()})
+                rows.append(
+                    {
+                        "body_bytes": size,
+                        "content_type": content_type,
+                        "chunked": chunked,
+                        "status": status,
+                        "server_alive": server.process.process.poll() is None,
+                        "exit_code": server.process.process.poll(),
+                    }
+                )
     finally:
         if server is not None:
             server.stop()
-    return {"rows": rows,
-            "note": "Triton 2.51's HTTP frontend dies (SIGSEGV) on an application/x-www-form-urlencoded body "
-                    "above about 4 MiB (4,184,7xx bytes measured), the Content-Type `curl -d` and urllib send "
-                    "by default; JSON and chunked bodies pass. Upstream, not ours to fix: clients send "
-                    "Content-Type: application/json, and a proxy in front limits bodies (docs/LIMITS.md)."}
+    return {
+        "rows": rows,
+        "note": "Triton 2.51's HTTP frontend dies (SIGSEGV) on an application/x-www-form-urlencoded body "
+        "above about 4 MiB (4,184,7xx bytes measured), the Content-Type `curl -d` and urllib send "
+        "by default; JSON and chunked bodies pass. Upstream, not ours to fix: clients send "
+        "Content-Type: application/json, and a proxy in front limits bodies (docs/LIMITS.md).",
+    }

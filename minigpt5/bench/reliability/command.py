@@ -1,4 +1,5 @@
 """`minigpt5 bench reliability`: the flags, the run over the sections, the summary."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,20 +28,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=2, help="max_inflight_requests of the main server")
     p.add_argument("--burst", type=int, default=12, help="requests released at once in each overload round")
     p.add_argument("--rounds", type=int, default=5, help="overload rounds (at the limit, then a burst)")
-    p.add_argument("--sustained-s", type=float, default=20.0,
-                   help="seconds of sustained overload (--clients retrying after --backoff-s); 0: none")
+    p.add_argument(
+        "--sustained-s",
+        type=float,
+        default=20.0,
+        help="seconds of sustained overload (--clients retrying after --backoff-s); 0: none",
+    )
     p.add_argument("--clients", type=int, default=12, help="clients of the sustained overload")
     p.add_argument("--backoff-s", type=float, default=0.1, help="a refused client retries after this long")
-    p.add_argument("--timeout-s", type=float, default=2.0,
-                   help="request_timeout_s of the crash servers, where the timeout is probed first (the main "
-                        "server keeps the default 600 s: a noisy machine must not fail its soak)")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=2.0,
+        help="request_timeout_s of the crash servers, where the timeout is probed first (the main "
+        "server keeps the default 600 s: a noisy machine must not fail its soak)",
+    )
     p.add_argument("--soak-s", type=float, default=60.0, help="soak duration in seconds")
     p.add_argument("--soak-clients", type=int, default=2, help="soak clients (at most --limit: no refusals)")
     p.add_argument("--soak-warmup-s", type=float, default=15.0, help="RSS growth is measured from this point")
-    p.add_argument("--crash-models", type=name_list, default=["minigpt5", "vicuna_decoder", "image_decoder"],
-                   help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})")
-    p.add_argument("--skip", type=name_list, default=[],
-                   help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--crash-models",
+        type=name_list,
+        default=["minigpt5", "vicuna_decoder", "image_decoder"],
+        help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})",
+    )
+    p.add_argument(
+        "--skip", type=name_list, default=[], help=f"comma-separated sections to skip: {', '.join(SECTIONS)}"
+    )
 
 
 def run(args) -> int:
@@ -51,35 +65,53 @@ def run(args) -> int:
     report = Report("reliability", skip=args.skip, out=args.out)
     admin_key = secrets.token_urlsafe(16)
     parameters = {"minigpt5": {"max_inflight_requests": str(args.limit)}}
-    report.data["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                               if k not in ("handler", "json")}
+    report.data["settings"] = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "json")
+    }
     report.data["weights"] = str(weights)
     tally = {"crashes": 0, "recoveries": 0, "unexpected_deaths": []}
     main_sections = [s for s in ("inputs", "security", "disconnect", "soak", "overload") if s not in args.skip]
     if main_sections:
         server = LocalServer(weights, device=args.device, parameters=parameters, admin_key=admin_key)
         try:
-            report.section(("servers", "main"), lambda: {"start_s": round(server.start(), 1),
-                                                         "log": str(server.log_path), "parameters": parameters},
-                           required=True)
+            report.section(
+                ("servers", "main"),
+                lambda: {"start_s": round(server.start(), 1), "log": str(server.log_path), "parameters": parameters},
+                required=True,
+            )
             if server.process.process is not None and server.process.process.poll() is None:
                 expected = set(server.process.stubs().values())
                 probes = {
                     "inputs": lambda: probe_inputs(server),
                     "security": lambda: probe_security(server, admin_key),
-                    "overload": lambda: probe_overload(server, limit=args.limit, burst_size=args.burst,
-                                                       rounds=args.rounds, sustained_s=args.sustained_s,
-                                                       clients=args.clients, backoff_s=args.backoff_s),
+                    "overload": lambda: probe_overload(
+                        server,
+                        limit=args.limit,
+                        burst_size=args.burst,
+                        rounds=args.rounds,
+                        sustained_s=args.sustained_s,
+                        clients=args.clients,
+                        backoff_s=args.backoff_s,
+                    ),
                     "disconnect": lambda: probe_disconnects(server),
-                    "soak": lambda: probe_soak(server, duration_s=args.soak_s,
-                                               clients=min(args.soak_clients, args.limit), warmup_s=args.soak_warmup_s),
+                    "soak": lambda: probe_soak(
+                        server,
+                        duration_s=args.soak_s,
+                        clients=min(args.soak_clients, args.limit),
+                        warmup_s=args.soak_warmup_s,
+                    ),
                 }
                 for name in main_sections:
                     report.section((name,), probes[name], group=name)
                     if not server.healthy(expected):  # an unplanned crash: count it, restart, go on
                         tally["crashes"] += 1
-                        tally["unexpected_deaths"].append({"after": name, "watchdog": server.process.crash,
-                                                           "exit_code": server.process.process.poll()})
+                        tally["unexpected_deaths"].append(
+                            {
+                                "after": name,
+                                "watchdog": server.process.crash,
+                                "exit_code": server.process.process.poll(),
+                            }
+                        )
                         server.stop()
                         server.start()
                         tally["recoveries"] += 1
@@ -90,10 +122,13 @@ def run(args) -> int:
     runs = crash_models or ([None] if "timeout" not in args.skip else [])
     for index, model in enumerate(runs):
         with_timeout = index == 0 and "timeout" not in args.skip
-        report.section(("crash", model or "none"),
-                       lambda model=model, with_timeout=with_timeout: _crash_and_recover(
-                           weights, args.device, model, tally, args.timeout_s, report if with_timeout else None),
-                       required=True)
+        report.section(
+            ("crash", model or "none"),
+            lambda model=model, with_timeout=with_timeout: _crash_and_recover(
+                weights, args.device, model, tally, args.timeout_s, report if with_timeout else None
+            ),
+            required=True,
+        )
     if "http_body" not in args.skip:
         root = Path(tempfile.mkdtemp(prefix="minigpt5-bench-reliability-echo-"))
         repository = echo_repository(root)
@@ -102,19 +137,27 @@ def run(args) -> int:
             echo = LocalServer(weights, device="cpu", repository=repository, name="echo")
             echo.start(timeout=120)
             return echo
+
         report.section(("http_body",), lambda: probe_http_body(start_echo), group="http_body")
-    report.data.update({"crashes": tally["crashes"], "recoveries": tally["recoveries"],
-                        "unexpected_deaths": tally["unexpected_deaths"]})
+    report.data.update(
+        {
+            "crashes": tally["crashes"],
+            "recoveries": tally["recoveries"],
+            "unexpected_deaths": tally["unexpected_deaths"],
+        }
+    )
     report.data["summary"] = summarize(report.data)
     return report.finish()
 
 
-def _crash_and_recover(weights: Path, device: str, model: str | None, tally: dict, timeout_s: float,
-                       timeout_report) -> dict:
+def _crash_and_recover(
+    weights: Path, device: str, model: str | None, tally: dict, timeout_s: float, timeout_report
+) -> dict:
     """A fresh server (request_timeout_s=timeout_s): the timeout probe (into `timeout_report`), the kill
     of `model`'s stub, then the same server started again (what the orchestrator does)."""
-    server = LocalServer(weights, device=device, name=f"crash-{model}",
-                         parameters={"minigpt5": {"request_timeout_s": f"{timeout_s:g}"}})
+    server = LocalServer(
+        weights, device=device, name=f"crash-{model}", parameters={"minigpt5": {"request_timeout_s": f"{timeout_s:g}"}}
+    )
     try:
         result = {"start_s": round(server.start(), 1), "request_timeout_s": timeout_s}
         if timeout_report is not None:
@@ -127,10 +170,11 @@ def _crash_and_recover(weights: Path, device: str, model: str | None, tally: dic
         server.start()
         served = grpc_request(server.grpc_url, grpc_tensors(SHORT), timeout=60)
         tally["recoveries"] += int(served.ok)
-        result["recovery"] = {"restarted_and_served": served.ok,
-                              "seconds": round(time.monotonic() - restart_started, 1),
-                              "how": "tritonserver started again on the same ports (what Kubernetes does when "
-                                     "`minigpt5 serve` exits)"}
+        result["recovery"] = {
+            "restarted_and_served": served.ok,
+            "seconds": round(time.monotonic() - restart_started, 1),
+            "how": "tritonserver started again on the same ports (what Kubernetes does when `minigpt5 serve` exits)",
+        }
         return result
     finally:
         server.stop()
@@ -138,6 +182,7 @@ def _crash_and_recover(weights: Path, device: str, model: str | None, tally: dic
 
 def summarize(data: dict) -> dict:
     """The headline counts and figures, from the sections present."""
+
     def get(*path):
         node = data
         for key in path:
@@ -173,8 +218,13 @@ def summarize(data: dict) -> dict:
         "soak_requests": get("soak", "requests"),
         "soak_failures": get("soak", "failures"),
         "soak_rss_growth": get("soak", "rss_growth"),
-        "kill9": {model: {"hung": run_["hung"], "ended_with_error": run_["ended_with_error"],
-                          "server_exited_after_s": run_["server_exited_after_s"],
-                          "recovered": (run_.get("recovery") or {}).get("restarted_and_served")}
-                  for model, run_ in crash_runs.items()},
+        "kill9": {
+            model: {
+                "hung": run_["hung"],
+                "ended_with_error": run_["ended_with_error"],
+                "server_exited_after_s": run_["server_exited_after_s"],
+                "recovered": (run_.get("recovery") or {}).get("restarted_and_served"),
+            }
+            for model, run_ in crash_runs.items()
+        },
     }

@@ -1,4 +1,5 @@
 """Disconnects: a gRPC stream cancelled and an SSE connection closed mid-answer."""
+
 from __future__ import annotations
 
 import json
@@ -26,21 +27,33 @@ def _decoder_steps(metrics_url: str) -> float:
 
 
 def probe_disconnects(server, params: dict | None = None, events_before: int = 3, bound_s: float = 30.0) -> dict:
-    return {"grpc_cancel": probe_grpc_cancel(server, params, events_before, bound_s),
-            "sse_close": probe_sse_close(server, params, events_before, bound_s)}
+    return {
+        "grpc_cancel": probe_grpc_cancel(server, params, events_before, bound_s),
+        "sse_close": probe_sse_close(server, params, events_before, bound_s),
+    }
 
 
-def _after_stop(server, steps_at_disconnect: float, outcome: str | None, stopped_after_s: float,
-                max_tokens: int, steps_at_start: float) -> dict:
+def _after_stop(
+    server,
+    steps_at_disconnect: float,
+    outcome: str | None,
+    stopped_after_s: float,
+    max_tokens: int,
+    steps_at_start: float,
+) -> dict:
     steps_end = _decoder_steps(server.metrics_url)
     values = scrape(server.metrics_url)
     follow_up = grpc_request(server.grpc_url, grpc_tensors(SHORT), timeout=60)
-    return {"outcome": outcome, "stopped_after_s": rounded(stopped_after_s),
-            "decoder_steps_before_disconnect": int(steps_at_disconnect - steps_at_start),
-            "decoder_steps_after_disconnect": int(steps_end - steps_at_disconnect),
-            "max_tokens": max_tokens,
-            "inflight_after": metric(values, "minigpt5_inflight_requests"),
-            "next_request_ok": follow_up.ok, "next_request_s": rounded(follow_up.seconds)}
+    return {
+        "outcome": outcome,
+        "stopped_after_s": rounded(stopped_after_s),
+        "decoder_steps_before_disconnect": int(steps_at_disconnect - steps_at_start),
+        "decoder_steps_after_disconnect": int(steps_end - steps_at_disconnect),
+        "max_tokens": max_tokens,
+        "inflight_after": metric(values, "minigpt5_inflight_requests"),
+        "next_request_ok": follow_up.ok,
+        "next_request_s": rounded(follow_up.seconds),
+    }
 
 
 def probe_grpc_cancel(server, params: dict | None = None, events_before: int = 3, bound_s: float = 30.0) -> dict:
@@ -51,8 +64,10 @@ def probe_grpc_cancel(server, params: dict | None = None, events_before: int = 3
     outcome = grpc_request(server.grpc_url, grpc_tensors(params), cancel_after_events=events_before, timeout=60)
     steps_cancel = _decoder_steps(server.metrics_url)
     ended, seconds = _wait_outcome(server.metrics_url, before, bound_s)
-    return {"events_read": outcome.events, **_after_stop(server, steps_cancel, ended, seconds, params["max_tokens"],
-                                                         steps_start)}
+    return {
+        "events_read": outcome.events,
+        **_after_stop(server, steps_cancel, ended, seconds, params["max_tokens"], steps_start),
+    }
 
 
 def probe_sse_close(server, params: dict | None = None, events_before: int = 3, bound_s: float = 30.0) -> dict:
@@ -64,8 +79,10 @@ def probe_sse_close(server, params: dict | None = None, events_before: int = 3, 
     before, steps_start = outcomes(server.metrics_url), _decoder_steps(server.metrics_url)
     sock = socket.create_connection((host, int(port)), timeout=60)
     try:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (generate_path(True).encode(), host.encode(), len(body), body))
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (generate_path(True).encode(), host.encode(), len(body), body)
+        )
         received = b""
         while received.count(b"data:") < events_before:
             chunk = sock.recv(65536)
@@ -76,5 +93,7 @@ def probe_sse_close(server, params: dict | None = None, events_before: int = 3, 
         sock.close()
     steps_close = _decoder_steps(server.metrics_url)
     ended, seconds = _wait_outcome(server.metrics_url, before, bound_s)
-    return {"events_read": received.count(b"data:"),
-            **_after_stop(server, steps_close, ended, seconds, params["max_tokens"], steps_start)}
+    return {
+        "events_read": received.count(b"data:"),
+        **_after_stop(server, steps_close, ended, seconds, params["max_tokens"], steps_start),
+    }

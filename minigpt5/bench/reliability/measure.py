@@ -1,4 +1,5 @@
 """What the probes read off a server: its metrics, its memory; and their small statistics."""
+
 from __future__ import annotations
 
 import urllib.error
@@ -33,8 +34,10 @@ def metric(values: dict[str, float], name: str, **labels) -> float:
 
 def outcomes(metrics_url: str) -> dict[str, float]:
     values = scrape(metrics_url)
-    return {o: metric(values, "minigpt5_requests_total", outcome=o)
-            for o in ("ok", "invalid", "overloaded", "cancelled", "error")}
+    return {
+        o: metric(values, "minigpt5_requests_total", outcome=o)
+        for o in ("ok", "invalid", "overloaded", "cancelled", "error")
+    }
 
 
 def rss_bytes(server) -> int:

@@ -1,5 +1,6 @@
 """One request, raw, without the client package (wrong dtypes, non-UTF-8 bytes, cancellation), and the
 requests the probes send."""
+
 from __future__ import annotations
 
 import http.client
@@ -11,10 +12,9 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from minigpt5_client.contract import MODEL_NAME as MODEL
 from minigpt5_client.contract import input_array
-
-
 
 SHORT = {"text_input": "Hello there.", "max_tokens": 4, "random_seed": 1}
 # Greedy without repetition penalty: the tiny random weights loop and never sample `###` or EOS, so
@@ -41,8 +41,13 @@ class Outcome:
     event_types: list = field(default_factory=list)
 
     def brief(self) -> dict:
-        return {"transport": self.transport, "ok": self.ok, "status": self.status, "message": self.message[:300],
-                "seconds": round(self.seconds, 3)}
+        return {
+            "transport": self.transport,
+            "ok": self.ok,
+            "status": self.status,
+            "message": self.message[:300],
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def grpc_tensors(params: dict, raw=()) -> list:
@@ -62,8 +67,16 @@ def grpc_tensors(params: dict, raw=()) -> list:
     return inputs
 
 
-def grpc_request(url: str, inputs: list, *, timeout: float = 120.0, cancel_after_events: int | None = None,
-                 on_event=None, parameters: dict | None = None, model: str = MODEL) -> Outcome:
+def grpc_request(
+    url: str,
+    inputs: list,
+    *,
+    timeout: float = 120.0,
+    cancel_after_events: int | None = None,
+    on_event=None,
+    parameters: dict | None = None,
+    model: str = MODEL,
+) -> Outcome:
     """One request over gRPC streaming. `cancel_after_events`: cancel the stream after that many
     events (the client gives up). `on_event(outcome)` is called after each event."""
     import tritonclient.grpc as grpcclient
@@ -76,8 +89,7 @@ def grpc_request(url: str, inputs: list, *, timeout: float = 120.0, cancel_after
     finished = False  # cancel only a request abandoned early (2.51 crashes cancelling a completed one)
     try:
         # No `triton_grpc_error` header, as the Python client: stream errors come in-band (docs/RELIABILITY.md)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                            stream_timeout=timeout)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=timeout)
         started = time.monotonic()
         client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
         deadline = started + timeout
@@ -141,8 +153,9 @@ def _first(array):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def http_request(url: str, path: str, body: bytes, *, timeout: float = 120.0, headers: dict | None = None,
-                 method: str = "POST") -> Outcome:
+def http_request(
+    url: str, path: str, body: bytes, *, timeout: float = 120.0, headers: dict | None = None, method: str = "POST"
+) -> Outcome:
     """One HTTP request; /generate and /generate_stream answers are read to the end and judged."""
     host, _, port = url.rpartition(":")
     transport = "sse" if path.endswith("generate_stream") else "http"
@@ -173,10 +186,19 @@ def http_request(url: str, path: str, body: bytes, *, timeout: float = 120.0, he
                 outcome.event_types.append(message["event_type"])
                 if message["event_type"] in ("final", "complete"):
                     outcome.usage = json.loads(message["usage"]) if isinstance(message.get("usage"), str) else None
-        outcome.ok = reply.status == 200 and not outcome.message and bool(outcome.event_types) and \
-            outcome.event_types[-1] in ("final", "complete")
-        if not outcome.ok and reply.status == 200 and not outcome.message and path.startswith("/v2/models/") \
-                and not path.endswith(("generate", "generate_stream")):
+        outcome.ok = (
+            reply.status == 200
+            and not outcome.message
+            and bool(outcome.event_types)
+            and outcome.event_types[-1] in ("final", "complete")
+        )
+        if (
+            not outcome.ok
+            and reply.status == 200
+            and not outcome.message
+            and path.startswith("/v2/models/")
+            and not path.endswith(("generate", "generate_stream"))
+        ):
             outcome.ok = True  # a plain API call that succeeded
     except (OSError, http.client.HTTPException) as exc:
         outcome.status = "connection_error" if not isinstance(exc, TimeoutError) else "client_timeout"
