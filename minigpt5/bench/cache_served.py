@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,23 +27,17 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 def measure(args, weights: Path) -> dict:
-    from ..launcher.local import free_port
-    from ..launcher.process import TritonProcess
+    from ..launcher.local import local_process
 
-    servers = {}
-    for mode in ("no_cache", "cache"):
-        workdir = Path(tempfile.mkdtemp(prefix=f"minigpt5-bench-cache-{mode}-"))
-        servers[mode] = TritonProcess(
+    servers = {
+        mode: local_process(
             weights,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            host="127.0.0.1",
             device=args.device,
-            workdir=workdir,
-            log_file=workdir / "tritonserver.log",
             parameters=CACHES_OFF if mode == "no_cache" else None,
+            name=f"bench-cache-{mode}",
         )
+        for mode in ("no_cache", "cache")
+    }
     try:
         started = time.perf_counter()
         for server in servers.values():

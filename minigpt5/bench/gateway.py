@@ -267,21 +267,11 @@ def _ready(gateway: GatewayProcess) -> dict:
 
 
 def _start_server(report: Report, args):
-    from ..launcher.process import TritonProcess
+    from ..launcher.local import local_process
     from ..weights.tiny import resolve_weights
 
-    workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-gateway-"))
-    server = TritonProcess(
-        resolve_weights(args.weights),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        host="127.0.0.1",
-        device=args.device,
-        workdir=workdir,
-        log_file=workdir / "tritonserver.log",
-    )
-    report.data["server"] = {"grpc": f"127.0.0.1:{server.grpc_port}", "log": str(workdir / "tritonserver.log")}
+    server = local_process(resolve_weights(args.weights), device=args.device, name="bench-gateway")
+    report.data["server"] = {"grpc": server.grpc_url, "log": str(server.log_file)}
 
     def start():
         started = time.perf_counter()

@@ -32,7 +32,6 @@ import os
 import queue
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from ..launcher.local import free_port  # noqa: E402
 from . import streaming  # noqa: E402
 from .report import Report  # noqa: E402
 from .timing import log  # noqa: E402
@@ -350,7 +348,7 @@ def _ratio(a, b, digits: int = 3):
 def main(args) -> int:
     import torch
 
-    from ..launcher.process import TritonProcess
+    from ..launcher.local import local_process
     from ..weights.tiny import resolve_weights
 
     if args.threads:
@@ -379,24 +377,13 @@ def main(args) -> int:
             },
         }
     )
-    workdir = Path(tempfile.mkdtemp(prefix="minigpt5-bench-serving-"))
-    log_path = workdir / "tritonserver.log"
     parameters = (
         {model: {"cpu_threads": str(args.threads)} for model in ("vision_encoder", "vicuna_decoder", "image_decoder")}
         if args.threads
         else None
     )
-    server = TritonProcess(
-        weights,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        host="127.0.0.1",
-        device=args.device,
-        workdir=workdir,
-        log_file=log_path,
-        parameters=parameters,
-    )
+    server = local_process(weights, device=args.device, parameters=parameters, name="bench-serving")
+    log_path = server.log_file
     report.data["server"] = {
         "grpc": f"127.0.0.1:{server.grpc_port}",
         "http": f"127.0.0.1:{server.http_port}",

@@ -18,6 +18,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_process(
+    weights: Path,
+    *,
+    device: str = "cpu",
+    parameters: dict | None = None,
+    workdir: Path | None = None,
+    name: str = "server",
+    **process_options,
+) -> TritonProcess:
+    """A TritonProcess (not started) bound to 127.0.0.1 on free ports, with a work directory of its own
+    (a new temporary one by default) holding its log, tritonserver.log."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=f"minigpt5-{name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return TritonProcess(
+        weights,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        host="127.0.0.1",
+        device=device,
+        workdir=workdir,
+        log_file=workdir / "tritonserver.log",
+        parameters=parameters,
+        **process_options,
+    )
+
+
 class LocalServer:
     """The real tritonserver on the real (or a given) model repository, bound to 127.0.0.1 on free ports.
     `parameters`: config.pbtxt overrides, e.g. {"minigpt5": {"max_inflight_requests": "2"}}. The other
@@ -34,21 +61,10 @@ class LocalServer:
         **process_options,
     ):
         self.weights_dir = Path(weights)
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"minigpt5-{name}-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "tritonserver.log"
-        self.process = TritonProcess(
-            weights,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            host="127.0.0.1",
-            device=device,
-            workdir=self.workdir,
-            log_file=self.log_path,
-            parameters=parameters,
-            **process_options,
+        self.process = local_process(
+            weights, device=device, parameters=parameters, workdir=workdir, name=name, **process_options
         )
+        self.workdir, self.log_path = self.process.workdir, Path(self.process.log_file)
         self.http_url, self.grpc_url = self.process.http_url, self.process.grpc_url
         self.metrics_url = self.process.metrics_url
 
