@@ -15,6 +15,7 @@ from typing import TextIO
 
 from .client import DEFAULT_TIMEOUT_S, Client
 from .connection import DEFAULT_PORTS, PROTOCOLS, TOKEN_ENV
+from .contract import PARAMETERS
 from .conversation import Conversation
 from .document import SAVE_FORMATS, Document
 from .errors import InvalidArgument, MiniGPT5Error
@@ -321,21 +322,7 @@ def _add_common_options(parser: argparse.ArgumentParser, out_default: str | None
 
 
 def _generation_params(args: argparse.Namespace) -> dict:
-    names = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "seed",
-        "force_image",
-        "force_image_mode",
-        "max_images",
-        "guidance_scale",
-        "num_inference_steps",
-        "scheduler",
-    )
-    return {name: getattr(args, name) for name in names}
+    return {keyword: getattr(args, keyword) for keyword in PARAMETERS}
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..contract import PARAMETERS
 from ..preprocess import PREPROCESS_MODES
 from .errors import GatewayError, bad_request
 from .handoff_config import AUTO
@@ -22,19 +23,8 @@ _NUMBER = ("temperature", "top_p", "guidance_scale", "repetition_penalty")
 _BOOLEAN = ("stream", "force_image", "inline_images")
 _STRING = ("scheduler", "image_preprocess", "force_image_mode")
 # Passed to the model as they are (thin-client keywords); the server checks their ranges and names them.
-_MODEL_PARAMETERS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "seed",
-    "force_image",
-    "force_image_mode",
-    "max_images",
-    "guidance_scale",
-    "num_inference_steps",
-    "scheduler",
-)
+# max_tokens is read apart, with OpenAI's max_completion_tokens.
+_MODEL_PARAMETERS = tuple(keyword for keyword in PARAMETERS if keyword != "max_tokens")
 # Accepted only at the value that asks for nothing: field -> (values accepted, why the rest is refused).
 _NEUTRAL = {
     "n": ((None, 1), "one choice per request"),
