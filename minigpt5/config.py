@@ -9,6 +9,7 @@ transformers / diffusers config class it feeds.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 # Special tokens added to the Vicuna vocabulary (upstream eric-ai-lab/MiniGPT-5 constants.py:15-17, mini_gpt5.py:48).
 VOKEN_TOKENS = tuple(f"[IMG{i}]" for i in range(8))
@@ -74,7 +75,7 @@ SCHEDULER = {
     "steps_offset": 1,
 }
 
-_FULL = {
+_FULL: dict[str, dict[str, Any]] = {
     "vision": {  # EVA ViT-g/14 as transformers' Blip2VisionConfig
         "hidden_size": 1408,
         "intermediate_size": 6144,

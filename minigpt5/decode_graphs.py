@@ -43,7 +43,7 @@ class StaticDecodeStep:
         self._ids = torch.full((max_rows, 1), pad_id, dtype=torch.long, device=device)
         self._positions = torch.zeros((max_rows, 1), dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None
 
     @torch.inference_mode()
     def capture_all(self) -> None:

@@ -167,7 +167,8 @@ class DecodeEngine:
         self.prefill_positions_reused = 0  # prompt positions copied from the prefix cache instead
         if preallocate_kv or static_decode:
             self._kv.reserve(max_rows, self.max_positions)
-        self._static, self.capture_error = None, None
+        self._static: StaticDecodeStep | None = None
+        self.capture_error: str | None = None
         if static_decode:
             self._static = StaticDecodeStep(
                 self._decode_forward,
@@ -188,6 +189,7 @@ class DecodeEngine:
         self.step_prefill_seconds: list[float] = []  # each admission's prefill + first token in the last step
 
     def _capture(self, fallback: bool) -> bool:
+        assert self._static is not None
         try:
             self._static.capture_all()
             return True
@@ -303,6 +305,7 @@ class DecodeEngine:
         position to compute (its state samples the first token)."""
         if not request.block_hashes:
             return []
+        assert self.prefix_cache is not None  # block hashes are only computed with a cache
         limit = (request.prompt_embeds.shape[0] - 1) // self._block_positions
         return self.prefix_cache.match(request.block_hashes, limit)
 
@@ -338,6 +341,7 @@ class DecodeEngine:
     def _cache_prompt(self, request: DecodeRequest, cached_blocks: int, room: int) -> None:
         """Put the prompt's full blocks computed by this prefill into the cache (the row just
         admitted is the last slot)."""
+        assert self.prefix_cache is not None
         chain = request.block_hashes
         if len(chain) > cached_blocks:
             blocks = self._kv.read_blocks(len(self.rows) - 1, cached_blocks, len(chain), self._block_positions)
@@ -411,6 +415,7 @@ class DecodeEngine:
         return model.norm(hidden)
 
     def _emit_vokens(self, row: _Row, block_states: torch.Tensor, events: list) -> None:
+        assert row.voken_source_state is not None  # set when the row sampled [IMG0]
         states = torch.cat([row.voken_source_state[None], block_states[: NUM_VOKENS - 1]]).float().cpu()
         row.voken_source_state = None
         row.images += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ class PrefixCache:
         self._touch(chain)
         return added
 
-    def evict_to(self, positions: int, keep: list[bytes] = ()) -> bool:
+    def evict_to(self, positions: int, keep: Collection[bytes] = ()) -> bool:
         """Evict least recently used blocks (not those in `keep`) until at most `positions` are held.
         False if that is impossible without evicting a kept block."""
         keep = set(keep)
@@ -126,7 +127,8 @@ class PrefixCache:
 def position_content(prompt_ids: list[int], placeholder_id: int, image_keys: list[str]) -> list:
     """One item per prompt position: the token id, or (image key, query index) for each of the 32
     embeddings spliced in place of a placeholder."""
-    content, images = [], iter(image_keys)
+    content: list[int | tuple[str, int]] = []
+    images = iter(image_keys)
     for token in prompt_ids:
         if token == placeholder_id:
             key = next(images)
@@ -140,7 +142,7 @@ def tensor_key(tensor) -> str:
     """Content key of an array or tensor: a hash of its dtype, shape and bytes."""
     array = tensor.detach().cpu().contiguous().numpy() if isinstance(tensor, torch.Tensor) else tensor
     digest = hashlib.blake2b(f"{array.dtype}{array.shape}".encode(), digest_size=16)
-    digest.update(memoryview(array).cast("B") if array.flags.c_contiguous else array.tobytes())
+    digest.update(array.data.cast("B") if array.flags.c_contiguous else array.tobytes())
     return digest.hexdigest()
 
 

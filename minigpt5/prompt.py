@@ -59,7 +59,7 @@ def count_markers(text: str) -> int:
 
 def split_markers(text: str) -> list[str | None]:
     """Text pieces and IMAGE slots in order, alternating, starting and ending with text; `\\<image>` → `<image>`."""
-    segments: list[str | None] = [""]
+    segments: list[Any] = [""]  # str | None, but the last item is always text: `+=` on it is safe
     last = 0
     for match in _MARKER.finditer(text):
         segments[-1] += text[last : match.start()]
@@ -142,7 +142,7 @@ def _vist_human(out: _Pieces, turn: Turn) -> None:
             out.add(part if part is IMAGE else part.strip())
         out.add("\n")
     out.add(" ")
-    texts = [i for i, s in enumerate(instruction) if s is not IMAGE] or [None]
+    texts: list[int | None] = [i for i, s in enumerate(instruction) if s is not IMAGE] or [None]
     for i, part in enumerate(instruction):
         if part is not IMAGE:
             part = part.lstrip() if i == texts[0] else part

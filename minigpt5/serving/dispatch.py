@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 _NOTHING = object()
 
@@ -54,7 +55,7 @@ class BatchDispatcher:
         self,
         name: str,
         call: Callable[[list], list],
-        rows: Callable[[object], int],
+        rows: Callable[[Any], int],
         max_rows: int,
         on_call: Callable[[list[float], float], None] | None = None,
     ):
@@ -76,7 +77,7 @@ class BatchDispatcher:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        carried = _NOTHING
+        carried: Any = _NOTHING
         while True:
             item = self._queue.get() if carried is _NOTHING else carried
             carried = _NOTHING

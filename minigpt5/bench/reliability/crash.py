@@ -35,7 +35,7 @@ def _start_busy_requests(server, request: dict, busy_event: str, inflight: int, 
     lock = threading.Lock()
 
     def one(index: int) -> None:
-        flagged = []
+        flagged: list[bool] = []
 
         def on_event(outcome: Outcome) -> None:
             if not flagged and busy_event in outcome.event_types:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +21,7 @@ class InputCase:
     name: str
     input_class: str  # the words
     field: str  # what the refusal must name
-    params: dict = field(default_factory=dict)  # typed request, the same on every transport
+    params: dict = dataclasses.field(default_factory=dict)  # typed request, the same on every transport
     grpc_raw: tuple = ()  # (name, array) sent as is over gRPC
     http_body: bytes | None = None  # raw HTTP body instead of the JSON of params
     transports: tuple = ("grpc", "http", "sse")

@@ -248,7 +248,7 @@ def probe_soak(
     growth = mean of the last 3 samples over the mean of the 3 samples at the end of the warm-up."""
     mix = soak_requests()
     failures: list[dict] = []
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     lock = threading.Lock()
     stop = threading.Event()
