@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .config import PROMPT_FORMATS
 from .errors import InvalidRequest
