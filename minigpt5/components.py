@@ -7,6 +7,7 @@ preset can be materialised on a GPU, or on the `meta` device to count parameters
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -44,10 +45,10 @@ def build(name: str, arch: dict) -> torch.nn.Module:
         return LlamaForCausalLM(llm_config(arch))
     if name == "mapper":
         return FeatureMapper(arch["llm"]["hidden_size"], **arch["mapper"])
-    if name == "unet":
-        return UNet2DConditionModel(**arch["unet"])
+    if name == "unet":  # diffusers' models are nn.Modules; its type hints do not show it
+        return cast(torch.nn.Module, UNet2DConditionModel(**arch["unet"]))
     if name == "vae":
-        return AutoencoderKL(**arch["vae"])
+        return cast(torch.nn.Module, AutoencoderKL(**arch["vae"]))
     raise ValueError(f"unknown component {name!r}; one of {COMPONENTS}")
 
 

@@ -63,9 +63,8 @@ class ImageDecoder:
         self.vae = vae.eval()
         self.scheduler_config = scheduler_config
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        llm_hidden = mapper.fc[0].in_features
         # The unconditional branch: mapper(fc(zeros)), a constant of the checkpoint (upstream model.py:326-327).
-        zeros = torch.zeros(1, NUM_VOKENS, llm_hidden, device=self.device, dtype=self.mapper_dtype)
+        zeros = torch.zeros(1, NUM_VOKENS, mapper.llm_hidden_size, device=self.device, dtype=self.mapper_dtype)
         self.negative_embeds = self.mapper(zeros)
 
     @property

@@ -25,6 +25,7 @@ class FeatureMapper(nn.Module):
         num_queries: int,
     ):
         super().__init__()
+        self.llm_hidden_size = llm_hidden_size
         self.fc = nn.Sequential(nn.Linear(llm_hidden_size, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first": harmless
             warnings.simplefilter("ignore", UserWarning)

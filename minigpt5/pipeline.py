@@ -7,7 +7,7 @@ lone served request must equal `MiniGPT5Pipeline.run` exactly (text and image pi
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,17 +72,17 @@ class MiniGPT5Pipeline:
         self.weights = WeightsDir(weights_dir)
         self.device = resolve_device(device)
         llm_dtype = resolve_dtype(dtype, self.device)
-        image_dtype = resolve_dtype(image_dtype, self.device, gpu_default="fp16")  # mapper, UNet, VAE
+        mapper_unet_vae_dtype = resolve_dtype(image_dtype, self.device, gpu_default="fp16")
         self.prompts = PromptBuilder(self.weights)
         # The vision tower in fp16 on a GPU, as upstream runs it (vit_precision fp16, autocast).
         self.vision = VisionStage.load(
             self.weights, self.device, resolve_dtype(vision_dtype, self.device, gpu_default="fp16")
         )
         self.decoder = DecoderStage.load(self.weights, self.device, llm_dtype)
-        self.images = ImageStage.load(self.weights, self.device, image_dtype)
+        self.images = ImageStage.load(self.weights, self.device, mapper_unet_vae_dtype)
         self._ids = itertools.count()
 
-    def request(self, prompt: str, images=None, history: list[Turn] = (), **params) -> GenerationRequest:
+    def request(self, prompt: str, images=None, history: Sequence[Turn] = (), **params) -> GenerationRequest:
         return build_request(prompt, images, history, defaults=self.weights.defaults, **params)
 
     def stream(self, request: GenerationRequest, on_image_step=None) -> Iterator:
@@ -124,7 +124,7 @@ class MiniGPT5Pipeline:
                     yield Done(event.reason, usage, event.token_ids)
 
     def run(
-        self, prompt: str, images=None, history: list[Turn] = (), on_text=None, on_image_step=None, **params
+        self, prompt: str, images=None, history: Sequence[Turn] = (), on_text=None, on_image_step=None, **params
     ) -> Result:
         result = Result()
         for event in self.stream(self.request(prompt, images, history, **params), on_image_step):

@@ -64,7 +64,10 @@ class GenerationRequest:
 
     @property
     def seed(self) -> int:
-        return self.sampling.seed
+        seed = self.sampling.seed
+        if seed is None:  # build_request always draws one
+            raise ValueError("a GenerationRequest without a seed")
+        return seed
 
 
 def _number(name: str, value, kind=float):

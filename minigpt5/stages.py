@@ -6,6 +6,8 @@ methods, which is what makes the served result equal the in-process one.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 
@@ -13,6 +15,7 @@ from .config import NUM_QUERY_TOKENS, NUM_VOKENS
 from .engine import DecodeEngine, DecodeRequest
 from .fp8 import fp8_available, quantize_llm_fp8
 from .image_decoder import ImageDecoder, ImageJob
+from .mapper import FeatureMapper
 from .prefix_cache import PrefixCache, position_content, tensor_key
 from .prompt import prompt_token_ids, render_pieces
 from .request import GenerationRequest, InvalidRequest
@@ -136,18 +139,19 @@ class DecoderStage:
         embeddings, computed here when not given)."""
         ids = torch.tensor(prompt_ids, dtype=torch.long)
         slots = (ids == self.placeholder_id).nonzero().flatten().tolist()
-        count = 0 if image_embeds is None else len(image_embeds)
+        images = [] if image_embeds is None else list(image_embeds)
+        count = len(images)
         if len(slots) != count:
             raise InvalidRequest(f"images: the prompt has {len(slots)} image placeholders but {count} images")
         text_embeds = self.llm.get_input_embeddings()(ids.to(self.llm.device)).float().cpu()
         pieces, start = [], 0
-        for slot, image in zip(slots, image_embeds if count else []):
+        for slot, image in zip(slots, images):
             pieces += [text_embeds[start:slot], image.float()]
             start = slot + 1
         pieces.append(text_embeds[start:])
         embeds = torch.cat(pieces)
         if image_keys is None:
-            image_keys = [tensor_key(image.float()) for image in image_embeds] if count else []
+            image_keys = [tensor_key(image.float()) for image in images]
         if len(image_keys) != count:
             raise InvalidRequest(f"images: {count} images but {len(image_keys)} image keys")
         return DecodeRequest(
@@ -168,10 +172,11 @@ class ImageStage:
     def load(cls, weights: WeightsDir, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ImageStage:
         unet = weights.load("unet", device, dtype)
         if str(device).startswith("cuda"):
-            unet = unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+            # faster convolutions on tensor cores; Module.to takes memory_format, its type stubs do not say so
+            unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return cls(
             ImageDecoder(
-                weights.load("mapper", device, dtype),
+                cast(FeatureMapper, weights.load("mapper", device, dtype)),
                 unet,
                 weights.load("vae", device, dtype),
                 weights.manifest["scheduler"],
@@ -179,7 +184,7 @@ class ImageStage:
         )
 
     def warmup(self) -> None:
-        hidden = self.decoder.mapper.fc[0].in_features
+        hidden = self.decoder.mapper.llm_hidden_size
         self.decode([ImageJob(torch.zeros(NUM_VOKENS, hidden), seed=0, num_inference_steps=1)])
 
     def decode(self, jobs: list[ImageJob], progress=None) -> np.ndarray:

@@ -12,6 +12,9 @@ from .config import CLIP_MEAN, CLIP_STD, LN_VISION_EPS, NUM_QUERY_TOKENS, VISION
 class VisionTower(nn.Module):
     """uint8 [N, 224, 224, 3] images → [N, 32, llm_hidden] embeddings, one block per `<ImageHere>`."""
 
+    pixel_mean: torch.Tensor  # buffers, registered in __init__
+    pixel_std: torch.Tensor
+
     def __init__(self, vision: dict, qformer: dict, llm_hidden_size: int):
         super().__init__()
         # Blip2VisionModel's post_layernorm is upstream's ln_vision: a torch LayerNorm with the default

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import Any
 
 from .report import Report
 from .timing import log
@@ -139,7 +140,7 @@ class Workload:
 
     def __init__(self, ctx: dict, args, name: str):
         self.ctx, self.args, self.name = ctx, args, name
-        self.items: list[tuple[float, object, str]] = []  # (offset_s, DecodeRequest, kind)
+        self.items: list[tuple[float, Any, str]] = []  # (offset_s, DecodeRequest, kind)
 
     def add(self, offset_s: float, kind: str, index: int, max_tokens: int, seed: int) -> None:
         from ..sampling import SamplingParams
@@ -267,7 +268,7 @@ def throughput(ctx: dict, args, concurrency: list[int], tokens: TokenCount) -> d
     shared machine then lands on all levels alike instead of on one (the gain is a ratio of levels).
     `tokens_per_s` is the best of the repeats (others' load on a shared machine only ever slows a
     run down, by up to 2x here); the median is reported beside it."""
-    samples = {(c, mode): [] for c in concurrency for mode in MODES}
+    samples: dict[tuple[int, str], list[tuple]] = {(c, mode): [] for c in concurrency for mode in MODES}
     for repeat in range(args.repeats):
         for c in concurrency:
             for mode in _order(repeat + c):
@@ -315,11 +316,11 @@ def ttft(ctx: dict, args, tokens: TokenCount) -> dict:
     count = args.short_requests
     offsets = [long_s * (low + (high - low) * i / max(1, count - 1)) for i in range(count)]
 
-    alone = {mode: [] for mode in MODES}
-    busy = {mode: [] for mode in MODES}
-    short_latency = {mode: [] for mode in MODES}
-    busy_rates = {mode: [] for mode in MODES}
-    long_done = {mode: [] for mode in MODES}
+    alone: dict[str, list] = {mode: [] for mode in MODES}
+    busy: dict[str, list] = {mode: [] for mode in MODES}
+    short_latency: dict[str, list] = {mode: [] for mode in MODES}
+    busy_rates: dict[str, list] = {mode: [] for mode in MODES}
+    long_done: dict[str, list] = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
         for mode in _order(repeat):
             engine = ctx["engines"][mode]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,9 @@ def chat(ctx: dict, args, mode: str) -> dict:
     from ..prompt import Turn
 
     path = CachePath(ctx, mode, args)
-    engine, history, turns = path.engine, [], []
+    engine = path.engine
+    history: list = []
+    turns: list[dict] = []
     for turn in range(args.turns):
         text = f"Turn {turn + 1}: what happens in this picture?"
         start = time.perf_counter()
@@ -163,6 +166,8 @@ def chat(ctx: dict, args, mode: str) -> dict:
                     first = time.perf_counter() - start
                 if isinstance(event, Finished):
                     finished = event
+        if finished is None:
+            raise RuntimeError(f"turn {turn + 1}: the engine ran out of work without finishing it")
         turns.append(
             {
                 "ttft_ms": (first if first is not None else time.perf_counter() - start) * 1e3,
@@ -216,7 +221,7 @@ def shared(ctx: dict, args, mode: str) -> dict:
 # ---- the run ----------------------------------------------------------------------------------------
 def _alternate(fn, ctx: dict, args, name: str) -> dict:
     """`fn` for both paths in every repeat, the order alternating; {mode: [result per repeat]}."""
-    runs = {mode: [] for mode in MODES}
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for mode in MODES:  # untimed: first-call costs stay out of the medians
         fn(ctx, args, mode)
     for repeat in range(args.repeats):
@@ -228,7 +233,7 @@ def _alternate(fn, ctx: dict, args, name: str) -> dict:
 
 def chat_section(ctx: dict, args) -> dict:
     runs = _alternate(chat, ctx, args, "chat")
-    out = {}
+    out: dict[str, Any] = {}
     for mode, results in runs.items():
         last = results[-1]
         out[mode] = {
@@ -248,7 +253,7 @@ def chat_section(ctx: dict, args) -> dict:
 
 def shared_section(ctx: dict, args) -> dict:
     runs = _alternate(shared, ctx, args, "shared")
-    out = {
+    out: dict[str, Any] = {
         mode: {
             "tokens_per_s": round(max(r["tokens_per_s"] for r in results), 1),
             "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in results), 1),
@@ -271,7 +276,7 @@ def served_section(ctx: dict, args) -> dict:
 
 def summary(data: dict) -> dict:
     chat_result, shared_result = data.get("chat") or {}, data.get("shared") or {}
-    out = {"targets": TARGETS}
+    out: dict[str, Any] = {"targets": TARGETS}
     served = data.get("served") or {}
     if "ttft_ratio" in served:
         out["served_turn_last_ttft_ratio"] = served["ttft_ratio"][-1]

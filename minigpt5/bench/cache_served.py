@@ -45,7 +45,7 @@ def measure(args, weights: Path) -> dict:
         for server in servers.values():
             server.wait_ready(timeout=STARTUP_TIMEOUT_S)
         startup_s = time.perf_counter() - started
-        runs = {mode: [] for mode in servers}
+        runs: dict[str, list[dict]] = {mode: [] for mode in servers}
         for server in servers.values():  # untimed warm-up chat
             served_chat(server, args, repeat=-1)
         for repeat in range(args.repeats):
@@ -65,7 +65,8 @@ def served_chat(server, args, repeat: int) -> dict:
     url = f"127.0.0.1:{server.grpc_port}"
     metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     encoded_before = _vision_images(metrics_url)
-    history, turns = [], []
+    history: list[dict] = []
+    turns: list[dict] = []
     for turn in range(args.turns):
         text = f"Chat {repeat + 1}, turn {turn + 1}: what happens in this picture?"
         inputs = [

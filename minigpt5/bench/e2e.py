@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import time
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def main(args) -> int:
             "skip": args.skip,
         }
     )
-    stages = {}
+    stages: dict[str, Any] = {}
     report.section(
         ("build", "stages"), lambda: _make_stages(stages, modules, args.preset, static_decode), required=True
     )
@@ -243,7 +244,16 @@ def _decode_sweep(report, args, stages: dict, device, gbps, direct_ms, prefill_m
 
 
 def _fp8_sections(
-    report, args, stages: dict, modules: dict, device, gbps, prompt, image, estimate, bf16_ms: tuple
+    report,
+    args,
+    stages: dict,
+    modules: dict,
+    device,
+    gbps,
+    prompt,
+    image,
+    estimate,
+    bf16_ms: tuple[float | None, float | None],
 ) -> dict:
     """Quantise the LLM in place, give it a fresh engine (graphs captured over the new weights; the
     old engine's KV pool is freed first), then decode and end to end again. The budget estimates use

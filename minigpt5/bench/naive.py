@@ -37,7 +37,7 @@ def make_sd_pipeline(modules: dict, scheduler_config: dict = SCHEDULER):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # DiffusionPipeline's, untyped
     return pipe
 
 

@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # The Triton python stubs run with OMP_WAIT_POLICY=PASSIVE (launcher/binary.py). The in-process pipeline
 # must too, or on a busy machine its spinning OpenMP workers make it up to 10x slower than the served
@@ -153,6 +154,8 @@ def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> 
         for event in engine.step():
             if isinstance(event, Finished):
                 finished = event
+    if finished is None:
+        raise RuntimeError("the engine ran out of work without finishing the request")
     return finished.token_ids, finished.reason
 
 
@@ -216,7 +219,7 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
         _grpc_tensor("num_inference_steps", np.array([args.steps], dtype=np.int32)),
     ]
     events = _stream(url, "minigpt5", inputs)
-    out = {
+    out: dict[str, Any] = {
         "ms": events[-1][0] * 1e3,
         "ttft_ms": None,
         "image_start_ms": None,
@@ -252,7 +255,7 @@ def decoder_only(pipeline, args, seed: int, force_image: bool) -> dict:
             f"decoder-only-{seed}", pipeline.prompts.prompt_ids(request), None, request.sampling
         )
     )
-    out = {"ms": None, "vokens_ms": None, "voken_states": None, "text": ""}
+    out: dict[str, Any] = {"ms": None, "vokens_ms": None, "voken_states": None, "text": ""}
     while engine.has_work:
         for event in engine.step():
             if isinstance(event, TextDelta):
@@ -462,7 +465,7 @@ def measure_latency(pipeline, url: str, args, seed_info: dict) -> dict:
     seed = seed_info["seed"]
     served(url, args, seed, True)  # warm-up: first calls, handle creation, thread pools
     in_process(pipeline, args, seed, True)
-    runs = {"served": [], "in_process": []}
+    runs: dict[str, list[dict]] = {"served": [], "in_process": []}
     for i in range(args.requests):
         order = ("served", "in_process") if i % 2 == 0 else ("in_process", "served")
         for which in order:

@@ -37,7 +37,8 @@ def text_seeds(pipeline, count: int, max_tokens: int, first_seed: int, prompt: s
     """`count` seeds from `first_seed` on whose answers sample no image: a text-only workload."""
     from ..engine import VokenStates
 
-    engine, seeds, seed = pipeline.decoder.engine, [], first_seed
+    engine, seed = pipeline.decoder.engine, first_seed
+    seeds: list[int] = []
     while len(seeds) < count:
         batch = list(range(seed, seed + 32))
         seed += 32
@@ -210,7 +211,7 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
         async def first_text_ms(seed: int, started: asyncio.Event | None = None, **params) -> float | None:
             start, first = time.perf_counter(), None
             async for event in client.stream(prompt, seed=seed, **params):
-                if first is None and getattr(event, "text", ""):
+                if first is None and getattr(event, "text", None):
                     first = (time.perf_counter() - start) * 1e3
                     if started is not None:
                         started.set()

@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 from importlib import metadata
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ def hbm_bandwidth(device: torch.device, override_gbps: float | None) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    env = {
+    env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),

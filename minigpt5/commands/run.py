@@ -34,6 +34,8 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
+    if result.usage is None:
+        raise RuntimeError("the answer ended without its usage")
     segments = [encode_png(s) if isinstance(s, np.ndarray) else s for s in result.segments]
     document = Document(segments, result.usage.as_dict(), result.finish_reason)
     for fmt in ("md", "json"):

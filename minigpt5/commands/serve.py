@@ -70,9 +70,9 @@ def serve_forever(args) -> int:
         return 1
     finally:
         _second_signal_kills(server)
-        code = server.stop(report=_say)
-        if stopping or code is not None:
-            print(f"minigpt5: tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
+        exit_code = server.stop(report=_say)
+        if stopping or exit_code is not None:
+            print(f"minigpt5: tritonserver stopped (exit code {exit_code})", file=sys.stderr, flush=True)
 
 
 def _second_signal_kills(server: TritonProcess) -> None:

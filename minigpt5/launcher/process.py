@@ -239,10 +239,11 @@ class TritonProcess:
         base = f"http://127.0.0.1:{self.http_port}/v2"
         started = time.monotonic()
         next_report = started + LOADING_REPORT_S
+        process = self._started()
         while timeout is None or time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode} before it was ready "
+                    f"tritonserver exited with code {process.returncode} before it was ready "
                     f"(a model failed to load, or ports {self.http_port}/{self.grpc_port}/"
                     f"{self.metrics_port} are taken: its log says which)"
                 )
@@ -305,7 +306,8 @@ class TritonProcess:
         if public is None or not public.is_dir():
             return  # not our repository (a test's own models): nothing to drain
         request_shutdown(public)
-        drain.wait_drained(self.metrics_url, deadline, report, alive=lambda: self.process.poll() is None)
+        process = self._started()
+        drain.wait_drained(self.metrics_url, deadline, report, alive=lambda: process.poll() is None)
 
     def stubs(self) -> dict[int, str]:
         """The live python-backend stub processes of this server, {pid: model}."""
@@ -343,8 +345,13 @@ class TritonProcess:
         if self.process is not None:
             self._kill_group()
 
+    def _started(self) -> subprocess.Popen:
+        if self.process is None:
+            raise RuntimeError("tritonserver has not been started")
+        return self.process
+
     def _kill_group(self) -> None:
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self._started().pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def encode_commands(commands: Commands) -> tuple[str, np.ndarray | None]:
         ],
         "abort": commands.abort,
     }
-    blocks = [r.image_embeds.reshape(-1, r.image_embeds.shape[-1]) for r in commands.submit if r.images]
+    blocks = [e.reshape(-1, e.shape[-1]) for e in (r.image_embeds for r in commands.submit) if e is not None and len(e)]
     return json.dumps(body), np.concatenate(blocks).astype(np.float32, copy=False) if blocks else None
 
 
@@ -87,6 +88,8 @@ def decode_commands(text: str, image_embeds: np.ndarray | None) -> Commands:
     for item in body.get("submit", []):
         embeds = None
         if item["images"]:
+            if image_embeds is None:
+                raise InvalidRequest(f"image_embeds: missing, request {item['id']} has {item['images']} images")
             rows = NUM_QUERY_TOKENS * item["images"]
             embeds = image_embeds[row : row + rows].reshape(item["images"], NUM_QUERY_TOKENS, -1)
             row += rows
@@ -101,7 +104,8 @@ def decode_commands(text: str, image_embeds: np.ndarray | None) -> Commands:
 # ---- vicuna_decoder → minigpt5 ------------------------------------------------------------------
 def encode_events(events: list) -> tuple[str, np.ndarray | None]:
     """Engine events and Failures → outputs."""
-    items, states = [], []
+    items: list[dict[str, Any]] = []
+    states: list[np.ndarray] = []
     for event in _merge_text(events):
         if isinstance(event, TextDelta):
             items.append({"id": event.request_id, "type": "text", "text": event.text})
@@ -119,12 +123,15 @@ def encode_events(events: list) -> tuple[str, np.ndarray | None]:
 def decode_events(text: str, voken_states: np.ndarray | None) -> list:
     """Outputs → TextDelta, VokenStates (states as numpy), Finished and Failure (InvalidRequest,
     Overloaded or RuntimeError)."""
-    events, state = [], 0
+    events: list[Any] = []
+    state = 0
     for item in json.loads(text):
         kind, request_id = item["type"], item["id"]
         if kind == "text":
             events.append(TextDelta(request_id, item["text"]))
         elif kind == "vokens":
+            if voken_states is None:
+                raise RuntimeError("voken_states: missing for a vokens event")
             events.append(VokenStates(request_id, voken_states[state], item["offset"]))
             state += 1
         elif kind == "finished":

@@ -62,8 +62,9 @@ class EmbeddingCache:
         `encoder` was given."""
         keys = [self.pixel_key(image) for image in images]
         with self._lock:
-            found = {key: self._get(key) for key in keys}
-        missing = [key for key, entry in found.items() if entry is None]
+            cached = {key: self._get(key) for key in keys}
+        found = {key: entry for key, entry in cached.items() if entry is not None}
+        missing = [key for key, entry in cached.items() if entry is None]
         if missing:
             first = {key: keys.index(key) for key in missing}
             embeds = encoder(np.stack([images[first[key]] for key in missing]))

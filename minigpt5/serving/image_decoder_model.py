@@ -44,11 +44,11 @@ class ImageDecoderModel:
 
     @staticmethod
     def _jobs(request) -> list[ImageJob]:
-        states = triton_io.input_array(request, "voken_states")
-        seeds = triton_io.input_array(request, "seed").reshape(-1)
-        scales = triton_io.input_array(request, "guidance_scale").reshape(-1)
-        steps = triton_io.input_array(request, "num_inference_steps").reshape(-1)
-        schedulers = triton_io.input_array(request, "scheduler_id").reshape(-1)
+        states = triton_io.required_input(request, "voken_states")
+        seeds = triton_io.required_input(request, "seed").reshape(-1)
+        scales = triton_io.required_input(request, "guidance_scale").reshape(-1)
+        steps = triton_io.required_input(request, "num_inference_steps").reshape(-1)
+        schedulers = triton_io.required_input(request, "scheduler_id").reshape(-1)
         return [
             ImageJob(
                 torch.from_numpy(states[i].copy()),

@@ -132,7 +132,7 @@ class MiniGPT5Model:
 
     # ---- one request ----------------------------------------------------------------------------
     def _serve_and_release(self, request, sender) -> None:
-        released = []
+        released: list[bool] = []
 
         def release() -> None:
             """Free the in-flight slot once, before the final response goes out: a client that sends
@@ -204,7 +204,7 @@ class MiniGPT5Model:
         )
         reply = child.exec()
         triton_io.raise_if_error(reply)
-        embeds = triton_io.output_array(reply, "image_embeds")
+        embeds = triton_io.required_output(reply, "image_embeds")
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return np.split(embeds, bounds)
 
@@ -346,7 +346,7 @@ class MiniGPT5Model:
         )
         reply = child.exec()
         triton_io.raise_if_error(reply)
-        events = triton_io.output_array(reply, "events").reshape(-1)[0]
+        events = triton_io.required_output(reply, "events").reshape(-1)[0]
         return triton_io.decode_text("events", events), triton_io.output_array(reply, "voken_states")
 
     @staticmethod
@@ -365,7 +365,7 @@ class MiniGPT5Model:
         )
         reply = child.exec()
         triton_io.raise_if_error(reply)
-        return list(triton_io.output_array(reply, "image"))
+        return list(triton_io.required_output(reply, "image"))
 
     def _count(self, outcome: str) -> None:
         if self.metrics:

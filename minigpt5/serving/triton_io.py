@@ -17,6 +17,14 @@ def input_array(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
+def required_input(request, name: str) -> np.ndarray:
+    """An input the model's config declares required (Triton refuses requests without it)."""
+    array = input_array(request, name)
+    if array is None:
+        raise InvalidRequest(f"{name}: required input is missing")
+    return array
+
+
 def input_scalar(request, name: str):
     """A scalar input (any shape with one element) as a Python value, or None when absent."""
     array = input_array(request, name)
@@ -89,6 +97,14 @@ def raise_if_error(reply) -> None:
 def output_array(reply, name: str) -> np.ndarray | None:
     tensor_ = pb_utils.get_output_tensor_by_name(reply, name)
     return None if tensor_ is None else tensor_.as_numpy()
+
+
+def required_output(reply, name: str) -> np.ndarray:
+    """An output a BLS child always sends; its absence is a server fault, not the client's."""
+    array = output_array(reply, name)
+    if array is None:
+        raise RuntimeError(f"{name}: output missing from the child model's response")
+    return array
 
 
 def log_info(message: str) -> None:

@@ -17,7 +17,7 @@ class VisionEncoder:
 
     def execute(self, requests: list) -> list:
         """One forward for all images of all requests in Triton's batch, split back per request."""
-        batches = [triton_io.input_array(r, "images") for r in requests]
+        batches = [triton_io.required_input(r, "images") for r in requests]
         embeds = self.stage.encode(np.concatenate(batches)).numpy()
         replies, start = [], 0
         for batch in batches:

@@ -19,6 +19,7 @@ name. Shapes are checked before any tensor data is read. Pickles are only opened
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -251,12 +252,16 @@ def _read_tensor_file(label: str, path: Path) -> dict[str, Pending]:
         handle = safe_open(str(path), framework="pt")
         return {
             key: Pending(
-                tuple(handle.get_slice(key).get_shape()), lambda h=handle, k=key: h.get_tensor(k), f"{label}:{key}"
+                tuple(handle.get_slice(key).get_shape()), functools.partial(handle.get_tensor, key), f"{label}:{key}"
             )
             for key in handle.keys()
         }
     state = _state_dict_of(load_pickle(path), path)
-    return {key: Pending(tuple(t.shape), lambda t=t: t, f"{label}:{key}") for key, t in state.items()}
+    return {key: Pending(tuple(t.shape), _already_loaded(t), f"{label}:{key}") for key, t in state.items()}
+
+
+def _already_loaded(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
 
 
 TRANSFORMERS_FILES = ("model*.safetensors", "pytorch_model*.bin")
@@ -273,21 +278,25 @@ def _weight_files(folder: Path, patterns: tuple[str, str]) -> list[Path]:
     raise ConversionError(f"{folder}: no {' or '.join(patterns)}")
 
 
+def _listed(path: Path | None) -> list[Path]:
+    return [] if path is None else [path]
+
+
 def open_sources(opts: ConvertOptions, arch: dict) -> list[Source]:
     """The sources in precedence order (module docstring), each with its key rules."""
     lavis = lavis_rules(arch["vision"]["num_hidden_layers"])
     blip2_is_hf = opts.blip2.is_dir()
-    specs = [
+    specs: list[tuple[str, Path | None, tuple[Rule, ...], list[Path]]] = [
         ("--vicuna", opts.vicuna, VICUNA_RULES, _weight_files(opts.vicuna, TRANSFORMERS_FILES)),
         ("--stage1", opts.stage1, STAGE_RULES, [opts.stage1]),
-        ("--stage2", opts.stage2, STAGE_RULES, [opts.stage2]),
+        ("--stage2", opts.stage2, STAGE_RULES, _listed(opts.stage2)),
         (
             "--blip2",
             opts.blip2,
             HF_BLIP2_RULES if blip2_is_hf else lavis,
             _weight_files(opts.blip2, TRANSFORMERS_FILES) if blip2_is_hf else [opts.blip2],
         ),
-        ("--eva-vit", opts.eva_vit, lavis, [opts.eva_vit]),
+        ("--eva-vit", opts.eva_vit, lavis, _listed(opts.eva_vit)),
         ("--minigpt4-proj", opts.minigpt4_proj, PROJ_RULES, [opts.minigpt4_proj]),
         ("--sd unet", opts.sd / "unet", UNET_RULES, _weight_files(opts.sd / "unet", DIFFUSERS_FILES)),
         ("--sd vae", opts.sd / "vae", VAE_RULES, _weight_files(opts.sd / "vae", DIFFUSERS_FILES)),

@@ -7,6 +7,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ...launcher.local import LocalServer
 from ..flags import name_list
@@ -69,7 +70,7 @@ def run(args) -> int:
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler", "json")
     }
     report.data["weights"] = str(weights)
-    tally = {"crashes": 0, "recoveries": 0, "unexpected_deaths": []}
+    tally: dict[str, Any] = {"crashes": 0, "recoveries": 0, "unexpected_deaths": []}
     main_sections = [s for s in ("inputs", "security", "disconnect", "soak", "overload") if s not in args.skip]
     if main_sections:
         server = LocalServer(weights, device=args.device, parameters=parameters, admin_key=admin_key)
@@ -159,7 +160,7 @@ def _crash_and_recover(
         weights, device=device, name=f"crash-{model}", parameters={"minigpt5": {"request_timeout_s": f"{timeout_s:g}"}}
     )
     try:
-        result = {"start_s": round(server.start(), 1), "request_timeout_s": timeout_s}
+        result: dict[str, Any] = {"start_s": round(server.start(), 1), "request_timeout_s": timeout_s}
         if timeout_report is not None:
             timeout_report.section(("timeout",), lambda: probe_timeout(server, timeout_s), group="timeout")
         if model is None:
