@@ -116,7 +116,7 @@ def _segments(turn: Turn, images_first: bool) -> list[str | None]:
 class _Pieces:
     """Accumulates text; an image slot closes the current text piece."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pieces: list[str | None] = []
         self.text = ""
 

@@ -74,7 +74,7 @@ class StreamingDetokenizer:
     """Turns a growing list of text token ids into text deltas (the prefix/read-offset method of TGI):
     a delta is released only when it no longer ends in an incomplete UTF-8 sequence."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self._prefix = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,7 +159,7 @@ def server_address(url: str | None, protocol: str | None = None) -> str:
     return Connection.from_url(url, protocol).address
 
 
-def _with_retries(open_stream: Callable[[], Iterator[Event]], connection: Connection) -> Iterator[Event]:
+def _with_retries(open_stream: Callable[[], Generator[Event, None, None]], connection: Connection) -> Iterator[Event]:
     """The events of one request, sent again (up to `connection.retries` more times, after a jittered
     backoff) while it is refused as Overloaded before its first event."""
     for attempt in range(connection.retries + 1):

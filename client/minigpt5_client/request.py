@@ -14,8 +14,14 @@ from .preprocess import encode_png
 
 # Generation parameters: contract.PARAMETERS (keyword -> input). Values left as None are not sent: the
 # server's defaults apply.
-_PYTHON_TYPES = {"INT32": int, "UINT64": int, "FP32": (int, float), "BOOL": bool, "BYTES": str}
-_INTEGER_RANGES = {"INT32": (-(2**31), 2**31), "UINT64": (0, 2**64)}  # [low, high)
+_PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "INT32": int,
+    "UINT64": int,
+    "FP32": (int, float),
+    "BOOL": bool,
+    "BYTES": str,
+}
+_INTEGER_RANGES: dict[str, tuple[int, int]] = {"INT32": (-(2**31), 2**31), "UINT64": (0, 2**64)}  # [low, high)
 
 
 @dataclass
@@ -73,8 +79,11 @@ def build_request(prompt: str, images: np.ndarray, history: list[dict], params: 
         expected = _PYTHON_TYPES[datatype]
         if not isinstance(value, expected) or (isinstance(value, bool) and datatype != "BOOL"):
             raise TypeError(f"{keyword} must be {datatype.lower()}, got {type(value).__name__}")
-        low, high = _INTEGER_RANGES.get(datatype, (None, None))
-        if low is not None and not low <= value < high:
-            raise InvalidArgument(f"{keyword} must be between {low} and {high - 1}, got {value}")
-        parameters[name] = (float(value) if datatype == "FP32" else value, datatype)
+        if isinstance(value, int) and datatype in _INTEGER_RANGES:
+            low, high = _INTEGER_RANGES[datatype]
+            if not low <= value < high:
+                raise InvalidArgument(f"{keyword} must be between {low} and {high - 1}, got {value}")
+        if isinstance(value, int) and datatype == "FP32":
+            value = float(value)
+        parameters[name] = (value, datatype)
     return GenerateRequest(prompt, images, list(history), parameters)

@@ -14,12 +14,16 @@ import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 from .connection import Connection
 from .contract import MODEL_NAME
 from .errors import MiniGPT5Error, ServerError, ServerUnreachable, Timeout, from_http_status, from_server_message
 from .events import Event, events_from_outputs
 from .request import GenerateRequest
+
+if TYPE_CHECKING:
+    import aiohttp
 
 GENERATE_STREAM_PATH = f"/v2/models/{MODEL_NAME}/generate_stream"
 _HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -87,7 +91,7 @@ class AsyncHttpTransport:
     def __init__(self, connection: Connection):
         self.connection = connection
         self.url = connection.url
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def stream(self, request: GenerateRequest, timeout: float) -> AsyncIterator[Event]:
         import aiohttp  # only asyncio HTTP users pay for importing it
@@ -127,7 +131,7 @@ class AsyncHttpTransport:
 class SseDecoder:
     """Turns a byte stream of Server-Sent Events into the ``data`` of each complete event."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffer = b""
         self._data_lines: list[str] = []
 

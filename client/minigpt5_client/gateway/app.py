@@ -16,9 +16,10 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -72,7 +73,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/", web_page),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    handlers = {
+    handlers: dict[Any, Callable[..., Any]] = {
         GatewayError: _error_response,
         HTTPException: _http_error,
         ClientGone: _client_gone,

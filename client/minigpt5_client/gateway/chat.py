@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ..client import AsyncClient
 from ..document import Document
@@ -21,6 +22,9 @@ from .handoff import choose_target, handoff_deltas, handoff_messages
 from .images import load_pixels
 from .settings import GatewaySettings
 
+if TYPE_CHECKING:
+    import httpx
+
 log = logging.getLogger("minigpt5.gateway")
 
 
@@ -28,7 +32,7 @@ log = logging.getLogger("minigpt5.gateway")
 class Backends:
     settings: GatewaySettings
     triton: AsyncClient
-    http: object | None = None  # httpx.AsyncClient, when image hosts are allowed
+    http: httpx.AsyncClient | None = None  # when image hosts are allowed
     handoff_clients: dict = field(default_factory=dict)  # target name -> openai.AsyncOpenAI
     unavailable: dict = field(default_factory=dict)  # target name -> why it cannot be used
 
@@ -97,6 +101,6 @@ async def answer(chat: ChatRequest, backends: Backends) -> AsyncIterator[Delta |
 
 def _priced(usage: ModelUsage, settings: GatewaySettings) -> ModelUsage:
     price = settings.handoff.minigpt5_price
-    if price is None:
+    if price is None or usage.prompt_tokens is None or usage.completion_tokens is None:
         return usage
     return replace(usage, cost_usd=price.cost_usd(usage.prompt_tokens, usage.completion_tokens))

@@ -109,24 +109,21 @@ def usage_json(usages: list[ModelUsage]) -> dict:
     first = usages[0]
     prompt = sum(usage.prompt_tokens or 0 for usage in usages)
     completion = sum(usage.completion_tokens or 0 for usage in usages)
-    costs = [usage.cost_usd for usage in usages]
+    costs = [usage.cost_usd for usage in usages if usage.cost_usd is not None]
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": first.prompt_tokens_details,
         "completion_tokens_details": first.completion_tokens_details,
-        "cost_usd": round(sum(costs), 8) if None not in costs else None,
+        "cost_usd": round(sum(costs), 8) if len(costs) == len(usages) else None,
         "models": [_model_line(usage) for usage in usages],
     }
 
 
 def _model_line(usage: ModelUsage) -> dict:
-    total = (
-        None
-        if None in (usage.prompt_tokens, usage.completion_tokens)
-        else usage.prompt_tokens + usage.completion_tokens
-    )
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    total = None if prompt is None or completion is None else prompt + completion
     return {
         "model": usage.model,
         "prompt_tokens": usage.prompt_tokens,

@@ -10,6 +10,7 @@ where `[image N]` marks their places.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ..document import Document
 from .answer import Delta, ModelUsage
@@ -67,7 +68,7 @@ def _for_handoff(message: dict) -> list[dict]:
     urls += [_url(entry["image_url"]) for entry in message.get("images") or []]
     text = "".join(texts)
     urls += [match.group(1) for match in MARKDOWN_IMAGE.finditer(text)]
-    converted = [{"role": "assistant", "content": MARKDOWN_IMAGE.sub("", text)}]
+    converted: list[dict[str, Any]] = [{"role": "assistant", "content": MARKDOWN_IMAGE.sub("", text)}]
     if urls:
         converted.append(
             {"role": "user", "content": [{"type": "text", "text": ASSISTANT_IMAGES_NOTE}, *map(_image_part, urls)]}

@@ -40,6 +40,7 @@ def _preprocess_all(refs: list[ImageRef], sources: list[bytes], mode: str) -> np
 async def _fetch(ref: ImageRef, http: httpx.AsyncClient | None) -> bytes:
     """GET an allowed image URL. Redirects are not followed: they could lead to a host nobody allowed."""
     assert http is not None, "an image URL passed the allow-list but the gateway has no HTTP client"
+    assert ref.url is not None, "_fetch is only called for images given by URL"
     try:
         async with http.stream("GET", ref.url, timeout=URL_TIMEOUT_S, follow_redirects=False) as reply:
             if reply.status_code != 200:

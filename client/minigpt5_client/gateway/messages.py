@@ -51,7 +51,7 @@ def parse_messages(messages, image_hosts: tuple[str, ...]) -> list[ChatTurn]:
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise bad_request(where, "must be an object with `role` and `content`")
-        role = _ROLES.get(message.get("role"))
+        role = _ROLES.get(str(message.get("role")))
         if role is None:
             raise bad_request(
                 f"{where}.role",

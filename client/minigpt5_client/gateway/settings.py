@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,10 @@ class GatewaySettings:
     handoff: HandoffConfig = field(default_factory=HandoffConfig)
 
 
-def load_api_keys(key_file: Path | None = None, environ: dict | None = None) -> frozenset[str]:
+def load_api_keys(key_file: Path | None = None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """Keys from $MINIGPT5_GATEWAY_API_KEYS (comma-separated) and from a file (one per line, `#` comments)."""
-    environ = os.environ if environ is None else environ
-    keys = {key.strip() for key in environ.get(API_KEYS_ENV, "").split(",")}
+    env = os.environ if environ is None else environ
+    keys = {key.strip() for key in env.get(API_KEYS_ENV, "").split(",")}
     if key_file is not None:
         lines = Path(key_file).read_text(encoding="utf-8").splitlines()
         keys.update(line.strip() for line in lines if not line.lstrip().startswith("#"))
