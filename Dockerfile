@@ -97,11 +97,11 @@ RUN python3 -m pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERS
 #    pyproject.toml, so that editing code does not re-download transformers and diffusers.
 WORKDIR /opt/minigpt5
 COPY pyproject.toml ./
-RUN mkdir -p minigpt5 client/minigpt5_client \
- && touch README.md minigpt5/__init__.py client/minigpt5_client/__init__.py \
+RUN mkdir -p minigpt5 client/minigpt5_client bench/minigpt5_bench \
+ && touch README.md minigpt5/__init__.py client/minigpt5_client/__init__.py bench/minigpt5_bench/__init__.py \
  && python3 -m pip install ".[server]" \
  && python3 -m pip uninstall -y minigpt5-triton \
- && rm -rf build ./*.egg-info minigpt5 client README.md
+ && rm -rf build ./*.egg-info minigpt5 client bench README.md
 
 # 3) The project itself, editable (-e): `minigpt5 serve` runs Triton on model_repository/, which it
 #    finds next to the package source (minigpt5/launcher/repository.py), as in a developer checkout; a

@@ -18,7 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(commands)
     _add_run(commands)
     _add_weights(commands)
-    _add_bench(commands)
     from minigpt5_client.cli import add_client_commands
 
     add_client_commands(commands)
@@ -171,14 +170,6 @@ def _add_weights(commands) -> None:
     from .weights.convert_args import add_convert_arguments
 
     add_convert_arguments(convert)
-
-
-def _add_bench(commands) -> None:
-    p = commands.add_parser("bench", help="benchmarks that print JSON")
-    sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHICH")
-    from .bench.args import add_bench_commands
-
-    add_bench_commands(sub)
 
 
 def print_json(obj) -> None:

@@ -38,7 +38,7 @@ def client_venv(tmp_path_factory) -> Path:
     project.mkdir()
     for name in ("pyproject.toml", "README.md"):  # pyproject.toml names README.md as the long description
         shutil.copy(ROOT / name, project)
-    for package in ("client/minigpt5_client", "minigpt5"):
+    for package in ("client/minigpt5_client", "minigpt5", "bench/minigpt5_bench"):
         shutil.copytree(ROOT / package, project / package, ignore=ignore)
     venv = work / "venv"
     run(sys.executable, "-m", "venv", venv)  # no --system-site-packages: nothing leaks in

@@ -481,6 +481,7 @@ def test_dockerignore_keeps_weights_and_clutter_out_of_the_build_context(path):
         "minigpt5/__init__.py",
         "minigpt5/weights.py",
         "client/minigpt5_client/__init__.py",
+        "bench/minigpt5_bench/__init__.py",
         "model_repository/minigpt5/config.pbtxt",
         "loadtest/locustfile.py",
     ],

@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway against the real tritonserver, driven by the official `openai` SDK
 (sync and async): text, images out and in, conversations, every error status, disconnects, the
-hand-off to a second model (a second gateway process), and `minigpt5 bench gateway`'s JSON.
+hand-off to a second model (a second gateway process), and `minigpt5-bench gateway`'s JSON.
 
 One server of this module's own with max_inflight_requests=2, so that overload is real; and the
 disconnect tests cancel gRPC streams, which the session server must never see (tests/server/test_disconnects.py).
@@ -22,7 +22,7 @@ import openai
 import pytest
 from PIL import Image
 
-from minigpt5.bench.gateway import GatewayProcess
+from minigpt5_bench.gateway import GatewayProcess
 from minigpt5_client import Client, Conversation
 from minigpt5_client.gateway.handoff_config import DEFAULT_INSTRUCTION, parse_handoff_config
 from minigpt5_client.gateway.settings import GatewaySettings
@@ -425,12 +425,11 @@ def test_handoff_routes_and_answers_unstreamed(gateway, second_gateway):
 
 # ---- the bench --------------------------------------------------------------------------------------
 def test_bench_gateway_json(triton, capsys):
-    from minigpt5.cli import main
+    from minigpt5_bench.__main__ import main
 
     capsys.readouterr()
     code = main(
         [
-            "bench",
             "gateway",
             "--url",
             triton.grpc_url,

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from minigpt5.bench.reliability.crash import probe_crash
-from minigpt5.bench.reliability.load import probe_timeout
+from minigpt5_bench.reliability.crash import probe_crash
+from minigpt5_bench.reliability.load import probe_timeout
 from support.servers import start_server
 
 pytestmark = pytest.mark.server

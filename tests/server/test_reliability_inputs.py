@@ -1,6 +1,6 @@
 """Bad inputs: every input class of docs/LIMITS.md over gRPC streaming, HTTP /generate and
 /generate_stream against the shared server (refusals do not break it). The table of cases is
-minigpt5/bench/reliability/inputs.py's `input_cases()`, the same one `minigpt5 bench reliability` runs."""
+bench/minigpt5_bench/reliability/inputs.py's `input_cases()`, the same one `minigpt5-bench reliability` runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from minigpt5.bench.reliability.inputs import input_cases, probe_inputs
+from minigpt5_bench.reliability.inputs import input_cases, probe_inputs
 
 pytestmark = pytest.mark.server
 

@@ -12,10 +12,10 @@ import os
 
 import pytest
 
-from minigpt5.bench.reliability.disconnects import probe_disconnects
-from minigpt5.bench.reliability.load import probe_overload, probe_soak
-from minigpt5.bench.reliability.measure import outcomes
-from minigpt5.bench.reliability.wire import SHORT, STEADY, grpc_request, grpc_tensors
+from minigpt5_bench.reliability.disconnects import probe_disconnects
+from minigpt5_bench.reliability.load import probe_overload, probe_soak
+from minigpt5_bench.reliability.measure import outcomes
+from minigpt5_bench.reliability.wire import SHORT, STEADY, grpc_request, grpc_tensors
 from support.servers import start_server
 
 pytestmark = pytest.mark.server

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from minigpt5.bench.reliability.bodies import FORM, echo_repository, infer_body, post_body
-from minigpt5.bench.reliability.security import probe_security
 from minigpt5.launcher.binary import TritonBinary
 from minigpt5.launcher.local import LocalServer, free_port
 from minigpt5.launcher.process import ADMIN_HEADER, RESTRICTED_APIS, TritonProcess, security_args
@@ -26,6 +24,8 @@ from minigpt5.launcher.repository import (
     prepare_repository,
     rewrite_parameters,
 )
+from minigpt5_bench.reliability.bodies import FORM, echo_repository, infer_body, post_body
+from minigpt5_bench.reliability.security import probe_security
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""`minigpt5 bench stages|e2e` on the tiny preset on CPU (seconds), and full-preset parameter counts
+"""`minigpt5-bench stages|e2e` on the tiny preset on CPU (seconds), and full-preset parameter counts
 on the meta device (no memory). Benchmarks are commands that print JSON, not timed tests: these
 tests check the harness and its JSON, never the numbers."""
 
@@ -16,12 +16,12 @@ TIMING_KEYS = {"ms", "min_ms", "max_ms", "n"}
 
 
 def bench(argv: list[str], capsys) -> tuple[int, dict]:
-    """Run `minigpt5 bench <argv>` through the real entry point; return the exit code and the one
+    """Run `minigpt5-bench <argv>` through the real entry point; return the exit code and the one
     JSON object printed on stdout."""
-    from minigpt5.cli import main
+    from minigpt5_bench.__main__ import main
 
     capsys.readouterr()
-    code = main(["bench", *argv])
+    code = main(argv)
     return code, json.loads(capsys.readouterr().out)  # json.loads refuses anything after the object
 
 
@@ -187,7 +187,7 @@ def test_cpu_has_no_hbm_floor(capsys):
     [("vision_vit", 0.99e9), ("qformer", 0.105e9), ("llm", 6.74e9), ("mapper", 0.123e9), ("unet", 0.87e9)],
 )
 def test_full_preset_parameter_counts_on_meta(component, expected):
-    from minigpt5.bench.models import meta_parameter_counts
+    from minigpt5_bench.models import meta_parameter_counts
 
     counts = _full_counts(meta_parameter_counts)
     assert counts[component] == pytest.approx(expected, rel=0.03)
@@ -204,7 +204,7 @@ def _full_counts(counter) -> dict:
 
 def test_args_import_without_torch():
     code = (
-        "import sys, argparse; import minigpt5.bench.args as a; "
+        "import sys, argparse; import minigpt5_bench.args as a; "
         "p = argparse.ArgumentParser(); a.add_bench_commands(p.add_subparsers()); "
         "assert 'torch' not in sys.modules, 'bench.args imported torch'"
     )
@@ -213,7 +213,7 @@ def test_args_import_without_torch():
 
 def test_benches_register_on_any_subparsers():
     """The extension contract: add_bench_commands fills a bare `bench` parser; each handler is set."""
-    from minigpt5.bench.args import BENCHES, add_bench_commands
+    from minigpt5_bench.args import BENCHES, add_bench_commands
 
     parser = argparse.ArgumentParser()
     add_bench_commands(parser.add_subparsers(dest="which", required=True))
@@ -284,7 +284,7 @@ def test_batching_small(capsys, tiny_weights):
 
 
 def test_batching_p95_is_nearest_rank():
-    from minigpt5.bench.batching import p95
+    from minigpt5_bench.batching import p95
 
     assert p95([1.0]) == 1.0
     assert p95([float(v) for v in range(1, 21)]) == 19.0  # ceil(0.95 * 20) = 19th sample
@@ -303,8 +303,7 @@ def test_serving_small(tiny_weights, tmp_path):
         [
             sys.executable,
             "-m",
-            "minigpt5.cli",
-            "bench",
+            "minigpt5_bench",
             "serving",
             "--weights",
             str(tiny_weights),
@@ -390,7 +389,7 @@ def test_serving_small(tiny_weights, tmp_path):
 
 
 def test_new_benches_register():
-    from minigpt5.bench.args import BENCHES, add_bench_commands
+    from minigpt5_bench.args import BENCHES, add_bench_commands
 
     parser = argparse.ArgumentParser()
     add_bench_commands(parser.add_subparsers(dest="which", required=True))

@@ -448,7 +448,7 @@ def test_a_bad_configuration_file_stops_the_command(tmp_path):
 
 
 def test_bench_gateway_registers():
-    from minigpt5.bench.args import add_bench_commands
+    from minigpt5_bench.args import add_bench_commands
 
     parser = argparse.ArgumentParser()
     add_bench_commands(parser.add_subparsers(dest="which", required=True))

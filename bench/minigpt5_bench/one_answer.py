@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import NUM_VOKENS, VISION_IMAGE_SIZE
-from ..engine import Finished, VokenStates
-from ..image_decoder import ImageJob, image_seed
-from ..sampling import SamplingParams
+from minigpt5.config import NUM_VOKENS, VISION_IMAGE_SIZE
+from minigpt5.engine import Finished, VokenStates
+from minigpt5.image_decoder import ImageJob, image_seed
+from minigpt5.sampling import SamplingParams
+
 from .timing import Stopwatch
 
 

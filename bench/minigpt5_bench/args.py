@@ -1,4 +1,4 @@
-"""`minigpt5 bench ...` registration. No torch at import time: each handler imports its bench lazily.
+"""`minigpt5-bench ...` registration. No torch at import time: each handler imports its bench lazily.
 
 To add a bench: write `_add_<name>(sub)` that creates its parser, declares its flags and sets
 `_runs(module, function)` as its handler, then list it in `BENCHES`. A handler returns an exit
@@ -11,11 +11,11 @@ import argparse
 import importlib
 from pathlib import Path
 
-from .flags import int_list, name_list
+from .flags import add_dtype, add_skip, add_threads, add_weights, int_list
 
 
 def add_bench_commands(subparsers) -> None:
-    """Register every bench on the `bench` sub-command's subparsers (called by minigpt5/cli.py)."""
+    """Register every bench on the given subparsers (called by __main__.py)."""
     for add in BENCHES:
         add(subparsers)
 
@@ -51,18 +51,8 @@ def _add_model_flags(p: argparse.ArgumentParser, *, default_preset: str) -> None
         help="architecture: full = real MiniGPT-5 dims (~9.5 B params), tiny = seconds on a CPU",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="vision tower + LLM dtype (auto: fp32 on CPU, bf16 on GPU, as the pipeline)",
-    )
-    p.add_argument(
-        "--image-dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="mapper + UNet + VAE dtype (auto: fp32 on CPU, fp16 on GPU, as the pipeline)",
-    )
+    add_dtype(p, "--dtype", "vision tower + LLM")
+    add_dtype(p, "--image-dtype", "mapper + UNet + VAE", gpu_default="fp16")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
     p.add_argument("--prefill-tokens", type=int, default=300, help="prompt positions for prefill (~300)")
@@ -131,12 +121,7 @@ def _add_e2e(sub) -> None:
         help="finally quantise the LLM's layer weights to fp8 and time decode and end to end "
         "again (section fp8; auto: where torch supports fp8 matmuls: H100, CPU)",
     )
-    p.add_argument(
-        "--skip",
-        type=name_list,
-        default=[],
-        help="comma-separated sections to skip: stages, decode, e2e, naive, e2e_dpm, fp8",
-    )
+    add_skip(p, "stages, decode, e2e, naive, e2e_dpm, fp8")
 
     p.set_defaults(handler=_runs("e2e", "main"))
 
@@ -159,14 +144,9 @@ def _add_batching(sub) -> None:
         help="tiny: the built-in tiny weights; full: a random full-size LLM built on --device "
         "(both ignored with --weights)",
     )
-    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    add_weights(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="LLM dtype (auto: fp32 on CPU, bf16 on GPU)",
-    )
+    add_dtype(p, "--dtype", "LLM")
     p.add_argument(
         "--concurrency",
         type=int_list,
@@ -186,12 +166,7 @@ def _add_batching(sub) -> None:
         default=1.0,
         help="sampling temperature (0 = greedy); top-p 0.9 and repetition penalty 2 as served",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads (default: 1 on CPU: the tiny matrices gain nothing from more, and "
-        "OpenMP waits on a shared machine dominate; 0 = leave torch's default)",
-    )
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random full-preset LLM")
     _add_output_flags(p)
 
@@ -213,7 +188,7 @@ def _add_serving(sub) -> None:
         "requests under 4 long ones. The server is always stopped at the end. Prints "
         "one JSON object.",
     )
-    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    add_weights(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the server's models and the pipeline")
     p.add_argument("--requests", type=int, default=5, help="timed runs of each measurement (medians)")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of both requests (vokens included)")
@@ -292,7 +267,7 @@ def _add_gateway(sub) -> None:
         "JSON object.",
     )
     p.add_argument("--url", metavar="HOST:PORT", help="gRPC address of a running server (default: start one)")
-    p.add_argument("--weights", type=Path, help="weights of the started server (default: the built-in tiny weights)")
+    add_weights(p, "weights of the started server")
     p.add_argument("--device", default="cpu", help="device of the started server: cpu, cuda or auto")
     p.add_argument("--requests", type=int, default=20, help="lone requests each way (medians)")
     p.add_argument("--rounds", type=int, default=8, help="rounds of concurrent streams each way (medians)")
@@ -319,14 +294,9 @@ def _add_cache(sub) -> None:
         "chat through two real tritonservers, caches on and off (section served). "
         "Prints one JSON object.",
     )
-    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    add_weights(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="vision tower and LLM dtype (auto: fp32 on CPU, bf16 on GPU)",
-    )
+    add_dtype(p, "--dtype", "vision tower and LLM")
     p.add_argument("--turns", type=int, default=5, help="human turns of the chat, one new image each")
     p.add_argument("--concurrency", type=int, default=16, help="requests sharing the system prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every answer")
@@ -335,16 +305,9 @@ def _add_cache(sub) -> None:
     p.add_argument("--block-tokens", type=int, default=16, help="positions per prefix-cache block")
     p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="prefix cache size in positions")
     p.add_argument("--embedding-cache-mb", type=int, default=256, help="embedding cache size in MiB")
-    p.add_argument(
-        "--threads", type=int, help="torch threads (default: 1 on CPU, as `bench batching`; 0 = leave torch's default)"
-    )
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures and of the sampling")
-    p.add_argument(
-        "--skip",
-        type=name_list,
-        default=[],
-        help="comma-separated sections to skip: chat, shared, served (the last starts two tritonservers)",
-    )
+    add_skip(p, "chat, shared, served (the last starts two tritonservers)")
     _add_output_flags(p)
 
     p.set_defaults(handler=_runs("cache", "main"))

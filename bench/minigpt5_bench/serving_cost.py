@@ -1,4 +1,4 @@
-"""`minigpt5 bench serving`: what Triton costs, what overlapping the image decode gains, and how many
+"""`minigpt5-bench serving`: what Triton costs, what overlapping the image decode gains, and how many
 streamed tokens the served path pushes next to the engine alone (streaming.py).
 
 Starts the real tritonserver (TritonProcess, free ports, the built-in tiny weights by default) and,
@@ -88,7 +88,7 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
     --max-tokens counts generated positions, vokens included (as the figures were measured); the
     requests ask for that less the 7 forced vokens in sampled ids (`sampled_budget`): the same answers.
     """
-    from ..config import NUM_VOKENS
+    from minigpt5.config import NUM_VOKENS
 
     img0 = pipeline.weights.tokens["vokens"][0]
     window = overlap_window(args.max_tokens)
@@ -125,7 +125,7 @@ def seed_search(pipeline, args, *, kind: str) -> dict:
 
 def sampled_budget(max_tokens: int) -> int:
     """The request's max_tokens (sampled ids) for an answer of `max_tokens` positions with one image."""
-    from ..config import NUM_VOKENS
+    from minigpt5.config import NUM_VOKENS
 
     return max_tokens - (NUM_VOKENS - 1)
 
@@ -133,13 +133,13 @@ def sampled_budget(max_tokens: int) -> int:
 def overlap_window(max_tokens: int) -> int:
     """Latest token index for the overlap request's [IMG0]: the first quarter of the text budget (at
     least 4), so that about three quarters of the text is generated after the image."""
-    from ..config import NUM_VOKENS
+    from minigpt5.config import NUM_VOKENS
 
     return max(4, (max_tokens - NUM_VOKENS) // 4)
 
 
 def _decode_only(pipeline, seed: int, max_tokens: int, *, force_image: bool) -> tuple[list[int], str]:
-    from ..engine import Finished
+    from minigpt5.engine import Finished
 
     request = pipeline.request(
         PROMPT, max_tokens=max_tokens, random_seed=seed, force_image=force_image, force_image_mode="end"
@@ -245,7 +245,7 @@ def decoder_only(pipeline, args, seed: int, force_image: bool) -> dict:
     """The decoder alone, in this process (`vicuna_decoder` speaks only the link protocol of `minigpt5`,
     decoder_wire.py): the prompt ids and sampling the served request gets, hence the same tokens and
     voken states."""
-    from ..engine import Finished, TextDelta, VokenStates
+    from minigpt5.engine import Finished, TextDelta, VokenStates
 
     request = pipeline.request(PROMPT, **request_params(args, seed, force_image))
     engine = pipeline.decoder.engine
@@ -275,7 +275,7 @@ def image_only(http_url: str, voken_states: np.ndarray, seed: int, args) -> dict
     import tritonclient.http as httpclient
     from tritonclient.utils import np_to_triton_dtype
 
-    from ..image_decoder import SCHEDULERS, image_seed
+    from minigpt5.image_decoder import SCHEDULERS, image_seed
 
     arrays = {
         "voken_states": voken_states,
@@ -351,8 +351,8 @@ def _ratio(a, b, digits: int = 3):
 def main(args) -> int:
     import torch
 
-    from ..launcher.local import local_process
-    from ..weights.tiny import resolve_weights
+    from minigpt5.launcher.local import local_process
+    from minigpt5.weights.tiny import resolve_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -412,7 +412,7 @@ def main(args) -> int:
 
 def _measure(report: Report, server, args, weights: Path, started: float) -> None:
     """In-process pipeline and seed searches (while the server loads), then the two measurements."""
-    from ..pipeline import MiniGPT5Pipeline
+    from minigpt5.pipeline import MiniGPT5Pipeline
 
     grpc_url, http_url = report.data["server"]["grpc"], report.data["server"]["http"]
     log_path = Path(report.data["server"]["log"])

@@ -1,4 +1,4 @@
-"""`minigpt5 bench reliability`: the flags, the run over the sections, the summary."""
+"""`minigpt5-bench reliability`: the flags, the run over the sections, the summary."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...launcher.local import LocalServer
-from ..flags import name_list
+from minigpt5.launcher.local import LocalServer
+
+from ..flags import add_skip, add_weights, name_list
 from .bodies import echo_repository, probe_http_body
 from .crash import probe_crash
 from .disconnects import probe_disconnects
@@ -24,7 +25,7 @@ MODELS = ("minigpt5", "vision_encoder", "vicuna_decoder", "image_decoder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, help="weights directory (default: the built-in tiny weights)")
+    add_weights(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: the servers' models")
     p.add_argument("--limit", type=int, default=2, help="max_inflight_requests of the main server")
     p.add_argument("--burst", type=int, default=12, help="requests released at once in each overload round")
@@ -53,13 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=["minigpt5", "vicuna_decoder", "image_decoder"],
         help=f"comma-separated models whose stub is killed, one fresh server each ({', '.join(MODELS)})",
     )
-    p.add_argument(
-        "--skip", type=name_list, default=[], help=f"comma-separated sections to skip: {', '.join(SECTIONS)}"
-    )
+    add_skip(p, ", ".join(SECTIONS))
 
 
 def run(args) -> int:
-    from ...weights.tiny import resolve_weights
+    from minigpt5.weights.tiny import resolve_weights
+
     from ..report import Report  # imports torch: not at registration time
 
     weights = resolve_weights(args.weights)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import NUM_VOKENS, SCHEDULER
-from ..image_decoder import make_scheduler
+from minigpt5.config import NUM_VOKENS, SCHEDULER
+from minigpt5.image_decoder import make_scheduler
+
 from .timing import Stopwatch
 
 

@@ -1,4 +1,4 @@
-"""`minigpt5 bench stages`: one latency per stage, real architecture, random weights on the device.
+"""`minigpt5-bench stages`: one latency per stage, real architecture, random weights on the device.
 
 The measurement functions here are reused by `bench e2e` (batch sizes are arguments). Each returns
 `{"ms": median, "min_ms", "max_ms", "n", ...}` from `timing.measure` plus what was measured.
@@ -12,7 +12,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..config import NUM_VOKENS, VISION_IMAGE_SIZE
+from minigpt5.config import NUM_VOKENS, VISION_IMAGE_SIZE
+
 from .models import bench_arch, build_modules, parameter_counts, resolve
 from .report import Report
 from .timing import environment, log, measure, memory
@@ -156,7 +157,7 @@ def main(args) -> int:
     ctx = build(report, args)
     if ctx is None:
         return report.finish()
-    from ..image_decoder import ImageDecoder
+    from minigpt5.image_decoder import ImageDecoder
 
     device, modules = ctx["device"], ctx["modules"]
     timing = {"repeats": args.repeats, "warmup": args.warmup}

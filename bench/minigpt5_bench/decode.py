@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 
-from ..sampling import SamplingParams
+from minigpt5.sampling import SamplingParams
+
 from .models import kv_bytes_per_position, llm_bytes, prompt_ids
 from .timing import log, summarize, synchronize
 

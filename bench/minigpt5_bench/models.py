@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from .. import components
-from ..config import NUM_QUERY_TOKENS, SCHEDULER, VOKEN_TOKENS, preset
-from ..placement import resolve_device, resolve_dtype
+from minigpt5 import components
+from minigpt5.config import NUM_QUERY_TOKENS, SCHEDULER, VOKEN_TOKENS, preset
+from minigpt5.placement import resolve_device, resolve_dtype
 
 BASE_VOCAB = {"full": 32000, "tiny": 512}  # LLaMA's vocabulary; tiny as weights/tiny.py
+# What the batching and cache benches ask, in the served prompt template
+USER_MESSAGES = (
+    "Tell me a story about a cat.",
+    "What is in the image? Describe the scene.",
+    "Write a short poem about the sea at night.",
+    "The family went to the beach. What happened next?",
+    "Describe a little house made of bread and sugar.",
+    "A cat sits on a red sofa next to a window. Continue.",
+    "Explain how a rainbow forms, simply.",
+    "Plan a walk through the forest with a dog.",
+)
 LLM_SIDE = ("vision", "llm")  # built in --dtype; mapper, unet, vae in --image-dtype (as pipeline.py)
 
 
@@ -30,7 +41,7 @@ def bench_arch(preset_name: str) -> dict:
 
 def bench_tokenizer(preset_name: str):
     """Word-level tokenizer with <unk>/<s>/</s>, synthetic words and the MiniGPT-5 special tokens."""
-    from ..tokenizer import word_level_tokenizer
+    from minigpt5.tokenizer import word_level_tokenizer
 
     fast = word_level_tokenizer(BASE_VOCAB[preset_name])
     assert len(fast) == vocab_size(preset_name), (len(fast), vocab_size(preset_name))
@@ -116,7 +127,7 @@ def kv_bytes_per_position(llm) -> int:
 
 # ---- the repository's stages around prebuilt modules ---------------------------------------------
 def token_ids(tokenizer) -> dict:
-    from ..tokenizer import special_token_ids
+    from minigpt5.tokenizer import special_token_ids
 
     ids = special_token_ids(tokenizer)
     return {
@@ -129,8 +140,8 @@ def token_ids(tokenizer) -> dict:
 
 def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER, **engine_options) -> dict:
     """VisionStage, DecoderStage and ImageStage over prebuilt modules, with the bench's EOS ban."""
-    from ..image_decoder import ImageDecoder
-    from ..stages import ImageStage, VisionStage
+    from minigpt5.image_decoder import ImageDecoder
+    from minigpt5.stages import ImageStage, VisionStage
 
     tokens = token_ids(tokenizer)
     vision = VisionStage(modules["vision"])
@@ -142,7 +153,7 @@ def make_stages(modules: dict, tokenizer, *, scheduler_config: dict = SCHEDULER,
 def make_decoder(llm, tokenizer, tokens: dict, **engine_options):
     """A DecoderStage whose engine can never sample EOS: runs have a fixed length ('###' cannot be
     spelled by the bench vocabulary either)."""
-    from ..stages import DecoderStage
+    from minigpt5.stages import DecoderStage
 
     decoder = DecoderStage(llm, tokenizer, tokens, **engine_options)
     decoder.engine.banned_ids = sorted(set(decoder.engine.banned_ids) | {tokens["eos_id"]})

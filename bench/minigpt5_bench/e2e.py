@@ -1,4 +1,4 @@
-"""`minigpt5 bench e2e`: the whole performance picture in one command (docs/BENCHMARKS.md).
+"""`minigpt5-bench e2e`: the whole performance picture in one command (docs/BENCHMARKS.md).
 
 Sections, in priority order (a section the --budget-s cannot fit is skipped, not overrun):
   stages   vision at --vision-batches, prefill, direct decode, mapper, UNet+CFG at --unet-batches, VAE
@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from ..config import SCHEDULER
-from ..fp8 import fp8_available, quantize_llm_fp8
+from minigpt5.config import SCHEDULER
+from minigpt5.fp8 import fp8_available, quantize_llm_fp8
+
 from .decode import decode_sweep_estimate_s, engine_decode, hbm_floor
 from .models import BASE_VOCAB, bench_tokenizer, llm_bytes, make_decoder, make_stages, prompt_ids
 from .naive import make_sd_pipeline, naive_once
@@ -141,21 +142,13 @@ def main(args) -> int:
         group="e2e",
         estimate_s=estimate(2) * 0.05,
     )
-    ours = section(
-        ("e2e", "pndm"),
-        lambda: run_once(
-            stages,
-            prompt,
-            image,
-            device,
-            max_tokens=args.max_tokens,
-            steps=args.steps,
-            scheduler="pndm",
-            seed=args.seed,
-        ),
-        group="e2e",
-        estimate_s=estimate(args.steps, 1.2),
-    )
+
+    def end_to_end(scheduler: str, steps: int):
+        return lambda: run_once(
+            stages, prompt, image, device, max_tokens=args.max_tokens, steps=steps, scheduler=scheduler, seed=args.seed
+        )
+
+    ours = section(("e2e", "pndm"), end_to_end("pndm", args.steps), group="e2e", estimate_s=estimate(args.steps, 1.2))
     holder = {}
 
     def naive_warmup():
@@ -187,19 +180,7 @@ def main(args) -> int:
             estimate_s=estimate(args.steps, 1.5),
         )
     dpm = section(
-        ("e2e", "dpm"),
-        lambda: run_once(
-            stages,
-            prompt,
-            image,
-            device,
-            max_tokens=args.max_tokens,
-            steps=args.dpm_steps,
-            scheduler="dpm",
-            seed=args.seed,
-        ),
-        group="e2e_dpm",
-        estimate_s=estimate(args.dpm_steps, 1.2),
+        ("e2e", "dpm"), end_to_end("dpm", args.dpm_steps), group="e2e_dpm", estimate_s=estimate(args.dpm_steps, 1.2)
     )
 
     fp8 = {}

@@ -1,4 +1,4 @@
-"""`minigpt5 bench batching`: continuous batching against the run-to-completion baseline.
+"""`minigpt5-bench batching`: continuous batching against the run-to-completion baseline.
 
 In-process, no Triton: the real `DecodeEngine` over the LLM of a weights directory (the built-in tiny
 weights by default), driven by this thread. Two engines share the one LLM: the served one
@@ -29,22 +29,13 @@ import statistics
 import time
 from typing import Any
 
+from .models import USER_MESSAGES
 from .report import Report
 from .timing import log
 
 MODES = ("continuous", "run_to_completion")
 LONG_REQUESTS = 4
 TARGETS = {"throughput_gain_min": 4.0, "short_ttft_p95_ratio_max": 2.0}
-USER_MESSAGES = (
-    "Tell me a story about a cat.",
-    "What is in the image? Describe the scene.",
-    "Write a short poem about the sea at night.",
-    "The family went to the beach. What happened next?",
-    "Describe a little house made of bread and sugar.",
-    "A cat sits on a red sofa next to a window. Continue.",
-    "Explain how a rainbow forms, simply.",
-    "Plan a walk through the forest with a dog.",
-)
 SHORT_ARRIVAL_WINDOW = (0.1, 0.75)  # short arrivals spread over this fraction of the long run (calibrated)
 METHOD = {
     "engine": "minigpt5.engine.DecodeEngine, driven by the bench thread: submit at the scheduled offsets "
@@ -69,16 +60,16 @@ def build(ctx: dict, args) -> dict:
     """The LLM, the two engines over it, the prompts, and the bench's token bans."""
     import torch
 
-    from ..placement import resolve_device, resolve_dtype
-    from ..stages import DecoderStage
+    from minigpt5.placement import resolve_device, resolve_dtype
+    from minigpt5.stages import DecoderStage
 
     start = time.perf_counter()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.weights is not None or args.preset == "tiny":
-        from ..stages import PromptBuilder
-        from ..weights.layout import WeightsDir
-        from ..weights.tiny import resolve_weights
+        from minigpt5.stages import PromptBuilder
+        from minigpt5.weights.layout import WeightsDir
+        from minigpt5.weights.tiny import resolve_weights
 
         weights = WeightsDir(resolve_weights(args.weights))
         stage = DecoderStage.load(weights, device, dtype)
@@ -120,7 +111,7 @@ def build(ctx: dict, args) -> dict:
 
 
 def _request(text: str, defaults: dict):
-    from ..request import build_request
+    from minigpt5.request import build_request
 
     return build_request(text, defaults=defaults, max_tokens=1, random_seed=0)
 
@@ -143,7 +134,7 @@ class Workload:
         self.items: list[tuple[float, Any, str]] = []  # (offset_s, DecodeRequest, kind)
 
     def add(self, offset_s: float, kind: str, index: int, max_tokens: int, seed: int) -> None:
-        from ..sampling import SamplingParams
+        from minigpt5.sampling import SamplingParams
 
         prompts = self.ctx["prompts"]
         params = SamplingParams(
@@ -161,7 +152,8 @@ class Workload:
 
 def drive(engine, workload: Workload) -> dict:
     """Submit each request at its offset (between steps), step until all finished; per-request times."""
-    from ..engine import Finished, TextDelta, VokenStates
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+
     from .decode import drain_engine
 
     if engine.has_work:
@@ -407,7 +399,7 @@ def summarize(data: dict, concurrency: list[int]) -> None:
 def main(args) -> int:
     import torch
 
-    from ..placement import resolve_device
+    from minigpt5.placement import resolve_device
 
     report = Report("batching", out=args.out)
     default_threads = torch.get_num_threads()

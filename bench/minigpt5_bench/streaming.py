@@ -1,6 +1,6 @@
 """Streamed tokens/s of the served path against the engine alone, and where the CPU goes.
 
-Part of `minigpt5 bench serving`. Text-only requests of `--stream-tokens` tokens with fixed seeds
+Part of `minigpt5-bench serving`. Text-only requests of `--stream-tokens` tokens with fixed seeds
 (seeds whose answers sample no image, found in-process first), N concurrent streams, each stream
 sending its next request when its last one ended (closed loop), `--stream-rounds` requests per
 stream, alternating served and engine alone `--stream-repeats` times (best run of each kept):
@@ -35,7 +35,7 @@ LONG_REQUESTS = 4
 # ---- the requests -----------------------------------------------------------------------------------
 def text_seeds(pipeline, count: int, max_tokens: int, first_seed: int, prompt: str) -> list[int]:
     """`count` seeds from `first_seed` on whose answers sample no image: a text-only workload."""
-    from ..engine import VokenStates
+    from minigpt5.engine import VokenStates
 
     engine, seed = pipeline.decoder.engine, first_seed
     seeds: list[int] = []
@@ -65,7 +65,7 @@ def split_streams(seeds: list[int], streams: int, rounds: int) -> list[list[int]
 def engine_alone(pipeline, prompt: str, per_stream: list[list[int]], max_tokens: int) -> dict:
     """The closed-loop workload on the in-process engine: a stream's next request is submitted at the
     step boundary after its last one finished."""
-    from ..engine import Finished
+    from minigpt5.engine import Finished
 
     engine = pipeline.decoder.engine
     queues = {i: list(seeds) for i, seeds in enumerate(per_stream)}

@@ -1,4 +1,4 @@
-"""`minigpt5 bench reliability`: bad inputs, overload, timeouts, disconnects, crashed stubs
+"""`minigpt5-bench reliability`: bad inputs, overload, timeouts, disconnects, crashed stubs
 and a soak, against real tritonservers of its own. Prints one JSON object (docs/RELIABILITY.md).
 
   main server   (max_inflight_requests=--limit, request_timeout_s=--timeout-s, a random admin key)

@@ -1,4 +1,4 @@
-"""`minigpt5 bench cache`: the image-embedding cache and the decoder's prefix cache, on and off in one run.
+"""`minigpt5-bench cache`: the image-embedding cache and the decoder's prefix cache, on and off in one run.
 
 In-process, no Triton: the vision stage and the real `DecodeEngine` over one set of weights (the
 built-in tiny weights by default). Two decoder stages share the LLM, one with the prefix cache
@@ -28,21 +28,12 @@ from typing import Any
 import numpy as np
 
 from .cache_served import ttft_by_turn, ttft_ratios
+from .models import USER_MESSAGES
 from .report import Report
 from .timing import log
 
 MODES = ("no_cache", "cache")
 TARGETS = {"turn_last_ttft_ratio_max": 0.5}
-USER_MESSAGES = (
-    "Tell me a story about a cat.",
-    "What is in the image? Describe the scene.",
-    "Write a short poem about the sea at night.",
-    "The family went to the beach. What happened next?",
-    "Describe a little house made of bread and sugar.",
-    "A cat sits on a red sofa next to a window. Continue.",
-    "Explain how a rainbow forms, simply.",
-    "Plan a walk through the forest with a dog.",
-)
 METHOD = {
     "paths": "no_cache: VisionStage.encode of every image of the prompt + DecodeEngine without a prefix cache; "
     "cache: EmbeddingCache in front of the same VisionStage + DecodeEngine with PrefixCache; one LLM",
@@ -60,10 +51,10 @@ METHOD = {
 
 
 def build(ctx: dict, args) -> dict:
-    from ..placement import resolve_device, resolve_dtype
-    from ..stages import DecoderStage, PromptBuilder, VisionStage
-    from ..weights.layout import WeightsDir
-    from ..weights.tiny import resolve_weights
+    from minigpt5.placement import resolve_device, resolve_dtype
+    from minigpt5.stages import DecoderStage, PromptBuilder, VisionStage
+    from minigpt5.weights.layout import WeightsDir
+    from minigpt5.weights.tiny import resolve_weights
 
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -98,7 +89,7 @@ class CachePath:
     """One path (`cache` or `no_cache`) with empty caches and its own vision counters."""
 
     def __init__(self, ctx: dict, mode: str, args):
-        from ..serving.embedding_cache import EmbeddingCache
+        from minigpt5.serving.embedding_cache import EmbeddingCache
 
         self.ctx, self.mode, self.args = ctx, mode, args
         self.stage = ctx["stages"][mode]
@@ -129,7 +120,7 @@ class CachePath:
 
 
 def _request(ctx: dict, args, text: str, images, history, seed: int):
-    from ..request import build_request
+    from minigpt5.request import build_request
 
     return build_request(
         text,
@@ -145,8 +136,8 @@ def _request(ctx: dict, args, text: str, images, history, seed: int):
 
 def chat(ctx: dict, args, mode: str) -> dict:
     """One chat, turn by turn, with empty caches at its start."""
-    from ..engine import Finished, TextDelta, VokenStates
-    from ..prompt import Turn
+    from minigpt5.engine import Finished, TextDelta, VokenStates
+    from minigpt5.prompt import Turn
 
     path = CachePath(ctx, mode, args)
     engine = path.engine
@@ -188,7 +179,7 @@ def chat(ctx: dict, args, mode: str) -> dict:
 
 def shared(ctx: dict, args, mode: str) -> dict:
     """--concurrency requests under the one system prompt, submitted together, caches empty."""
-    from ..engine import Finished
+    from minigpt5.engine import Finished
 
     path = CachePath(ctx, mode, args)
     requests = [
@@ -305,7 +296,7 @@ def summary(data: dict) -> dict:
 def main(args) -> int:
     import torch
 
-    from ..placement import resolve_device
+    from minigpt5.placement import resolve_device
 
     default_threads = torch.get_num_threads()
     threads = args.threads if args.threads is not None else (1 if resolve_device(args.device) == "cpu" else 0)

@@ -1,4 +1,4 @@
-"""`minigpt5 bench cache`, section `served`: the chat through the real tritonserver, caches on and off.
+"""`minigpt5-bench cache`, section `served`: the chat through the real tritonserver, caches on and off.
 
 Two servers on free ports over the same weights: one as configured (both caches on) and one with
 `minigpt5.image_embedding_cache_mb` and `vicuna_decoder.prefix_cache_tokens` at 0. The chat goes to
@@ -27,7 +27,7 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 def measure(args, weights: Path) -> dict:
-    from ..launcher.local import local_process
+    from minigpt5.launcher.local import local_process
 
     servers = {
         mode: local_process(

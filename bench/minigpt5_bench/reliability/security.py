@@ -22,7 +22,7 @@ def probe_security(server, admin_key: str | None = None) -> dict:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from ...launcher.process import ADMIN_HEADER
+    from minigpt5.launcher.process import ADMIN_HEADER
 
     http_rows = []
     for method, path, body in RESTRICTED_HTTP:

@@ -1,4 +1,4 @@
-"""`minigpt5 bench gateway`: what the OpenAI-compatible gateway costs over calling Triton directly.
+"""`minigpt5-bench gateway`: what the OpenAI-compatible gateway costs over calling Triton directly.
 
 One run, the same requests both ways, interleaved (direct, gateway, gateway, direct, ...):
   lone      one request at a time, end to end (send -> last byte), text and a forced image:
@@ -24,7 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..launcher.local import free_port
+from minigpt5.launcher.local import free_port
+
 from .report import Report
 from .timing import log
 
@@ -267,8 +268,8 @@ def _ready(gateway: GatewayProcess) -> dict:
 
 
 def _start_server(report: Report, args):
-    from ..launcher.local import local_process
-    from ..weights.tiny import resolve_weights
+    from minigpt5.launcher.local import local_process
+    from minigpt5.weights.tiny import resolve_weights
 
     server = local_process(resolve_weights(args.weights), device=args.device, name="bench-gateway")
     report.data["server"] = {"grpc": server.grpc_url, "log": str(server.log_file)}
