@@ -14,7 +14,7 @@ test: venv
 test-fast: venv
 	.venv/bin/python -m pytest -q -m "not server and not browser" $(PYTEST_ARGS)
 
-# ruff's lint and format check and mypy's type check of both packages (all configured in pyproject.toml);
+# ruff's lint and format check and mypy's type check of the three packages (all configured in pyproject.toml);
 # CI runs it before the tests.
 lint: venv
 	.venv/bin/ruff check .

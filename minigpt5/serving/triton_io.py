@@ -19,10 +19,7 @@ def input_array(request, name: str) -> np.ndarray | None:
 
 def required_input(request, name: str) -> np.ndarray:
     """An input the model's config declares required (Triton refuses requests without it)."""
-    array = input_array(request, name)
-    if array is None:
-        raise InvalidRequest(f"{name}: required input is missing")
-    return array
+    return _present(input_array(request, name), InvalidRequest(f"{name}: required input is missing"))
 
 
 def input_scalar(request, name: str):
@@ -101,9 +98,12 @@ def output_array(reply, name: str) -> np.ndarray | None:
 
 def required_output(reply, name: str) -> np.ndarray:
     """An output a BLS child always sends; its absence is a server fault, not the client's."""
-    array = output_array(reply, name)
+    return _present(output_array(reply, name), RuntimeError(f"{name}: output missing from the child's response"))
+
+
+def _present(array: np.ndarray | None, missing: Exception) -> np.ndarray:
     if array is None:
-        raise RuntimeError(f"{name}: output missing from the child model's response")
+        raise missing
     return array
 
 

@@ -19,6 +19,7 @@ from support.servers import start_server
 pytestmark = pytest.mark.server
 
 TIMEOUT_S = 2.0
+KILL_ATTEMPTS = 2
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,13 @@ def test_a_request_longer_than_request_timeout_s_ends_unavailable(doomed_server)
 def test_kill_9_of_the_decoder_stub_ends_every_request_and_the_server(doomed_server):
     """The two requests are decoding in the killed `vicuna_decoder` process; `minigpt5`'s link call to
     it never returns (Triton 2.51), so the watchdog must end them."""
-    result = probe_crash(doomed_server, "vicuna_decoder", inflight=2, client_timeout=90, bound_s=60)
-    print(json.dumps(result, indent=1))
+    for attempt in range(1, KILL_ATTEMPTS + 1):
+        result = probe_crash(doomed_server, "vicuna_decoder", inflight=2, client_timeout=90, bound_s=60)
+        print(json.dumps(result, indent=1))
+        if not result["kill_came_late"] or attempt == KILL_ATTEMPTS:
+            break
+        doomed_server.stop()  # the decoder had finished both answers: again, on a fresh server
+        doomed_server.start(timeout=300)
     assert result["busy_at_kill"] == 2
     assert result["hung"] == 0 and result["ended_with_error"] == 2, result["in_flight"]
     assert result["max_end_after_kill_s"] < 45, result["in_flight"]  # watchdog poll + grace, not a hang
