@@ -24,13 +24,13 @@ repetition penalty 2) with a fixed seed per request.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Any
 
 from .models import USER_MESSAGES
 from .report import Report
+from .stats import p95, ratio
 from .timing import log
 
 MODES = ("continuous", "run_to_completion")
@@ -203,12 +203,6 @@ def drive(engine, workload: Workload) -> dict:
 
 
 # ---- statistics -------------------------------------------------------------------------------------
-def p95(values: list[float]) -> float:
-    """Nearest-rank 95th percentile (the sample below which 95% of the samples lie, no interpolation)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-
-
 def latency_summary(seconds: list[float]) -> dict:
     ms = [s * 1e3 for s in seconds]
     return {
@@ -218,10 +212,6 @@ def latency_summary(seconds: list[float]) -> dict:
         "min_ms": round(min(ms), 3),
         "n": len(ms),
     }
-
-
-def _ratio(a, b, digits: int = 3):
-    return None if a is None or b is None or b <= 0 else round(a / b, digits)
 
 
 class TokenCount:
@@ -353,7 +343,7 @@ def ttft(ctx: dict, args, tokens: TokenCount) -> dict:
         result[mode] = {
             "alone": alone_s,
             "busy": busy_s,
-            "short_ttft_p95_ratio": _ratio(busy_s["p95_ms"], alone_s["p95_ms"]),
+            "short_ttft_p95_ratio": ratio(busy_s["p95_ms"], alone_s["p95_ms"]),
             "short_latency_busy": latency_summary(short_latency[mode]),
             "long_done_ms": round(statistics.median(long_done[mode]) * 1e3, 1),
             "busy_tokens_per_s": round(statistics.median(busy_rates[mode]), 1),
@@ -378,8 +368,8 @@ def summarize(data: dict, concurrency: list[int]) -> None:
         ttft_mode = ttft_result.get(mode) or {}
         data[mode] = {
             "throughput_tokens_per_s": rates,
-            "throughput_gain": _ratio(rates.get(str(gain_at)), rates.get("1"), 2),
-            "throughput_gain_by_concurrency": {c: _ratio(v, rates.get("1"), 2) for c, v in rates.items()},
+            "throughput_gain": ratio(rates.get(str(gain_at)), rates.get("1"), 2),
+            "throughput_gain_by_concurrency": {c: ratio(v, rates.get("1"), 2) for c, v in rates.items()},
             "short_ttft_p95_ratio": ttft_mode.get("short_ttft_p95_ratio"),
             "short_ttft_p95_ms": {
                 "alone": (ttft_mode.get("alone") or {}).get("p95_ms"),
@@ -389,10 +379,10 @@ def summarize(data: dict, concurrency: list[int]) -> None:
         }
     data["throughput_gain_at"] = gain_at
     data["targets"] = dict(TARGETS)
-    gain, ratio = data["continuous"]["throughput_gain"], data["continuous"]["short_ttft_p95_ratio"]
+    gain, ttft_ratio = data["continuous"]["throughput_gain"], data["continuous"]["short_ttft_p95_ratio"]
     data["targets_met"] = {
         "throughput_gain": None if gain is None or gain_at != 8 else gain >= TARGETS["throughput_gain_min"],
-        "short_ttft_p95_ratio": None if ratio is None else ratio <= TARGETS["short_ttft_p95_ratio_max"],
+        "short_ttft_p95_ratio": None if ttft_ratio is None else ttft_ratio <= TARGETS["short_ttft_p95_ratio_max"],
     }
 
 

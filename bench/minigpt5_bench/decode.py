@@ -15,7 +15,8 @@ import time
 from minigpt5.sampling import SamplingParams
 
 from .models import kv_bytes_per_position, llm_bytes, prompt_ids
-from .timing import log, summarize, synchronize
+from .stats import summarize
+from .timing import log, synchronize
 
 
 def engine_decode(

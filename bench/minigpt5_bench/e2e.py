@@ -38,6 +38,7 @@ from .stage_latency import (
     time_vae_decode,
     time_vision,
 )
+from .stats import ratio
 from .timing import hbm_bandwidth, log, memory
 
 TARGET_MS = 2000.0  # the product's end-to-end target
@@ -272,9 +273,6 @@ def _fp8_sections(
 
 
 def summary(ours: dict | None, dpm: dict | None, naive: dict | None, decode: dict, fp8: dict) -> dict:
-    def ratio(a, b, digits=3):
-        return round(a / b, digits) if a is not None and b else None
-
     ours_ms, dpm_ms, naive_ms = _ms(ours), _ms(dpm), _ms(naive)
     return {
         "target_ms": TARGET_MS,

@@ -27,6 +27,7 @@ from pathlib import Path
 from minigpt5.launcher.local import free_port
 
 from .report import Report
+from .stats import ratio
 from .timing import log
 
 PROMPT = "Tell me a story about a cat."
@@ -156,7 +157,7 @@ async def measure_lone(triton_url: str, gateway_url: str, args) -> dict:
         "direct_ms": _summary(direct_ms),
         "gateway_ms": _summary(gateway_ms),
         "latency_ratio": _paired_ratio(gateway_ms, direct_ms),
-        "ratio_of_medians": _ratio(statistics.median(gateway_ms), statistics.median(direct_ms)),
+        "ratio_of_medians": ratio(statistics.median(gateway_ms), statistics.median(direct_ms)),
         "same_text": len({run["text"] for run in runs["direct"] + runs["gateway"]}) == 1,
     }
 
@@ -197,7 +198,7 @@ async def measure_streams(triton_url: str, gateway_url: str, args) -> dict:
         "direct_tokens_per_s": _rates(rates["direct"]),
         "gateway_tokens_per_s": _rates(rates["gateway"]),
         "tokens_per_s_ratio": _paired_ratio(rates["gateway"], rates["direct"]),
-        "ratio_of_medians": _ratio(statistics.median(rates["gateway"]), statistics.median(rates["direct"])),
+        "ratio_of_medians": ratio(statistics.median(rates["gateway"]), statistics.median(rates["direct"])),
         "same_tokens": len(tokens["direct"] | tokens["gateway"]) == 1,
         "tokens_per_round": sorted(tokens["direct"] | tokens["gateway"]),
     }
@@ -226,10 +227,6 @@ def _paired_ratio(gateway: list[float], direct: list[float]) -> float | None:
     drifts over seconds, is then about the same for both halves of a pair."""
     ratios = [g / d for g, d in zip(gateway, direct, strict=True) if d > 0]
     return round(statistics.median(ratios), 3) if ratios else None
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b > 0 else None
 
 
 # ---- the run ----------------------------------------------------------------------------------------

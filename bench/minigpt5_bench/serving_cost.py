@@ -45,8 +45,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from . import streaming  # noqa: E402
+from . import stats, streaming  # noqa: E402
 from .report import Report  # noqa: E402
+from .stats import median, ratio  # noqa: E402
 from .timing import log  # noqa: E402
 
 PROMPT = "Tell me a story about a cat."
@@ -329,24 +330,6 @@ def _png(data) -> np.ndarray:
 
 
 # ---- statistics -------------------------------------------------------------------------------------
-def summary(values: list[float]) -> dict:
-    return {
-        "ms": round(statistics.median(values), 2),
-        "min_ms": round(min(values), 2),
-        "max_ms": round(max(values), 2),
-        "n": len(values),
-    }
-
-
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 2) if values else None
-
-
-def _ratio(a, b, digits: int = 3):
-    return None if a is None or b is None or b <= 0 else round(a / b, digits)
-
-
 # ---- the run ----------------------------------------------------------------------------------------
 def main(args) -> int:
     import torch
@@ -482,11 +465,11 @@ def measure_latency(pipeline, url: str, args, seed_info: dict) -> dict:
         "seed": seed,
         "force_image": True,
         "image_token_index": seed_info["image_token_index"],
-        "served_ms": summary([r["ms"] for r in served_runs]),
-        "in_process_ms": summary([r["ms"] for r in runs["in_process"]]),
-        "served_ttft_ms": _median([r["ttft_ms"] for r in served_runs]),
-        "served_image_start_ms": _median([r["image_start_ms"] for r in served_runs]),
-        "served_ttfi_ms": _median([r["ttfi_ms"] for r in served_runs]),
+        "served_ms": stats.summarize([r["ms"] for r in served_runs]),
+        "in_process_ms": stats.summarize([r["ms"] for r in runs["in_process"]]),
+        "served_ttft_ms": median([r["ttft_ms"] for r in served_runs]),
+        "served_image_start_ms": median([r["image_start_ms"] for r in served_runs]),
+        "served_ttfi_ms": median([r["ttfi_ms"] for r in served_runs]),
         "same_text_as_in_process": all(r["text"] == reference["text"] for r in served_runs),
         "same_image_as_in_process": all(
             len(r["images"]) == len(reference["images"]) == 1 and np.array_equal(r["images"][0], reference["images"][0])
@@ -527,24 +510,24 @@ def measure_overlap(pipeline, url: str, http_url: str, args, seed_info: dict) ->
         )
     sequential_ms = [b["decoder_ms"] + b["image_ms"] for b in baseline]
     ideal_ms = [max(b["decoder_ms"], b["vokens_ms"] + b["image_ms"]) for b in baseline]
-    served_ms = summary([r["ms"] for r in overlapped])
+    served_ms = stats.summarize([r["ms"] for r in overlapped])
     return {
         "seed": seed,
         "force_image": False,
         "image_token_index": seed_info["image_token_index"],
         "tokens_after_image": seed_info["tokens_after_image"],
         "served_ms": served_ms,
-        "decoder_only_ms": summary([b["decoder_ms"] for b in baseline]),
-        "decoder_only_vokens_ms": _median([b["vokens_ms"] for b in baseline]),
-        "image_only_ms": summary([b["image_ms"] for b in baseline]),
-        "sequential_ms": summary(sequential_ms),
-        "ideal_overlapped_ms": summary(ideal_ms),
-        "image_overlap_gain": _ratio(statistics.median(sequential_ms), served_ms["ms"]),
-        "ideal_gain": _ratio(statistics.median(sequential_ms), statistics.median(ideal_ms)),
-        "in_process_serial_ms": summary(serial),
-        "served_ttft_ms": _median([r["ttft_ms"] for r in overlapped]),
-        "served_image_start_ms": _median([r["image_start_ms"] for r in overlapped]),
-        "served_ttfi_ms": _median([r["ttfi_ms"] for r in overlapped]),
+        "decoder_only_ms": stats.summarize([b["decoder_ms"] for b in baseline]),
+        "decoder_only_vokens_ms": median([b["vokens_ms"] for b in baseline]),
+        "image_only_ms": stats.summarize([b["image_ms"] for b in baseline]),
+        "sequential_ms": stats.summarize(sequential_ms),
+        "ideal_overlapped_ms": stats.summarize(ideal_ms),
+        "image_overlap_gain": ratio(statistics.median(sequential_ms), served_ms["ms"]),
+        "ideal_gain": ratio(statistics.median(sequential_ms), statistics.median(ideal_ms)),
+        "in_process_serial_ms": stats.summarize(serial),
+        "served_ttft_ms": median([r["ttft_ms"] for r in overlapped]),
+        "served_image_start_ms": median([r["image_start_ms"] for r in overlapped]),
+        "served_ttfi_ms": median([r["ttfi_ms"] for r in overlapped]),
         "same_text_as_in_process": all(r["text"] == reference["text"] for r in overlapped)
         and all(b["text"] == reference["text"] for b in baseline),
         "same_image": all(
@@ -561,7 +544,7 @@ def summarize(data: dict) -> None:
     served_ms = (latency.get("served_ms") or {}).get("ms")
     local_ms = (latency.get("in_process_ms") or {}).get("ms")
     data["summary"] = {
-        "served_over_in_process_latency_ratio": _ratio(served_ms, local_ms),
+        "served_over_in_process_latency_ratio": ratio(served_ms, local_ms),
         "served_latency_ms": served_ms,
         "in_process_latency_ms": local_ms,
         "image_overlap_gain": overlap.get("image_overlap_gain"),

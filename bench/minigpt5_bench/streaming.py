@@ -26,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .stats import p95, rounded_all
 from .timing import log
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -240,20 +241,11 @@ async def _short_ttft(url: str, args, prompt: str) -> dict:
             busy += await under_long_ones(shorts)
     alone_p95, busy_p95 = p95([a for a in alone if a]), p95([b for b in busy if b]) if busy else None
     return {
-        "alone_ms": _rounded(alone),
-        "busy_ms": _rounded(busy),
+        "alone_ms": rounded_all(alone),
+        "busy_ms": rounded_all(busy),
         "alone_p95_ms": round(alone_p95, 2),
         "busy_p95_ms": None if busy_p95 is None else round(busy_p95, 2),
         "short_ttft_p95_ratio": None if busy_p95 is None else round(busy_p95 / alone_p95, 3),
         "busy_samples": len(busy),
         "long_tokens": args.long_tokens,
     }
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
-
-
-def _rounded(values: list) -> list:
-    return [None if v is None else round(v, 2) for v in values]

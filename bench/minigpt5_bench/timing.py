@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
 import time
 from importlib import metadata
 from typing import Any
 
 import torch
+
+from .stats import summarize
 
 # Datasheet HBM bandwidth in GB/s, matched against torch.cuda.get_device_name (first match wins).
 # "NVIDIA H100 80GB HBM3" is the SXM part. The lent H100 measured about 3.0 TB/s on a device-to-device
@@ -34,15 +35,6 @@ def log(message: str) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def summarize(samples_ms: list[float]) -> dict:
-    return {
-        "ms": round(statistics.median(samples_ms), 3),
-        "min_ms": round(min(samples_ms), 3),
-        "max_ms": round(max(samples_ms), 3),
-        "n": len(samples_ms),
-    }
 
 
 def measure(fn, device: torch.device, *, repeats: int, warmup: int) -> dict:

@@ -283,12 +283,14 @@ def test_batching_small(capsys, tiny_weights):
     assert isinstance(data["targets_met"]["short_ttft_p95_ratio"], bool)
 
 
-def test_batching_p95_is_nearest_rank():
-    from minigpt5_bench.batching import p95
+def test_percentiles_are_nearest_rank():
+    from minigpt5_bench.stats import p95, percentile
 
     assert p95([1.0]) == 1.0
     assert p95([float(v) for v in range(1, 21)]) == 19.0  # ceil(0.95 * 20) = 19th sample
     assert p95([float(v) for v in range(1, 25)]) == 23.0
+    assert p95([float(v) for v in range(100, 0, -1)]) == 95.0  # sorted first; 0.95 * 100 exactly
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([], 95) is None
 
 
 @pytest.mark.server

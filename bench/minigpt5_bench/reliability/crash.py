@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from .measure import rounded
+from ..stats import rounded
 from .wire import LONG, SHORT, Outcome, grpc_request, grpc_tensors, http_get_status
 
 # Busy in the killed model when its stub is killed. For `vicuna_decoder`: a long text, killed at its

@@ -6,7 +6,8 @@ import json
 import socket
 import time
 
-from .measure import metric, outcomes, rounded, scrape
+from ..stats import rounded
+from .measure import metric, outcomes, scrape
 from .wire import LONG, SHORT, generate_path, grpc_request, grpc_tensors
 
 

@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from .measure import metric, percentile, rounded, rss_bytes, scrape
+from ..stats import percentile, rounded
+from .measure import metric, rss_bytes, scrape
 from .wire import OVERTIME, SHORT, STEADY, Outcome, generate_path, grpc_request, grpc_tensors, http_request
 
 

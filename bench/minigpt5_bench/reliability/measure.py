@@ -6,8 +6,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 
 def scrape(metrics_url: str) -> dict[str, float]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
@@ -52,15 +50,3 @@ def rss_bytes(server) -> int:
         except OSError:
             continue
     return total
-
-
-def percentile(values, q: float):
-    values = sorted(values)
-    if not values:
-        return None
-    rank = max(0, min(len(values) - 1, int(np.ceil(q / 100 * len(values))) - 1))
-    return values[rank]
-
-
-def rounded(value, digits: int = 3):
-    return None if value is None else round(value, digits)
