@@ -58,7 +58,7 @@ def measure(args, weights: Path) -> dict:
 
 
 def served_chat(server, args, repeat: int) -> dict:
-    from .serving_cost import _grpc_tensor, _stream, _string
+    from .serving_cost import stream_served, text_of
 
     rng = np.random.default_rng(args.seed + 1000 + repeat)
     pictures = rng.integers(0, 256, size=(args.turns, 224, 224, 3), dtype=np.uint8)
@@ -69,29 +69,28 @@ def served_chat(server, args, repeat: int) -> dict:
     turns: list[dict] = []
     for turn in range(args.turns):
         text = f"Chat {repeat + 1}, turn {turn + 1}: what happens in this picture?"
-        inputs = [
-            _grpc_tensor("text_input", np.array([text.encode()], dtype=np.object_)),
-            _grpc_tensor("images", pictures[: turn + 1]),
-            _grpc_tensor("history", np.array([json.dumps(history).encode()], dtype=np.object_)),
-            _grpc_tensor("stream", np.array([True])),
-            _grpc_tensor("max_tokens", np.array([args.max_tokens], dtype=np.int32)),
-            _grpc_tensor("temperature", np.array([args.temperature], dtype=np.float32)),
-            _grpc_tensor("random_seed", np.array([args.seed + turn], dtype=np.uint64)),
-            _grpc_tensor("max_images", np.array([0], dtype=np.int32)),
-        ]
-        events = _stream(url, "minigpt5", inputs)
+        params = {
+            "text_input": text,
+            "images": pictures[: turn + 1],
+            "history": json.dumps(history),
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "random_seed": args.seed + turn,
+            "max_images": 0,
+        }
+        end_s, events = stream_served(url, params)
         answer, ttft, usage = "", None, {}
         for stamp, arrays in events:
-            piece = _string(arrays.get("text_output"))
-            if _string(arrays.get("event_type")) == "text" and piece:
+            piece = text_of(arrays, "text_output")
+            if text_of(arrays, "event_type") == "text" and piece:
                 ttft = stamp if ttft is None else ttft
                 answer += piece
-            if "usage" in arrays:
-                usage = json.loads(_string(arrays["usage"]))
+            if text_of(arrays, "usage"):
+                usage = json.loads(text_of(arrays, "usage"))
         positions = usage["prompt_tokens"] + usage["image_tokens"]
         turns.append(
             {
-                "ttft_ms": (ttft if ttft is not None else events[-1][0]) * 1e3,
+                "ttft_ms": (ttft if ttft is not None else end_s) * 1e3,
                 "prompt_positions": positions,
                 "prefill_positions": positions - usage["cached_prompt_positions"],
                 "text": answer,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import queue
 import statistics
 import sys
 import time
@@ -171,57 +170,27 @@ def request_params(args, seed: int, force_image: bool) -> dict:
 
 
 # ---- one measurement each ---------------------------------------------------------------------------
-def _grpc_tensor(name: str, array: np.ndarray):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+def stream_served(url: str, params: dict) -> tuple[float, list[tuple[float, dict]]]:
+    """One streamed `minigpt5` request: its end and its responses, in seconds since the send."""
+    from .reliability.wire import grpc_request, grpc_tensors
 
-    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-    tensor.set_data_from_numpy(array)
-    return tensor
+    outcome = grpc_request(url, grpc_tensors({**params, "stream": True}), timeout=REQUEST_TIMEOUT_S, record=True)
+    if not outcome.ok:
+        raise RuntimeError(f"minigpt5: {outcome.status} {outcome.message}")
+    return outcome.seconds, outcome.responses
 
 
-def _stream(url: str, model: str, inputs: list, outputs: list[str] | None = None) -> list[tuple[float, dict]]:
-    """One request over gRPC streaming; [(seconds since the send, {output: array})] up to the final."""
-    import tritonclient.grpc as grpcclient
+def text_of(arrays: dict, name: str) -> str:
+    from .reliability.wire import first_value
 
-    replies: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: replies.put((time.perf_counter(), result, error)))
-    requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
-    try:
-        start = time.perf_counter()
-        client.async_stream_infer(model, inputs, outputs=requested, enable_empty_final_response=True)
-        events = []
-        while True:
-            stamp, result, error = replies.get(timeout=REQUEST_TIMEOUT_S)
-            if error is not None:
-                raise RuntimeError(f"{model}: {error}")
-            response = result.get_response()
-            arrays = {output.name: result.as_numpy(output.name) for output in response.outputs}
-            if arrays:
-                events.append((stamp - start, arrays))
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return events + [(stamp - start, {})]
-    finally:
-        client.stop_stream()
-        client.close()
+    return first_value(arrays.get(name)) or ""
 
 
 def served(url: str, args, seed: int, force_image: bool) -> dict:
     """The public model over gRPC streaming: end to end, first text, image_start, image."""
-    inputs = [
-        _grpc_tensor("text_input", np.array([PROMPT.encode()], dtype=np.object_)),
-        _grpc_tensor("stream", np.array([True])),
-        _grpc_tensor("max_tokens", np.array([sampled_budget(args.max_tokens)], dtype=np.int32)),
-        _grpc_tensor("random_seed", np.array([seed], dtype=np.uint64)),
-        _grpc_tensor("force_image", np.array([force_image])),
-        _grpc_tensor("force_image_mode", np.array([b"end"], dtype=np.object_)),
-        _grpc_tensor("num_inference_steps", np.array([args.steps], dtype=np.int32)),
-    ]
-    events = _stream(url, "minigpt5", inputs)
+    end_s, events = stream_served(url, {"text_input": PROMPT, **request_params(args, seed, force_image)})
     out: dict[str, Any] = {
-        "ms": events[-1][0] * 1e3,
+        "ms": end_s * 1e3,
         "ttft_ms": None,
         "image_start_ms": None,
         "ttfi_ms": None,
@@ -229,8 +198,8 @@ def served(url: str, args, seed: int, force_image: bool) -> dict:
         "images": [],
     }
     for stamp, arrays in events:
-        kind = _string(arrays.get("event_type"))
-        text = _string(arrays.get("text_output"))
+        kind = text_of(arrays, "event_type")
+        text = text_of(arrays, "text_output")
         out["text"] += text
         if kind == "text" and text and out["ttft_ms"] is None:
             out["ttft_ms"] = stamp * 1e3
@@ -313,13 +282,6 @@ def in_process(pipeline, args, seed: int, force_image: bool) -> dict:
         "images": result.images,
         "token_ids": result.token_ids,
     }
-
-
-def _string(array) -> str:
-    if array is None or not array.size:
-        return ""
-    value = array.reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _png(data) -> np.ndarray:

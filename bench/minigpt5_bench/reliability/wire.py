@@ -39,6 +39,7 @@ class Outcome:
     events: int = 0
     usage: dict | None = None
     event_types: list = field(default_factory=list)
+    responses: list = field(default_factory=list)  # with record=True: (seconds since the send, {output: array})
 
     def brief(self) -> dict:
         return {
@@ -76,9 +77,11 @@ def grpc_request(
     on_event=None,
     parameters: dict | None = None,
     model: str = MODEL,
+    record: bool = False,
 ) -> Outcome:
     """One request over gRPC streaming. `cancel_after_events`: cancel the stream after that many
-    events (the client gives up). `on_event(outcome)` is called after each event."""
+    events (the client gives up). `on_event(outcome)` is called after each event. `record`: keep every
+    response's outputs with the time it arrived (taken in the stream's callback)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -89,13 +92,15 @@ def grpc_request(
     finished = False  # cancel only a request abandoned early (2.51 crashes cancelling a completed one)
     try:
         # No `triton_grpc_error` header, as the Python client: stream errors come in-band (docs/RELIABILITY.md)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=timeout)
+        client.start_stream(
+            callback=lambda result, error: responses.put((time.monotonic(), result, error)), stream_timeout=timeout
+        )
         started = time.monotonic()
         client.async_stream_infer(model, inputs, enable_empty_final_response=True, parameters=parameters)
         deadline = started + timeout
         while True:
             try:
-                result, error = responses.get(timeout=max(0.01, deadline - time.monotonic()))
+                arrived, result, error = responses.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 outcome.message = f"no answer within {timeout:g} s"
                 return outcome
@@ -106,10 +111,13 @@ def grpc_request(
                 return outcome
             response = result.get_response()
             if response.outputs:
+                if record:
+                    arrays = {output.name: result.as_numpy(output.name) for output in response.outputs}
+                    outcome.responses.append((arrived - started, arrays))
                 outcome.events += 1
-                kind = _first(result.as_numpy("event_type"))
+                kind = first_value(result.as_numpy("event_type"))
                 outcome.event_types.append(kind)
-                usage = _first(result.as_numpy("usage")) if kind in ("final", "complete") else None
+                usage = first_value(result.as_numpy("usage")) if kind in ("final", "complete") else None
                 if usage:
                     outcome.usage = json.loads(usage)
                 if on_event:
@@ -117,7 +125,7 @@ def grpc_request(
             final = response.parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 finished = True
-                outcome.ok, outcome.status = True, "ok"
+                outcome.ok, outcome.status, outcome.seconds = True, "ok", arrived - started
                 return outcome
             if cancel_after_events and outcome.events >= cancel_after_events:
                 outcome.status = "cancelled_by_client"
@@ -126,7 +134,8 @@ def grpc_request(
         outcome.status, outcome.message = grpc_status(exc), exc.message() or str(exc)
         return outcome
     finally:
-        outcome.seconds = time.monotonic() - started
+        if not outcome.ok:
+            outcome.seconds = time.monotonic() - started
         try:
             client.stop_stream(cancel_requests=not finished)
             client.close()
@@ -146,7 +155,7 @@ def grpc_status(error) -> str:
     return {InvalidArgument: "INVALID_ARGUMENT", Overloaded: "UNAVAILABLE"}.get(kind, "INTERNAL")
 
 
-def _first(array):
+def first_value(array):
     if array is None or not array.size:
         return None
     value = array.reshape(-1)[0]
