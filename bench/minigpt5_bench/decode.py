@@ -131,8 +131,8 @@ def _kv_valid(engine) -> int:
 
 def hbm_floor(llm, result: dict, gbps: float | None) -> dict:
     """Floor of one decode step: bytes it must read / bandwidth. `floor_weights_ms` counts the weights
-    (all LLM parameters but the input-embedding table: the issue's 'LLM weight bytes / HBM
-    bandwidth'); `floor_with_kv_ms` adds each row's valid KV cache at the timed steps' mean length."""
+    (all LLM parameters but the input-embedding table: 'LLM weight bytes / HBM bandwidth', the
+    usual decode floor); `floor_with_kv_ms` adds each row's valid KV cache at the timed steps' mean length."""
     weights = llm_bytes(llm)
     kv_per_row = kv_bytes_per_position(llm) * result["kv_positions_per_row_mean"]
     out = {

@@ -13,8 +13,8 @@ import torch
 from .stats import summarize
 
 # Datasheet HBM bandwidth in GB/s, matched against torch.cuda.get_device_name (first match wins).
-# "NVIDIA H100 80GB HBM3" is the SXM part. The lent H100 measured about 3.0 TB/s on a device-to-device
-# copy (KINDS.md): the datasheet floor is optimistic by roughly 10%.
+# "NVIDIA H100 80GB HBM3" is the SXM part. An H100 SXM measured about 3.0 TB/s on a device-to-device
+# copy: the datasheet floor is optimistic by roughly 10%.
 HBM_GBPS = (
     ("GH200", 4000.0),
     ("H200", 4800.0),

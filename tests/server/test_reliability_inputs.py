@@ -12,7 +12,7 @@ from minigpt5_bench.reliability.inputs import input_cases, probe_inputs
 
 pytestmark = pytest.mark.server
 
-ISSUE_CLASSES = {  # the issue's list, in the words of the table
+INPUT_CLASSES = {  # every class of bad input the server must refuse with a clear error
     "empty prompt",
     "prompt longer than the context",
     "max_tokens <= 0",
@@ -33,9 +33,9 @@ ISSUE_CLASSES = {  # the issue's list, in the words of the table
 }
 
 
-def test_the_table_covers_every_input_class_of_the_issue():
+def test_the_table_covers_every_class_of_bad_input():
     cases = input_cases()
-    assert ISSUE_CLASSES <= {c.input_class for c in cases}
+    assert INPUT_CLASSES <= {c.input_class for c in cases}
     assert len({c.name for c in cases}) == len(cases)
     for case in cases:
         assert case.expect in ("invalid", "refused", "accepted")

@@ -19,7 +19,7 @@ from .wire import MODEL, SHORT, Outcome, generate_path, grpc_request, grpc_statu
 @dataclass(frozen=True)
 class InputCase:
     name: str
-    input_class: str  # the words
+    input_class: str  # the class of bad input it stands for; the report counts cases per class
     field: str  # what the refusal must name
     params: dict = dataclasses.field(default_factory=dict)  # typed request, the same on every transport
     grpc_raw: tuple = ()  # (name, array) sent as is over gRPC
