@@ -19,7 +19,7 @@ import pytest
 
 from minigpt5 import cli
 from minigpt5.launcher import process as server
-from minigpt5.launcher.local import free_port
+from minigpt5.launcher.local import free_port, local_process
 from minigpt5.launcher.process import TritonProcess
 
 SLOW_CONFIG = """name: "slow"
@@ -74,17 +74,8 @@ def generate(process: TritonProcess, model: str, text: str) -> dict:
 
 
 def slow_server(tmp_path, weights, load_s: float, run_s: float = 0.0, extra_args=()) -> TritonProcess:
-    return TritonProcess(
-        weights,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        host="127.0.0.1",
-        device="cpu",
-        repository=slow_repository(tmp_path, load_s, run_s),
-        log_file=tmp_path / "tritonserver.log",
-        extra_args=extra_args,
-    )
+    repository = slow_repository(tmp_path, load_s, run_s)
+    return local_process(weights, workdir=tmp_path / "server", repository=repository, extra_args=extra_args)
 
 
 @pytest.mark.server
