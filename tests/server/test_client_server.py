@@ -11,11 +11,7 @@ import functools
 import html.parser
 import http.server
 import json
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +20,10 @@ from PIL import Image
 from minigpt5_client import AsyncClient, Client, Conversation, Document, InvalidArgument
 from minigpt5_client.contract import PARAMETERS
 from minigpt5_client.preprocess import encode_png, preprocess_image
+from support import client_cli
 
 pytestmark = pytest.mark.server
 
-CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
 PROMPT = "Tell a short story about this picture."
 # Small and forced, so that every answer holds an image and stays quick with the tiny weights.
 PARAMS = dict(seed=7, max_tokens=24, force_image=True, num_inference_steps=2)
@@ -145,16 +141,7 @@ def test_server_side_invalid_argument_is_raised(triton_server):
         Client(triton_server.http_url, "http").generate(PROMPT, max_tokens=10**6)
 
 
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(CLIENT_DIR))
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt5_client", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+run_cli = functools.partial(client_cli.run_cli, timeout=300)  # answers come from a real server
 
 
 GENERATION_FLAGS = ["--seed", "7", "--max-tokens", "24", "--force-image", "--steps", "2"]

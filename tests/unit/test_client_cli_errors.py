@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minigpt5_client.cli import main
 from minigpt5_client.preprocess import MAX_IMAGE_FILE_BYTES, encode_png
-
-CLIENT_DIR = Path(__file__).resolve().parents[2] / "client"
+from support.client_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +20,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(CLIENT_DIR))
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt5_client", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
 
 
 def assert_one_line_error(stderr: str, *phrases: str) -> None:
